@@ -1,0 +1,121 @@
+"""create_app(settings) -> web.Application: wiring only.
+
+Middleware order (outermost first): errors -> auth. Shared resources are built and
+torn down in one cleanup context and reach handlers through a frozen `Deps`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from gateway.assembly.store import AssemblyStore
+from gateway.capability import Keyring, Verifier, constant_time_equals, bearer_token
+from gateway.deps import Deps
+from gateway.errors import Unauthenticated
+from gateway.http import admin_routes, openai_routes
+from gateway.http.keys import DEPS, deps_of
+from gateway.http.middlewares import auth_middleware, errors_middleware
+from gateway.metrics import Metrics
+from gateway.pipeline.ledger import REDIS_ERRORS, Ledger
+from gateway.pipeline.reaper import run_reaper
+from gateway.providers.openai_compat import make_client_session
+from gateway.providers.registry import build_providers
+from gateway.sessions import SessionStore
+from gateway.settings import Settings
+
+
+def make_redis(url: str, settings: Settings) -> Redis:
+    timeout = settings.redis.timeout_ms / 1000
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        max_connections=settings.redis.max_connections,
+        # One quick retry heals a pooled connection that a Redis restart broke; more
+        # would hold requests past the timeout instead of failing closed.
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=False,
+    )
+
+
+def create_app(settings: Settings, *, redis_url: str, keyring: Keyring, run_reaper_task: bool = True) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware],
+        client_max_size=settings.server.max_body_bytes,
+    )
+    app.cleanup_ctx.append(_resources(settings, redis_url, keyring, run_reaper_task))
+    openai_routes.add_routes(app)
+    admin_routes.add_routes(app)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: bool) -> Any:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        redis = make_redis(redis_url, settings)
+        http = make_client_session()
+        ledger = Ledger(redis, reservation_ttl_s=settings.budget.reservation_ttl_s, journal_retention_s=settings.journal.retention_s)
+        with contextlib.suppress(Exception):
+            await ledger.load_scripts()  # Redis may come up later; scripts load on first use
+        deps = Deps(
+            settings=settings,
+            redis=redis,
+            ledger=ledger,
+            assemblies=AssemblyStore(redis),
+            sessions=SessionStore(redis, ledger, keyring, retention_s=settings.journal.retention_s),
+            keyring=keyring,
+            verifier=Verifier(keyring),
+            providers=build_providers(settings, http),
+            known_models=frozenset(m.name.strip().lower() for m in settings.models),
+            metrics=Metrics(),
+            tasks=set(),
+        )
+        app[DEPS] = deps
+        reaper_task = asyncio.create_task(run_reaper(redis, ledger, settings.budget.reaper_interval_s)) if reaper else None
+        yield
+        if reaper_task is not None:
+            reaper_task.cancel()
+        if deps.tasks:
+            # Settlements and journal writes in flight finish before we let go of Redis.
+            await asyncio.wait(list(deps.tasks), timeout=10)
+        for provider in deps.providers.values():
+            await provider.close()
+        await http.close()
+        await redis.aclose()
+
+    return ctx
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    deps = deps_of(request)
+    try:
+        await deps.redis.ping()
+    except REDIS_ERRORS:
+        return web.json_response({"status": "unavailable", "redis": "down"}, status=503)
+    return web.json_response({"status": "ready", "redis": "ok", "providers": sorted(deps.providers)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    deps = deps_of(request)
+    if not deps.settings.server.metrics_enabled:
+        raise web.HTTPNotFound()
+    required = deps.settings.metrics_token
+    if required is not None:
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None or not constant_time_equals(token, required.get_secret_value()):
+            raise Unauthenticated("invalid metrics token")
+    return web.Response(body=deps.metrics.render(), content_type="text/plain", charset="utf-8")

@@ -1,0 +1,1 @@
+"""Plans (admin input) compile into frozen, content-addressed Assemblies."""

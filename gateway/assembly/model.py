@@ -1,0 +1,117 @@
+"""The frozen Assembly: what a session may do, compiled once and never reinterpreted.
+
+Its canonical JSON (sorted keys, no whitespace, `schema` version) is what gets hashed
+into the `asm_` id and stored. Read back tolerantly (extra="ignore") so journals made
+under an older schema stay replayable. All names are normalised: trimmed, lower-case.
+Money is integer nano-dollars; prices are nano-dollars per million tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class FrozenPrice(_Frozen):
+    input_nanos_per_mtok: int
+    output_nanos_per_mtok: int
+    source: str  # "settings" or "litellm:<version>"
+
+
+class ModelGrant(_Frozen):
+    name: str  # what clients send as "model" (normalised)
+    provider: str
+    provider_kind: str  # "openai" | "litellm" | "mock"
+    upstream_model: str  # pinned
+    kind: str = "chat"  # "chat" | "completion" | "embedding"
+    max_tokens: int  # cap; absent in a request -> set to this
+    params: dict[str, Any] = Field(default_factory=dict)  # pinned; may not be overridden
+    max_n: int = 1
+    allow_logprobs: bool = False
+    allow_logit_bias: bool = False
+    encoding: str | None = None  # tiktoken encoding for estimates; None: conservative bound
+    price: FrozenPrice
+
+
+class ToolGrant(_Frozen):
+    name: str  # function name (normalised)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)  # normalised JSON schema
+
+
+class Step(_Frozen):
+    id: str
+    model: str
+    tools: tuple[str, ...] = ()
+    next: tuple[str, ...] = ()
+    worst_case_nanos: int = 0
+
+
+class Budget(_Frozen):
+    usd_nanos: int | None = None
+    tokens: int | None = None
+    requests: int | None = None
+
+
+class Limits(_Frozen):
+    session_rpm: int | None = None
+    session_tpm: int | None = None
+    tenant_rpm: int | None = None
+    tenant_tpm: int | None = None
+    tenant_usd_nanos_per_day: int | None = None
+
+
+class Vcs(_Frozen):
+    """The capability whitelist derived from the plan: zero trust, what is absent is denied."""
+
+    models: tuple[str, ...]
+    tools: tuple[str, ...]
+    builtin_tools: tuple[str, ...] = ()  # non-function tool types, e.g. "web_search"
+
+
+class Assembly(_Frozen):
+    schema_version: int = Field(default=SCHEMA_VERSION, alias="schema")
+    name: str
+    tenant: str | None = None
+    models: dict[str, ModelGrant]
+    tools: dict[str, ToolGrant] = Field(default_factory=dict)
+    vcs: Vcs
+    budget: Budget = Budget()
+    limits: Limits = Limits()
+    ttl_s: int = 3600
+    # Empty: any order within the VCS. Otherwise steps[0] is the entry step.
+    steps: tuple[Step, ...] = ()
+    # Largest prompt (tokens) a request may carry, used for worst-case estimates.
+    max_prompt_tokens: int = 0
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    def canonical_json(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json", by_alias=True))
+
+    @property
+    def id(self) -> str:
+        return assembly_id(self.canonical_json())
+
+    def step(self, step_id: str) -> Step | None:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        return None
+
+
+def canonical_json(data: Any) -> bytes:
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+
+
+def assembly_id(canonical: bytes) -> str:
+    return "asm_" + hashlib.sha256(canonical).hexdigest()[:32]

@@ -1,0 +1,124 @@
+"""abc-gateway: serve | demo | compile | admin ... | replay | journal export."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from gateway.errors import ConfigError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.server import keyring_for, redis_url_for, serve_forever
+    from gateway.settings import load_settings
+
+    settings = load_settings(args.config)
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    workers = args.workers or settings.server.workers
+    keyring = keyring_for(settings)
+    redis_url, embedded = redis_url_for(settings)
+    try:
+        if workers > 1:
+            return _prefork(args, workers, host, port, redis_url)
+        _install_uvloop()
+        serve_forever(settings, redis_url=redis_url, keyring=keyring, host=host, port=port, reuse_port=args.reuse_port)
+        return 0
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _prefork(args: argparse.Namespace, workers: int, host: str, port: int, redis_url: str) -> int:
+    """N single-worker processes sharing the port with SO_REUSEPORT; the kernel balances."""
+    env = {**os.environ, "ABC_REDIS_URL": redis_url}
+    command = [sys.executable, "-m", "gateway", "serve", "--workers", "1", "--reuse-port", "--host", host, "--port", str(port)]
+    if args.config:
+        command += ["--config", args.config]
+    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.2)
+    finally:
+        forward(signal.SIGTERM, None)
+        for child in children:
+            child.wait()
+    return max((child.returncode or 0) for child in children)
+
+
+def _install_uvloop() -> None:
+    import uvloop
+
+    uvloop.install()
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import orjson
+
+    from gateway.assembly.compile import compile_plan
+    from gateway.assembly.plan import load_plan_file
+    from gateway.settings import load_settings
+
+    compiled = compile_plan(load_plan_file(args.plan), load_settings(args.config))
+    print(orjson.dumps(orjson.loads(compiled.assembly.canonical_json()), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+    print(f"assembly_id: {compiled.assembly.id}", file=sys.stderr)
+    for warning in compiled.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(config=args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abc-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default=None, help="settings file (default: $ABC_CONFIG or config/gateway.yaml)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=None, help="processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(run=_serve)
+
+    demo = sub.add_parser("demo", help="embedded Redis + mock provider + gateway, driven by the OpenAI SDK")
+    demo.add_argument("--config", default=None)
+    demo.set_defaults(run=_demo)
+
+    comp = sub.add_parser("compile", help="compile a plan offline and print the Assembly")
+    comp.add_argument("plan")
+    comp.add_argument("--config", default=None)
+    comp.set_defaults(run=_compile)
+
+    from gateway.admin_cli import add_admin_commands
+
+    add_admin_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(f"abc-gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

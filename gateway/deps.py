@@ -1,0 +1,34 @@
+"""Everything a request needs, built once per process and hung off the app."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway.assembly.store import AssemblyStore
+from gateway.capability import Keyring, Verifier
+from gateway.metrics import Metrics
+from gateway.pipeline.ledger import Ledger
+from gateway.providers.base import Provider
+from gateway.sessions import SessionStore
+from gateway.settings import Settings
+
+
+@dataclass(frozen=True)
+class Deps:
+    settings: Settings
+    redis: Redis
+    ledger: Ledger
+    assemblies: AssemblyStore
+    sessions: SessionStore
+    keyring: Keyring
+    verifier: Verifier
+    providers: Mapping[str, Provider]
+    known_models: frozenset[str]
+    metrics: Metrics
+    # Settlements and journal writes still running after their request ended.
+    tasks: set[asyncio.Future[Any]]

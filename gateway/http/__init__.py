@@ -1,0 +1,1 @@
+"""The HTTP surface: middlewares, the OpenAI routes, the admin API, SSE."""

@@ -1,0 +1,21 @@
+"""Typed keys for what hangs off the app and each request."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.capability import Claims
+from gateway.deps import Deps
+
+DEPS = web.AppKey("deps", Deps)
+REQUEST_ID = "abc_request_id"  # request-scoped values are plain string keys in aiohttp
+CLAIMS = "abc_claims"
+
+
+def deps_of(request: web.Request) -> Deps:
+    return request.app[DEPS]
+
+
+def claims_of(request: web.Request) -> Claims:
+    claims: Claims = request[CLAIMS]
+    return claims

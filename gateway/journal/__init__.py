@@ -1,0 +1,1 @@
+"""The hash-chained, per-session journal in Redis Streams."""

@@ -1,0 +1,26 @@
+-- budget_reap_v1: settle one orphaned reservation (its replica crashed) conservatively:
+-- the whole reservation becomes spend, and the request is closed with an `aborted`
+-- journal entry. The caller read the reservation first and built the entry (with its
+-- cost) from it; if the reservation changed meanwhile, nothing is done.
+-- A later settle from a slow-but-alive replica corrects the spend down.
+--
+-- KEYS: 1 session, 2 reservations, 3 journal, 4 journal_head
+-- ARGV: 1 request_id, 2 the reservation as read, 3 digest, 4.. journal fields
+
+local r = redis.call('HGET', KEYS[2], ARGV[1])
+if r ~= ARGV[2] then return false end
+local a, b, _, step = string.match(r, '^([^:]*):([^:]*):([^:]*):(.*)$')
+redis.call('HSET', KEYS[2], ARGV[1], 'R' .. r)
+redis.call('HINCRBY', KEYS[1], 'reserved_nanos', -tonumber(a))
+redis.call('HINCRBY', KEYS[1], 'reserved_tokens', -tonumber(b))
+redis.call('HINCRBY', KEYS[1], 'spent_nanos', tonumber(a))
+redis.call('HINCRBY', KEYS[1], 'spent_tokens', tonumber(b))
+
+local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
+local prev = redis.call('HGET', KEYS[4], 'hash') or ''
+local h = redis.sha1hex(prev .. '|' .. seq .. '|' .. ARGV[3] .. '|' .. step)
+redis.call('HSET', KEYS[4], 'hash', h)
+local xadd = {'XADD', KEYS[3], '*', 'seq', seq, 'prev', prev, 'hash', h, 'digest', ARGV[3], 'step', step}
+for i = 4, #ARGV do xadd[#xadd + 1] = ARGV[i] end
+redis.call(unpack(xadd))
+return 1

@@ -1,0 +1,53 @@
+"""Every Prometheus metric, in one place, on a registry owned by the app (not global)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from gateway.errors import GatewayError
+    from gateway.pipeline.spine import Admitted
+    from gateway.pipeline.usage import Usage
+
+_FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter("abc_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.duration = Histogram("abc_request_duration_seconds", "Request latency", ["route"], buckets=_SLOW, registry=r)
+        self.overhead = Histogram("abc_gateway_overhead_seconds", "Time spent in the gateway, upstream excluded", buckets=_FAST, registry=r)
+        self.upstream = Histogram("abc_upstream_duration_seconds", "Upstream latency", ["model"], buckets=_SLOW, registry=r)
+        self.tokens = Counter("abc_tokens", "Tokens", ["tenant", "model", "direction"], registry=r)
+        self.cost = Counter("abc_cost_nanos", "Spend in nano-dollars", ["tenant", "model", "assembly"], registry=r)
+        self.denials = Counter("abc_denials", "Denied requests", ["reason"], registry=r)
+        self.upstream_errors = Counter("abc_upstream_errors", "Upstream failures", ["model", "code"], registry=r)
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.duration.labels(route).observe(seconds)
+
+    def observe_settled(self, adm: Admitted, usage: Usage, cost: int, gateway_s: float) -> None:
+        tenant = adm.call.claims.tenant or "default"
+        model = adm.grant.model.name
+        self.overhead.observe(gateway_s)
+        self.upstream.labels(model).observe(adm.upstream_s)
+        self.tokens.labels(tenant, model, "input").inc(usage.prompt_tokens)
+        self.tokens.labels(tenant, model, "output").inc(usage.completion_tokens)
+        self.cost.labels(tenant, model, adm.assembly.id).inc(cost)
+
+    def observe_failed(self, adm: Admitted, exc: GatewayError, cost: int) -> None:
+        self.upstream_errors.labels(adm.grant.model.name, exc.code).inc()
+        if cost:
+            self.cost.labels(adm.call.claims.tenant or "default", adm.grant.model.name, adm.assembly.id).inc(cost)
+
+    def observe_denial(self, exc: GatewayError) -> None:
+        self.denials.labels(str(exc.extra.get("rule") or exc.code)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""The request spine: authenticate, authorize (PEP), budget, usage."""

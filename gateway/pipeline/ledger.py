@@ -1,0 +1,259 @@
+"""The Redis side of every request: reserve, settle, reap and journal, as versioned Lua.
+
+Each call is one round trip: the script (which touches only the session's hash-tagged
+keys) plus, in the same pipeline, the writes to global indexes. Any Redis trouble
+becomes `ServiceUnavailable`: callers fail closed and nothing is forwarded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis import exceptions as rx
+from redis.asyncio import Redis
+
+from gateway import redis_keys as keys
+from gateway.assembly.model import Limits
+from gateway.errors import (
+    BudgetExceeded,
+    RateLimited,
+    ServiceUnavailable,
+    StateConflict,
+    Unauthenticated,
+)
+from gateway.journal.events import Entry
+from gateway.money import nanos_to_usd_str
+
+SCRIPT_NAMES = (
+    keys.RESERVE_SCRIPT,
+    keys.SETTLE_SCRIPT,
+    keys.JOURNAL_APPEND_SCRIPT,
+    keys.REAP_SCRIPT,
+)
+REDIS_ERRORS = (rx.RedisError, OSError, TimeoutError)
+
+
+def _load_sources() -> dict[str, str]:
+    lua = resources.files("gateway") / "lua"
+    return {name: (lua / f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPT_NAMES}
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    step: str  # "" when the Assembly has no steps
+    budget_left_nanos: int  # -1: no usd budget
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    budget_left_nanos: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class CostTags:
+    """Dimensions of the hourly cost rollups."""
+
+    tenant: str
+    session_id: str
+    model: str
+    assembly_id: str
+
+
+def _hour_bucket(now: float) -> str:
+    return time.strftime("%Y%m%d%H", time.gmtime(now))
+
+
+def _day(now: float) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(now))
+
+
+class Ledger:
+    def __init__(self, redis: Redis, *, reservation_ttl_s: int, journal_retention_s: int) -> None:
+        self.redis = redis
+        self.reservation_ttl_ms = reservation_ttl_s * 1000
+        self.index_retention_ms = journal_retention_s * 1000
+        self._sources = _load_sources()
+        self._sha: dict[str, str] = {}
+
+    async def load_scripts(self) -> None:
+        try:
+            for name, source in self._sources.items():
+                self._sha[name] = await self.redis.script_load(source)
+        except REDIS_ERRORS as exc:
+            raise ServiceUnavailable("budget store unavailable") from exc
+
+    async def _run(self, name: str, keys_: list[str], args: list[Any], extra: list[tuple[Any, ...]] = ()) -> Any:  # type: ignore[assignment]
+        """EVALSHA `name` and the `extra` commands in one pipeline; returns the script's result."""
+        for attempt in (1, 2):
+            try:
+                if name not in self._sha:
+                    await self.load_scripts()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.evalsha(self._sha[name], len(keys_), *keys_, *args)
+                    for command in extra:
+                        pipe.execute_command(*command)
+                    results = await pipe.execute(raise_on_error=False)
+            except REDIS_ERRORS as exc:
+                raise ServiceUnavailable("budget store unavailable; request not forwarded") from exc
+            result = results[0]
+            if isinstance(result, rx.NoScriptError) and attempt == 1:
+                # Redis restarted and lost its script cache: load and retry the script alone.
+                self._sha.clear()
+                extra = ()
+                continue
+            if isinstance(result, Exception):
+                raise ServiceUnavailable("budget store unavailable; request not forwarded") from result
+            return result
+        raise ServiceUnavailable("budget store unavailable")
+
+    async def reserve(
+        self,
+        *,
+        session_id: str,
+        tenant: str | None,
+        request_id: str,
+        est_nanos: int,
+        est_tokens: int,
+        step_candidates: str,
+        limits: Limits,
+        entry: Entry,
+        now: float | None = None,
+    ) -> Admission:
+        now = time.time() if now is None else now
+        now_ms = int(now * 1000)
+        minute = now_ms // 60000
+        tenant_limited = tenant is not None and (
+            limits.tenant_rpm or limits.tenant_tpm or limits.tenant_usd_nanos_per_day is not None
+        )
+        if tenant_limited:
+            assert tenant is not None
+            tenant_keys = [
+                keys.tenant_spend(tenant, _day(now)),
+                keys.tenant_rate(tenant, "req", minute),
+                keys.tenant_rate(tenant, "tok", minute),
+            ]
+        else:
+            # No tenant limits: stand-in keys in the session's slot, never read as limits.
+            tenant_keys = [keys.session_rate(session_id, f"t{u}", minute) for u in ("usd", "req", "tok")]
+        script_keys = [
+            keys.session(session_id),
+            keys.reservations(session_id),
+            keys.journal(session_id),
+            keys.journal_head(session_id),
+            keys.session_rate(session_id, "req", minute),
+            keys.session_rate(session_id, "tok", minute),
+            *tenant_keys,
+        ]
+
+        def opt(v: int | None) -> str:
+            return "" if v is None else str(v)
+
+        args = [
+            now_ms, request_id, est_nanos, est_tokens, step_candidates,
+            opt(limits.session_rpm), opt(limits.session_tpm),
+            opt(limits.tenant_rpm if tenant_limited else None),
+            opt(limits.tenant_tpm if tenant_limited else None),
+            opt(limits.tenant_usd_nanos_per_day if tenant_limited else None),
+            entry.digest, *entry.flat(),
+        ]
+        due = ("ZADD", keys.RESERVATIONS_DUE, now_ms + self.reservation_ttl_ms, f"{session_id}|{request_id}")
+        result = await self._run(keys.RESERVE_SCRIPT, script_keys, args, [due])
+        return _admission(result)
+
+    async def settle(
+        self,
+        *,
+        session_id: str,
+        request_id: str,
+        actual_nanos: int,
+        actual_tokens: int,
+        advance: bool,
+        entry: Entry,
+        tags: CostTags,
+        now: float | None = None,
+    ) -> Settlement:
+        now = time.time() if now is None else now
+        script_keys = [
+            keys.session(session_id),
+            keys.reservations(session_id),
+            keys.journal(session_id),
+            keys.journal_head(session_id),
+            keys.tenant_spend(tags.tenant, _day(now)),
+        ]
+        args = [request_id, actual_nanos, actual_tokens, "1" if advance else "0", entry.digest, *entry.flat()]
+        result = await self._run(keys.SETTLE_SCRIPT, script_keys, args, self._index_commands(entry, tags, actual_nanos, now))
+        return Settlement(budget_left_nanos=int(result[0]), seq=int(result[1]))
+
+    def _index_commands(self, entry: Entry, tags: CostTags, nanos: int, now: float) -> list[tuple[Any, ...]]:
+        bucket = _hour_bucket(now)
+        rollup = keys.cost_rollup(bucket)
+        min_id = int(now * 1000) - self.index_retention_ms
+        kind = entry.fields.get(b"kind", b"")
+        commands: list[tuple[Any, ...]] = [
+            ("ZREM", keys.RESERVATIONS_DUE, f"{tags.session_id}|{request_id_of(entry)}"),
+            ("XADD", keys.JOURNAL_INDEX, "MINID", "~", min_id, "*",
+             "session", tags.session_id, "kind", kind, "cost", nanos, "tenant", tags.tenant,
+             "model", tags.model, "assembly", tags.assembly_id),
+        ]
+        if nanos:
+            commands += [
+                ("HINCRBY", rollup, f"tenant\x1f{tags.tenant}", nanos),
+                ("HINCRBY", rollup, f"session\x1f{tags.session_id}", nanos),
+                ("HINCRBY", rollup, f"model\x1f{tags.model}", nanos),
+                ("HINCRBY", rollup, f"assembly\x1f{tags.assembly_id}", nanos),
+                ("ZADD", keys.COST_BUCKETS, int(bucket), bucket),
+            ]
+        return commands
+
+    async def append(self, session_id: str, entry: Entry, *, step: str = "", set_field: tuple[str, str] | None = None) -> int | None:
+        """Journal one entry outside a request's reserve/settle (denials, state changes)."""
+        field, value = set_field or ("", "")
+        script_keys = [keys.journal(session_id), keys.journal_head(session_id), keys.session(session_id)]
+        result = await self._run(keys.JOURNAL_APPEND_SCRIPT, script_keys, [entry.digest, step, field, value, *entry.flat()])
+        return None if result is None else int(result[0])
+
+    async def reap(self, session_id: str, request_id: str, reservation: bytes, entry: Entry) -> bool:
+        script_keys = [
+            keys.session(session_id),
+            keys.reservations(session_id),
+            keys.journal(session_id),
+            keys.journal_head(session_id),
+        ]
+        extra = [("ZREM", keys.RESERVATIONS_DUE, f"{session_id}|{request_id}")]
+        result = await self._run(keys.REAP_SCRIPT, script_keys, [request_id, reservation, entry.digest, *entry.flat()], extra)
+        return bool(result)
+
+
+def request_id_of(entry: Entry) -> str:
+    return entry.fields.get(b"rid", b"").decode()
+
+
+def _admission(result: list[Any]) -> Admission:
+    status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
+    rest = [r.decode() if isinstance(r, bytes) else str(r) for r in result[1:]]
+    if status == "ok":
+        return Admission(step=rest[0], budget_left_nanos=int(rest[1]), seq=int(rest[2]))
+    if status == "missing":
+        raise Unauthenticated("session not found", code="session_not_found")
+    if status == "revoked":
+        raise Unauthenticated("session revoked", code="session_revoked")
+    if status == "expired":
+        raise Unauthenticated("session expired", code="session_expired")
+    if status == "step":
+        raise StateConflict("request does not fit any step allowed next", extra={"current_step": rest[0] or None})
+    if status == "rate":
+        raise RateLimited(f"rate limit {rest[0]} ({rest[1]}) reached", code=rest[0])
+    if status == "budget":
+        what, left = rest[0], int(rest[1])
+        shown = nanos_to_usd_str(left) if what in ("usd", "tenant_usd_day") else str(left)
+        raise BudgetExceeded(
+            f"budget exhausted: {what} left {shown}; this request could cost more",
+            code="budget_exceeded",
+            extra={"budget": what, "remaining": shown},
+        )
+    raise ServiceUnavailable("unexpected answer from the budget store")

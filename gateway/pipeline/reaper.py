@@ -1,0 +1,49 @@
+"""Closes reservations orphaned by a crashed replica: charged in full, journaled `aborted`.
+
+Every replica runs one; the reap script is compare-and-set, so two replicas reaping
+the same reservation charge it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from redis.asyncio import Redis
+
+from gateway import redis_keys as keys
+from gateway.errors import ServiceUnavailable
+from gateway.journal.events import Kind, make_entry
+from gateway.pipeline.ledger import REDIS_ERRORS, Ledger
+
+log = logging.getLogger("gateway.reaper")
+BATCH = 100
+
+
+async def reap_due(redis: Redis, ledger: Ledger, *, now: float | None = None) -> int:
+    """Reap every reservation past its deadline; returns how many were reaped."""
+    now = time.time() if now is None else now
+    due = await redis.zrangebyscore(keys.RESERVATIONS_DUE, "-inf", int(now * 1000), start=0, num=BATCH)
+    reaped = 0
+    for member in due:
+        session_id, _, request_id = member.decode().partition("|")
+        reservation = await redis.hget(keys.reservations(session_id), request_id)
+        if reservation is None or reservation.startswith(b"R"):
+            await redis.zrem(keys.RESERVATIONS_DUE, member)
+            continue
+        nanos, tokens, _, _ = reservation.decode().split(":", 3)
+        entry = make_entry(Kind.ABORTED, rid=request_id, cost=int(nanos), tokens=int(tokens), reason="reservation expired unsettled", ts=int(now * 1000))
+        if await ledger.reap(session_id, request_id, reservation, entry):
+            reaped += 1
+    return reaped
+
+
+async def run_reaper(redis: Redis, ledger: Ledger, interval_s: float) -> None:
+    while True:
+        try:
+            while await reap_due(redis, ledger) >= BATCH:
+                pass
+        except (ServiceUnavailable, *REDIS_ERRORS):
+            log.warning("reaper: Redis unavailable; will retry")
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,1 @@
+"""Providers: an authenticated way to reach models. Translation lives with each provider."""

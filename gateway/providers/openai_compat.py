@@ -1,0 +1,379 @@
+"""The `openai` provider: a passthrough to any OpenAI-compatible upstream (OpenAI, vLLM, Ollama).
+
+Only `api_base` is ever contacted, with the operator's key; upstream failures become typed
+`GatewayError`s, and any upstream text passed through has keys and URLs scrubbed from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from gateway.providers.base import Endpoint, Reply
+from gateway.settings import ProviderSettings
+
+__all__ = [
+    "PASSTHROUGH_HEADERS",
+    "OpenAICompatProvider",
+    "SSEParser",
+    "make_client_session",
+    "scrub",
+]
+
+log = logging.getLogger(__name__)
+
+# Upstream response headers a client may see; everything else stays behind the gateway.
+PASSTHROUGH_HEADERS: Final[tuple[str, ...]] = (
+    "openai-processing-ms",
+    "openai-version",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+)
+# The upstream's own request id is renamed so it never shadows the gateway's x-request-id.
+UPSTREAM_REQUEST_ID_HEADER: Final = "x-upstream-request-id"
+
+# 4xx answers that are the request's fault: passed through to the client with their status.
+_CLIENT_FAULT_STATUSES: Final = frozenset({400, 404, 409, 413, 422})
+_MAX_ERROR_BODY_BYTES: Final = 64 * 1024
+_MAX_MESSAGE_CHARS: Final = 2000
+# A single SSE event bigger than this is a broken or hostile upstream, not a token.
+MAX_EVENT_BYTES: Final = 8 * 1024 * 1024
+# After [DONE], how long to wait for the end of the HTTP body so the connection can be reused.
+_DRAIN_AFTER_DONE_S: Final = 0.1
+_DONE: Final = b"[DONE]"
+_REDACTED: Final = "***"
+# Shorter "keys" (e.g. Ollama's placeholder "x") are not secrets and would shred every message.
+_MIN_SECRET_LEN: Final = 4
+
+_SK_KEY = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
+_BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def scrub(text: str, secrets: Iterable[str | None]) -> str:
+    """Remove `secrets` and anything shaped like an API key or bearer token from `text`.
+
+    Upstreams echo keys ("Incorrect API key provided: sk-...") and their own URLs in
+    error messages; none of that may reach a client or a log.
+    """
+    # Longest first, so a secret that contains another is removed whole.
+    real = [s for s in secrets if s and len(s) >= _MIN_SECRET_LEN]
+    for secret in sorted(real, key=len, reverse=True):
+        text = text.replace(secret, _REDACTED)
+    text = _SK_KEY.sub(_REDACTED, text)
+    return _BEARER.sub("Bearer " + _REDACTED, text)
+
+
+def make_client_session(*, limit: int = 256) -> aiohttp.ClientSession:
+    """The one keep-alive session shared by every `openai` provider; the app closes it."""
+    connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300, keepalive_timeout=30)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # upstream cookies must never leak between sessions
+        auto_decompress=True,
+        raise_for_status=False,
+        trust_env=False,  # HTTP(S)_PROXY from the environment must not reroute keyed traffic
+        timeout=aiohttp.ClientTimeout(total=None),  # each provider passes its own
+    )
+
+
+class SSEParser:
+    """Incremental server-sent-events parser: bytes in, the data payload of each event out.
+
+    Lines end in LF or CRLF. `event:`/`id:`/`retry:` fields and `:` comments are ignored;
+    the data lines of one event are joined with LF, as the SSE spec says.
+    """
+
+    __slots__ = ("_data", "_data_size", "_partial")
+
+    def __init__(self) -> None:
+        self._partial = bytearray()
+        self._data: list[bytes] = []
+        self._data_size = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if b"\n" not in chunk:
+            # Amortised append: a long line split over many reads stays linear.
+            self._partial += chunk
+            self._check_size()
+            return []
+        if self._partial:
+            chunk = bytes(self._partial) + chunk
+            self._partial.clear()
+        lines = chunk.split(b"\n")
+        self._partial += lines.pop()
+        self._check_size()
+        events: list[bytes] = []
+        for line in lines:
+            payload = self._line(line)
+            if payload is not None:
+                events.append(payload)
+        return events
+
+    def finish(self) -> bytes | None:
+        """At end of input: the data of an event left without its closing blank line, if any."""
+        if self._partial:
+            self._line(bytes(self._partial))
+            self._partial.clear()
+        return self._dispatch()
+
+    def _line(self, line: bytes) -> bytes | None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            return self._dispatch()
+        if line.startswith(b"data:"):
+            value = line[6:] if line.startswith(b"data: ") else line[5:]
+            self._data.append(value)
+            self._data_size += len(value)
+            self._check_size()
+        # Anything else is a comment or a field the gateway has no use for.
+        return None
+
+    def _dispatch(self) -> bytes | None:
+        if not self._data:
+            return None
+        payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        self._data = []
+        self._data_size = 0
+        return payload or None
+
+    def _check_size(self) -> None:
+        if len(self._partial) + self._data_size > MAX_EVENT_BYTES:
+            raise UpstreamError("upstream sent an oversized stream event")
+
+
+class OpenAICompatProvider:
+    """Forwards checked request bodies to one OpenAI-compatible `api_base` and maps its answers."""
+
+    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession) -> None:
+        if not settings.api_base:
+            raise ValueError(f"provider {settings.name!r}: api_base is required")
+        self.name = settings.name
+        self._session = session
+        base = settings.api_base.rstrip("/")
+        # Fixed here, once: nothing in a request body is ever read to build a URL.
+        self._urls: dict[Endpoint, URL] = {ep: URL(f"{base}/{ep.value}") for ep in Endpoint}
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout_s, sock_read=settings.timeout_s
+        )
+        key = settings.api_key()
+        parts = urlsplit(base)
+        self._secrets: tuple[str | None, ...] = (key, base, parts.netloc, parts.password)
+        # aiohttp's default User-Agent would tell the upstream our Python and aiohttp versions.
+        common = {"User-Agent": "abc-gateway"}
+        if key:
+            common["Authorization"] = f"Bearer {key}"
+        self._json_headers: dict[str, str] = {
+            **common,
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        self._sse_headers: dict[str, str] = {
+            **common,
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            # Compressed SSE can sit in a zlib buffer; tokens must flow as they come.
+            "Accept-Encoding": "identity",
+        }
+
+    async def send(
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None
+    ) -> Reply:
+        headers = _with_request_id(self._json_headers, request_id)
+        try:
+            async with self._post(endpoint, body, headers) as resp:
+                if resp.status // 100 != 2:
+                    raise await self._failure(resp)
+                raw = await resp.read()
+                passthrough = _passthrough_headers(resp)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _transport_error(exc) from None
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("upstream answered with invalid JSON") from None
+        if not isinstance(data, dict):
+            raise UpstreamError("upstream answered with JSON that is not an object")
+        return Reply(body=raw, data=data, headers=passthrough)
+
+    async def stream(
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None
+    ) -> AsyncIterator[bytes]:
+        headers = _with_request_id(self._sse_headers, request_id)
+        try:
+            async with self._post(endpoint, body, headers) as resp:
+                if resp.status // 100 != 2:
+                    raise await self._failure(resp)
+                try:
+                    parser = SSEParser()
+                    done = False
+                    async for chunk in resp.content.iter_any():
+                        for payload in parser.feed(chunk):
+                            if payload == _DONE:
+                                done = True
+                                break
+                            if b'"error"' in payload:  # cheap filter before a full parse
+                                self._raise_if_error_event(payload)
+                            yield payload
+                        if done:
+                            break
+                    else:
+                        done = parser.finish() == _DONE
+                    if not done:
+                        raise UpstreamError("upstream stream ended early")
+                    await _drain(resp)
+                except BaseException:
+                    # Early exit (client gone, error, cancel): drop the connection rather than
+                    # return it half-read to the pool; closing it is what stops the upstream.
+                    resp.close()
+                    raise
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _transport_error(exc) from None
+
+    async def close(self) -> None:
+        """Nothing to do: the shared session belongs to the app, which closes it."""
+
+    def _post(
+        self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]
+    ) -> aiohttp.client._RequestContextManager:
+        return self._session.post(
+            self._urls[endpoint],
+            data=orjson.dumps(body),
+            headers=headers,
+            timeout=self._timeout,
+            # A redirect would take the key and the request somewhere other than api_base.
+            allow_redirects=False,
+        )
+
+    async def _failure(self, resp: aiohttp.ClientResponse) -> GatewayError:
+        raw = await _read_limited(resp, _MAX_ERROR_BODY_BYTES)
+        status = resp.status
+        if status in _CLIENT_FAULT_STATUSES:
+            message, param, code = _parse_error(raw)
+            message = self._scrub(message)[:_MAX_MESSAGE_CHARS] or "upstream rejected the request"
+            log.info("provider %s: upstream rejected the request (status %d)", self.name, status)
+            return InvalidRequest(
+                message,
+                param=self._scrub(param) if param else None,
+                code=self._scrub(code) if code else None,
+                status=status,
+            )
+        if status in (401, 403):
+            log.error("provider %s: upstream rejected the configured key (%d)", self.name, status)
+            return UpstreamError(
+                "upstream rejected the gateway's credentials", code="upstream_auth_failed"
+            )
+        if status == 429:
+            log.warning("provider %s: upstream rate limited the gateway", self.name)
+            return RateLimited(
+                "the upstream provider is rate limiting the gateway; retry later",
+                code="upstream_rate_limited",
+            )
+        log.warning("provider %s: upstream failed (status %d)", self.name, status)
+        return UpstreamError(f"upstream error (status {status})")
+
+    def _raise_if_error_event(self, payload: bytes) -> None:
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return  # not JSON: the consumer's problem, not an error event
+        if isinstance(data, dict) and "error" in data:
+            message, _, _ = _parse_error(payload)
+            message = self._scrub(message)[:_MAX_MESSAGE_CHARS]
+            log.warning("provider %s: upstream sent an error mid-stream", self.name)
+            raise UpstreamError(message or "upstream failed mid-stream")
+
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self._secrets)
+
+
+def _with_request_id(headers: dict[str, str], request_id: str | None) -> dict[str, str]:
+    # Only a plain token is forwarded: it is ours, but it must not become a header injection.
+    if request_id is None or not _REQUEST_ID.match(request_id):
+        return headers
+    return {**headers, "X-Request-Id": request_id}
+
+
+def _passthrough_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    found = {name: value for name in PASSTHROUGH_HEADERS if (value := resp.headers.get(name))}
+    upstream_id = resp.headers.get("x-request-id")
+    if upstream_id:
+        found[UPSTREAM_REQUEST_ID_HEADER] = upstream_id
+    return found
+
+
+def _transport_error(exc: TimeoutError | aiohttp.ClientError) -> GatewayError:
+    """Map aiohttp/asyncio failures; their text names the upstream host, so none of it is kept."""
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        return UpstreamTimeout("upstream timed out")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamError("upstream stream ended early")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError("upstream unreachable")
+    return UpstreamError("upstream connection failed")
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < limit:
+        chunk = await resp.content.read(limit - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Read what follows [DONE] (normally just the chunked body's end) to keep the connection."""
+    if resp.content.at_eof():
+        return
+    try:
+        async with asyncio.timeout(_DRAIN_AFTER_DONE_S):
+            seen = 0
+            while not resp.content.at_eof() and seen < _MAX_ERROR_BODY_BYTES:
+                seen += len(await resp.content.readany())
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    if not resp.content.at_eof():
+        resp.close()
+
+
+def _parse_error(raw: bytes) -> tuple[str, str | None, str | None]:
+    """(message, param, code) from an OpenAI-style error body, or vLLM/Ollama's flatter shapes."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "", None, None
+    if not isinstance(data, dict):
+        return "", None, None
+    error = data.get("error", data)
+    if isinstance(error, str):
+        return error, None, None
+    if not isinstance(error, dict):
+        return "", None, None
+    message = error.get("message")
+    return (
+        message if isinstance(message, str) else "",
+        _opt_str(error.get("param")),
+        _opt_str(error.get("code")),
+    )
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return str(value)

@@ -1,0 +1,81 @@
+"""Every Redis key and stream name the gateway uses, in one place.
+
+All of a session's keys share the hash tag `{sess:ID}` so one Lua script can touch
+them together on Redis Cluster. Global indexes (assemblies, sessions, the journal
+index, cost rollups, due reservations) live in their own slots and are only ever
+written in the same pipeline as a script call, never inside one.
+"""
+
+from __future__ import annotations
+
+# Bump the suffix of a script's name whenever its keys or arguments change meaning.
+RESERVE_SCRIPT = "budget_reserve_v1"
+SETTLE_SCRIPT = "budget_settle_v1"
+JOURNAL_APPEND_SCRIPT = "journal_append_v1"
+REAP_SCRIPT = "budget_reap_v1"
+
+
+def _sess(session_id: str) -> str:
+    return "{sess:" + session_id + "}"
+
+
+def session(session_id: str) -> str:
+    """Hash: assembly id, tenant, budget, spend, reserved, step, revoked, expiry."""
+    return "session:" + _sess(session_id)
+
+
+def journal(session_id: str) -> str:
+    """Stream: the session's hash-chained journal."""
+    return "journal:" + _sess(session_id)
+
+
+def journal_head(session_id: str) -> str:
+    """Hash: seq and hash of the journal's newest entry (the chain head)."""
+    return "journal_head:" + _sess(session_id)
+
+
+def reservations(session_id: str) -> str:
+    """Hash: request id -> outstanding reservation (nanos, tokens, deadline)."""
+    return "reservations:" + _sess(session_id)
+
+
+def idempotency(session_id: str, key_digest: str) -> str:
+    """Hash: state (pending|done) and the recorded response of one Idempotency-Key."""
+    return "idem:" + _sess(session_id) + ":" + key_digest
+
+
+def session_rate(session_id: str, unit: str, minute: int) -> str:
+    """Counter for one minute window; unit is "req" or "tok"."""
+    return "rate:" + _sess(session_id) + f":{unit}:{minute}"
+
+
+def _ten(tenant: str) -> str:
+    return "{ten:" + tenant + "}"
+
+
+def tenant_spend(tenant: str, day: str) -> str:
+    """Counter: a tenant's spend (nanos) on one UTC day, YYYYMMDD."""
+    return "tenant_spend:" + _ten(tenant) + ":" + day
+
+
+def tenant_rate(tenant: str, unit: str, minute: int) -> str:
+    return "tenant_rate:" + _ten(tenant) + f":{unit}:{minute}"
+
+
+def assembly(assembly_id: str) -> str:
+    """String: the Assembly's canonical JSON, written once (SET NX)."""
+    return "assembly:" + assembly_id
+
+
+ASSEMBLIES = "assemblies"  # sorted set: assembly id by first-compiled time
+SESSIONS = "sessions"  # sorted set: session id by creation time
+JOURNAL_INDEX = "journal_index"  # stream: one small entry per journal entry, all sessions
+RESERVATIONS_DUE = "reservations_due"  # sorted set: "session|request" by reaper deadline
+
+
+def cost_rollup(bucket: str) -> str:
+    """Hash of spend (nanos) per dimension for one hour bucket YYYYMMDDHH."""
+    return "costs:" + bucket
+
+
+COST_BUCKETS = "cost_buckets"  # sorted set of hour buckets that have rollups

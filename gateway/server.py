@@ -1,0 +1,92 @@
+"""Running the app: in the foreground (serve), or on a background thread (demo, tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.capability import PREVIOUS_KEYS_ENV, Keyring, generate_ed25519_key
+from gateway.embedded_redis import EmbeddedRedis
+from gateway.errors import ConfigError
+from gateway.settings import Settings
+
+
+def keyring_for(settings: Settings, *, demo_key_dir: Path | None = None) -> Keyring:
+    """The signing keyring from ABC_SIGNING_KEY; only the demo may generate one."""
+    key = settings.signing_key.get_secret_value() if settings.signing_key else None
+    if key is None:
+        if demo_key_dir is None:
+            raise ConfigError("ABC_SIGNING_KEY is not set: a secret of 32+ characters (HS256) or an Ed25519 PEM path")
+        path = demo_key_dir / "demo-signing-ed25519.pem"
+        if not path.exists():
+            generate_ed25519_key(path)
+        key = str(path)
+    return Keyring.from_env(key, os.environ.get(PREVIOUS_KEYS_ENV))
+
+
+def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
+    """ABC_REDIS_URL / redis.url, or an embedded redis-server under redis.data_dir."""
+    if settings.redis.url:
+        return settings.redis.url, None
+    embedded = EmbeddedRedis(settings.redis.data_dir)
+    return embedded.start(), embedded
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _start(app: web.Application, host: str, port: int, reuse_port: bool) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024).start()
+    return runner
+
+
+class BackgroundServer:
+    """The gateway on its own thread and event loop, so sync clients can call it."""
+
+    def __init__(self, settings: Settings, *, redis_url: str, keyring: Keyring, host: str = "127.0.0.1", port: int = 0, reaper: bool = True) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.app = create_app(settings, redis_url=redis_url, keyring=keyring, run_reaper_task=reaper)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="abc-gateway", daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(_start(self.app, self.host, self.port, False), self._loop)
+        self._runner = future.result(timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
+            self._runner = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(settings: Settings, *, redis_url: str, keyring: Keyring, host: str, port: int, reuse_port: bool = False) -> None:
+    app = create_app(settings, redis_url=redis_url, keyring=keyring)
+    web.run_app(app, host=host, port=port, reuse_port=reuse_port or None, access_log=None, print=None, backlog=1024)

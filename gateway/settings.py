@@ -1,0 +1,188 @@
+"""Process settings: the YAML file named by --config/ABC_CONFIG plus ABC_* environment.
+
+Read once at start into a frozen `Settings`; unknown keys are errors, and a bad file
+fails with a message naming the field. Plans and Assemblies are not settings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "config/gateway.yaml"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(_Frozen):
+    """USD per million tokens, as operators write it; frozen into integers at compile time."""
+
+    input_per_mtok: Annotated[float, Field(ge=0)]
+    output_per_mtok: Annotated[float, Field(ge=0)]
+
+
+class ProviderSettings(_Frozen):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    kind: Literal["openai", "litellm", "mock"]
+    # Only this base URL is ever contacted for the provider; requests cannot change it.
+    api_base: str | None = None
+    # Name of the environment variable holding the upstream key (never the key itself).
+    api_key_env: str | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # litellm only: the provider prefix litellm routes on ("anthropic", "bedrock", ...).
+    litellm_provider: str | None = None
+
+    @model_validator(mode="after")
+    def _api_base_for_openai(self) -> ProviderSettings:
+        if self.kind == "openai":
+            if not self.api_base:
+                raise ValueError("providers of kind 'openai' need api_base")
+            if not self.api_base.startswith(("http://", "https://")):
+                raise ValueError("api_base must be an http:// or https:// URL")
+        return self
+
+    def api_key(self) -> str | None:
+        if not self.api_key_env:
+            return None
+        return os.environ.get(self.api_key_env) or None
+
+
+class ModelSettings(_Frozen):
+    name: Annotated[str, Field(min_length=1)]
+    provider: str
+    upstream_model: str | None = None
+    price: Price | None = None
+    # tiktoken encoding used for estimates; absent: guessed from the name, else a conservative bound.
+    encoding: str | None = None
+    kind: Literal["chat", "embedding", "completion"] = "chat"
+
+    @property
+    def target(self) -> str:
+        return self.upstream_model or self.name
+
+
+class ServerSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+    # Metrics are unauthenticated unless a token is configured (ABC_METRICS_TOKEN).
+    metrics_enabled: bool = True
+
+
+class RedisSettings(_Frozen):
+    # ABC_REDIS_URL overrides; absent both: an embedded redis-server under data_dir.
+    url: str | None = None
+    data_dir: str = "./var"
+    # Past this, a Redis call counts as down and the request fails closed with 503.
+    timeout_ms: Annotated[int, Field(gt=0)] = 1000
+    max_connections: Annotated[int, Field(gt=0)] = 64
+
+
+class BudgetSettings(_Frozen):
+    # A reservation not settled after this long (a crashed replica) is reaped conservatively.
+    reservation_ttl_s: Annotated[int, Field(gt=0)] = 900
+    reaper_interval_s: Annotated[float, Field(gt=0)] = 5.0
+
+
+class JournalSettings(_Frozen):
+    compress_over_bytes: Annotated[int, Field(gt=0)] = 4096
+    # Per-session streams expire this long after the session does (see README: Retention).
+    retention_s: Annotated[int, Field(gt=0)] = 30 * 24 * 3600
+
+
+class PluginSettings(_Frozen):
+    path: str  # "package.module:ClassName"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Settings(_Frozen):
+    providers: list[ProviderSettings] = Field(default_factory=list)
+    models: list[ModelSettings] = Field(default_factory=list)
+    server: ServerSettings = ServerSettings()
+    redis: RedisSettings = RedisSettings()
+    budget: BudgetSettings = BudgetSettings()
+    journal: JournalSettings = JournalSettings()
+    plugins: list[PluginSettings] = Field(default_factory=list)
+    # Secrets come from the environment only, never from the file.
+    admin_token: SecretStr | None = Field(default=None, exclude=True)
+    signing_key: SecretStr | None = Field(default=None, exclude=True)
+    metrics_token: SecretStr | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        providers = [p.name for p in self.providers]
+        if len(set(providers)) != len(providers):
+            raise ValueError("provider names must be unique")
+        names = [m.name.strip().lower() for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("model names must be unique (case-insensitive)")
+        for i, m in enumerate(self.models):
+            if m.provider not in providers:
+                raise ValueError(f"models.{i}.provider: unknown provider {m.provider!r}")
+        return self
+
+    def provider(self, name: str) -> ProviderSettings:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def model(self, name: str) -> ModelSettings | None:
+        wanted = name.strip().lower()
+        for m in self.models:
+            if m.name.strip().lower() == wanted:
+                return m
+        return None
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        problems.append(f"{where}: {err['msg']}")
+    return f"{source}: invalid settings: " + "; ".join(problems)
+
+
+def settings_from_dict(data: dict[str, Any], *, source: str = "settings") -> Settings:
+    env = {
+        "admin_token": os.environ.get("ABC_ADMIN_TOKEN") or None,
+        "signing_key": os.environ.get("ABC_SIGNING_KEY") or None,
+        "metrics_token": os.environ.get("ABC_METRICS_TOKEN") or None,
+    }
+    for key in env:
+        if key in data:
+            raise ConfigError(f"{source}: {key}: secrets are read from the environment only")
+    data = dict(data)
+    data.update({k: v for k, v in env.items() if v is not None})
+    redis_url = os.environ.get("ABC_REDIS_URL")
+    if redis_url:
+        data["redis"] = {**(data.get("redis") or {}), "url": redis_url}
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    source = Path(path or os.environ.get("ABC_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    return settings_from_dict(raw, source=str(source))
