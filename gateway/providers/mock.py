@@ -213,11 +213,11 @@ def chat_chunks(body: dict[str, Any], faults: Faults) -> list[dict[str, Any]]:
     head = _envelope(body, "chatcmpl-mock-").head("chat.completion.chunk")
     with_usage = _wants_usage(body, faults)
     # Choices stream one after another; OpenAI interleaves them; clients key on `index` either way.
-    chunks = [
-        {**head, "choices": [{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": f}]}
-        for c in choices
-        for delta, f in _chat_deltas(c, encoding)
-    ]
+    chunks: list[dict[str, Any]] = []
+    for c in choices:
+        for delta, finish in _chat_deltas(c, encoding):
+            choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            chunks.append({**head, "choices": [choice]})
     return _with_usage_chunk(chunks, head, with_usage, prompt_tokens, choices)
 
 
@@ -260,10 +260,11 @@ def completion_chunks(body: dict[str, Any], faults: Faults) -> list[dict[str, An
     prompt_tokens = _prompt_tokens(prompt_list(body.get("prompt"), param="prompt"), encoding)
     choices = completion_choices(body, encoding)
     head = _envelope(body, "cmpl-mock-").head("text_completion")
-    chunks = []
+    chunks: list[dict[str, Any]] = []
     for c in choices:
-        steps: list[tuple[str, str | None]] = [(p, None) for p in text_pieces(c.text or "", encoding)]
-        for text, finish in [*steps, ("", c.finish_reason)]:  # closing chunk: no text, a reason
+        pieces = text_pieces(c.text or "", encoding)
+        steps: list[tuple[str, str | None]] = [*((p, None) for p in pieces), ("", c.finish_reason)]
+        for text, finish in steps:  # the closing chunk has no text and the finish reason
             choice = {"text": text, "index": c.index, "logprobs": None, "finish_reason": finish}
             chunks.append({**head, "choices": [choice]})
     return _with_usage_chunk(chunks, head, _wants_usage(body, faults), prompt_tokens, choices)
@@ -278,7 +279,7 @@ def embeddings(body: dict[str, Any]) -> dict[str, Any]:
     encoding_format = body.get("encoding_format") or "float"
     if encoding_format not in ("float", "base64"):
         raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
-    data = []
+    data: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         vector: list[float] | str = embedding_vector(model, item, dims)
         if encoding_format == "base64":  # little-endian float32, what the openai SDK decodes

@@ -327,7 +327,7 @@ def _tool_choice(
 
 def chat_choices(body: dict[str, Any], encoding: str) -> list[Choice]:
     seed, limit, fn = content_seed(body), token_limit(body), offered_function(body)
-    choices = []
+    choices: list[Choice] = []
     for index in range(choice_count(body)):
         picker = Picker(seed, index)
         if fn is not None:
@@ -359,7 +359,7 @@ def _is_text_or_ids(item: Any) -> bool:
 def completion_choices(body: dict[str, Any], encoding: str) -> list[Choice]:
     """`n` choices per prompt, indexed prompt-major as OpenAI does."""
     seed, limit, n = content_seed(body), token_limit(body), choice_count(body)
-    choices = []
+    choices: list[Choice] = []
     for p, prompt in enumerate(prompt_list(body.get("prompt"), param="prompt")):
         # Continue the prompt's sentence with a space unless it already ends in whitespace.
         lead = "" if isinstance(prompt, str) and (not prompt or prompt[-1].isspace()) else " "

@@ -12,6 +12,8 @@ from typing import Any
 import httpx2
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai import AsyncOpenAI
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -77,6 +79,10 @@ async def collect(provider: MockProvider, endpoint: Endpoint, body: dict[str, An
     return [chunk async for chunk in provider.stream(endpoint, body)]
 
 
+async def reply(provider: MockProvider, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+    return (await provider.send(endpoint, body)).data
+
+
 def parsed(chunks: list[bytes]) -> list[dict[str, Any]]:
     return [orjson.loads(c) for c in chunks]
 
@@ -130,8 +136,10 @@ async def test_ids_and_created_come_from_the_request_not_the_clock(provider: Moc
 async def test_different_requests_get_different_answers(provider: MockProvider) -> None:
     answers = {answer_text(chat(f"question number {i}")) for i in range(20)}
     assert len(answers) == 20
-    no_echo = {answer_text({"model": "mock", "messages": [{"role": "system", "content": f"s{i}"}]}) for i in range(20)}
-    assert len(no_echo) == 20
+    systems = [
+        {"model": "mock", "messages": [{"role": "system", "content": f"s{i}"}]} for i in range(20)
+    ]
+    assert len({answer_text(body) for body in systems}) == 20
 
 
 def test_answers_are_readable_and_20_to_60_tokens() -> None:
@@ -139,6 +147,15 @@ def test_answers_are_readable_and_20_to_60_tokens() -> None:
         text = answer_text(chat(f"Tell me about topic {i} " * (i % 7)))
         assert 20 <= count_text(text, "o200k_base") <= 60, text
         assert text.endswith(".")
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(max_size=200), limit=st.integers(min_value=0, max_value=80))
+def test_any_user_text_gives_a_truncatable_streamable_answer(text: str, limit: int) -> None:
+    full = answer_text(chat(text))
+    truncated = answer_text(chat(text, max_tokens=limit))
+    assert full.startswith(truncated)
+    assert "".join(text_pieces(full, "o200k_base")) == full
 
 
 def test_answer_echoes_the_last_user_message() -> None:
@@ -166,7 +183,7 @@ async def test_chat_chunks_validate_with_the_openai_sdk(provider: MockProvider) 
 
 
 async def test_completions_validate_with_the_openai_sdk(provider: MockProvider) -> None:
-    body = {"model": "mock", "prompt": "Once upon a time", "stream_options": {"include_usage": True}}
+    body = {"model": "mock", "prompt": "Once upon", "stream_options": {"include_usage": True}}
     assert Completion.model_validate((await provider.send(Endpoint.COMPLETIONS, body)).data)
     for chunk in parsed(await collect(provider, Endpoint.COMPLETIONS, body)):
         # OpenAI streams `finish_reason: null` until the end, which the SDK's (unvalidated)
@@ -177,7 +194,7 @@ async def test_completions_validate_with_the_openai_sdk(provider: MockProvider) 
 
 
 async def test_embeddings_validate_with_the_openai_sdk(provider: MockProvider) -> None:
-    data = (await provider.send(Endpoint.EMBEDDINGS, {"model": "mock-embed", "input": "hello"})).data
+    data = await reply(provider, Endpoint.EMBEDDINGS, {"model": "mock-embed", "input": "hello"})
     response = CreateEmbeddingResponse.model_validate(data)
     assert len(response.data[0].embedding) == 1536
 
@@ -185,7 +202,7 @@ async def test_embeddings_validate_with_the_openai_sdk(provider: MockProvider) -
 # Streaming
 
 
-async def test_streamed_chat_joins_to_answer_text_and_the_plain_content(provider: MockProvider) -> None:
+async def test_streamed_chat_joins_to_answer_text_and_the_content(provider: MockProvider) -> None:
     body = chat()
     plain = (await provider.send(Endpoint.CHAT, body)).data["choices"][0]["message"]["content"]
     chunks = parsed(await collect(provider, Endpoint.CHAT, {**body, "stream": True}))
@@ -195,7 +212,8 @@ async def test_streamed_chat_joins_to_answer_text_and_the_plain_content(provider
 async def test_stream_opens_with_role_and_closes_with_finish_reason(provider: MockProvider) -> None:
     chunks = parsed(await collect(provider, Endpoint.CHAT, chat(stream=True)))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    closing = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert chunks[-1]["choices"][0] == closing
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
@@ -206,7 +224,7 @@ async def test_stream_sends_about_one_chunk_per_token(provider: MockProvider) ->
     assert tokens - 2 <= content_chunks <= tokens
 
 
-async def test_include_usage_adds_a_final_usage_chunk_only_when_asked(provider: MockProvider) -> None:
+async def test_include_usage_adds_a_usage_chunk_only_when_asked(provider: MockProvider) -> None:
     without = parsed(await collect(provider, Endpoint.CHAT, chat(stream=True)))
     assert all("usage" not in c for c in without)
 
@@ -243,7 +261,8 @@ async def test_usage_matches_tiktoken_counts(provider: MockProvider) -> None:
     content = data["choices"][0]["message"]["content"]
     assert data["usage"]["prompt_tokens"] == count_chat_prompt(body["messages"], "o200k_base")
     assert data["usage"]["completion_tokens"] == count_text(content, "o200k_base")
-    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
+    usage = data["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
 async def test_known_model_names_count_with_their_own_encoding(provider: MockProvider) -> None:
@@ -258,7 +277,8 @@ async def test_offered_tools_count_as_prompt_tokens(provider: MockProvider) -> N
     body = chat(tools=[ORDER_TOOL])
     usage = (await provider.send(Endpoint.CHAT, body)).data["usage"]
     tools_tokens = count_text(orjson.dumps([ORDER_TOOL]).decode(), "o200k_base")
-    assert usage["prompt_tokens"] == count_chat_prompt(body["messages"], "o200k_base") + tools_tokens
+    messages_tokens = count_chat_prompt(body["messages"], "o200k_base")
+    assert usage["prompt_tokens"] == messages_tokens + tools_tokens
 
 
 async def test_completion_usage_counts_every_prompt(provider: MockProvider) -> None:
@@ -270,7 +290,9 @@ async def test_completion_usage_counts_every_prompt(provider: MockProvider) -> N
 
 
 @pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens"])
-async def test_token_limit_truncates_with_finish_reason_length(provider: MockProvider, key: str) -> None:
+async def test_token_limit_truncates_with_finish_reason_length(
+    provider: MockProvider, key: str
+) -> None:
     full = answer_text(chat())
     data = (await provider.send(Endpoint.CHAT, chat(**{key: 7}))).data
     choice = data["choices"][0]
@@ -331,7 +353,8 @@ async def test_json_schema_format_fills_required_properties_with_their_types(
         "required": ["name", "age", "score", "active", "tags", "address"],
         "$defs": {"Address": {"type": "object", "properties": {"city": {"type": "string"}}}},
     }
-    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    spec = {"name": "person", "schema": schema, "strict": True}
+    fmt = {"type": "json_schema", "json_schema": spec}
     content = (await provider.send(Endpoint.CHAT, chat(response_format=fmt))).data["choices"][0]
     value = orjson.loads(content["message"]["content"])
     assert set(value) == {"name", "age", "score", "active", "tags", "address"}
@@ -359,13 +382,15 @@ async def test_offered_tools_get_a_call_with_required_arguments(provider: MockPr
     assert isinstance(arguments["order_id"], str)
     assert isinstance(arguments["quantity"], int) and not isinstance(arguments["quantity"], bool)
     assert isinstance(arguments["express"], bool)
-    name_and_args = count_text("lookup_order", "o200k_base") + count_text(call.function.arguments, "o200k_base")
-    assert data["usage"]["completion_tokens"] == name_and_args
+    name_tokens = count_text("lookup_order", "o200k_base")
+    arguments_tokens = count_text(call.function.arguments, "o200k_base")
+    assert data["usage"]["completion_tokens"] == name_tokens + arguments_tokens
 
 
 async def test_tool_choice_forces_the_named_function(provider: MockProvider) -> None:
     forced = {"type": "function", "function": {"name": "get_weather"}}
-    data = (await provider.send(Endpoint.CHAT, chat(tools=[ORDER_TOOL, WEATHER_TOOL], tool_choice=forced))).data
+    body = chat(tools=[ORDER_TOOL, WEATHER_TOOL], tool_choice=forced)
+    data = await reply(provider, Endpoint.CHAT, body)
     call = data["choices"][0]["message"]["tool_calls"][0]
     assert call["function"]["name"] == "get_weather"
     assert orjson.loads(call["function"]["arguments"])["unit"] in ("c", "f")
@@ -380,8 +405,8 @@ async def test_tool_choice_none_answers_with_text(provider: MockProvider) -> Non
 
 
 async def test_a_tool_result_is_answered_with_text_that_mentions_it(provider: MockProvider) -> None:
-    first = (await provider.send(Endpoint.CHAT, chat(tools=[ORDER_TOOL]))).data["choices"][0]["message"]
-    call = first["tool_calls"][0]
+    first = await reply(provider, Endpoint.CHAT, chat(tools=[ORDER_TOOL]))
+    call = first["choices"][0]["message"]["tool_calls"][0]
     body = chat(tools=[ORDER_TOOL])
     body["messages"] += [
         {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -404,7 +429,7 @@ async def test_legacy_functions_get_a_function_call(provider: MockProvider) -> N
 
 async def test_streamed_tool_call_matches_the_plain_call(provider: MockProvider) -> None:
     body = chat(tools=[ORDER_TOOL])
-    plain = (await provider.send(Endpoint.CHAT, body)).data["choices"][0]["message"]["tool_calls"][0]
+    plain = (await reply(provider, Endpoint.CHAT, body))["choices"][0]["message"]["tool_calls"][0]
     chunks = parsed(await collect(provider, Endpoint.CHAT, body))
     opener = chunks[0]["choices"][0]["delta"]["tool_calls"][0]
     assert opener == {
@@ -413,7 +438,8 @@ async def test_streamed_tool_call_matches_the_plain_call(provider: MockProvider)
         "type": "function",
         "function": {"name": "lookup_order", "arguments": ""},
     }
-    fragments = [c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] for c in chunks[1:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    fragments = [d["tool_calls"][0]["function"]["arguments"] for d in deltas]
     assert len(fragments) > 3
     assert "".join(fragments) == plain["function"]["arguments"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
@@ -422,8 +448,10 @@ async def test_streamed_tool_call_matches_the_plain_call(provider: MockProvider)
 async def test_streamed_legacy_function_call(provider: MockProvider) -> None:
     body = chat(functions=[ORDER_TOOL["function"]])
     chunks = parsed(await collect(provider, Endpoint.CHAT, body))
-    assert chunks[0]["choices"][0]["delta"]["function_call"] == {"name": "lookup_order", "arguments": ""}
-    arguments = "".join(c["choices"][0]["delta"]["function_call"]["arguments"] for c in chunks[1:-1])
+    opener = chunks[0]["choices"][0]["delta"]["function_call"]
+    assert opener == {"name": "lookup_order", "arguments": ""}
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    arguments = "".join(d["function_call"]["arguments"] for d in deltas)
     assert set(orjson.loads(arguments)) >= {"order_id", "quantity", "express"}
     assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
 
@@ -506,7 +534,9 @@ async def test_the_openai_sdk_decodes_base64_embeddings(provider: MockProvider) 
     client = sdk_client(provider)
     # The SDK asks for base64 by default and decodes it; the floats must equal the float format.
     decoded = await client.embeddings.create(model="mock-embed", input="hello")
-    floats = await client.embeddings.create(model="mock-embed", input="hello", encoding_format="float")
+    floats = await client.embeddings.create(
+        model="mock-embed", input="hello", encoding_format="float"
+    )
     assert decoded.data[0].embedding == floats.data[0].embedding
     assert len(decoded.data[0].embedding) == 1536
 
@@ -525,7 +555,9 @@ async def test_the_openai_sdk_decodes_base64_embeddings(provider: MockProvider) 
         (Endpoint.EMBEDDINGS, {"model": "mock", "input": "x", "encoding_format": "hex"}),
     ],
 )
-async def test_malformed_requests_are_invalid(provider: MockProvider, endpoint: Endpoint, body: dict[str, Any]) -> None:
+async def test_malformed_requests_are_invalid(
+    provider: MockProvider, endpoint: Endpoint, body: dict[str, Any]
+) -> None:
     with pytest.raises(InvalidRequest):
         await provider.send(endpoint, body)
 
@@ -568,7 +600,7 @@ async def test_error_model_fails_send_and_stream_start(provider: MockProvider) -
 
 async def test_cut_model_stops_a_stream_halfway(provider: MockProvider) -> None:
     body = {**chat(), "model": "mock-cut"}
-    whole = len(text_pieces(answer_text(body), "o200k_base")) + 2  # plus the opening and closing chunks
+    whole = len(text_pieces(answer_text(body), "o200k_base")) + 2  # and the opening, closing chunks
     received: list[bytes] = []
     with pytest.raises(UpstreamError) as raised:
         async for chunk in provider.stream(Endpoint.CHAT, body):

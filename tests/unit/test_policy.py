@@ -474,7 +474,7 @@ def test_tool_call_names_of_a_complete_message() -> None:
 def test_tool_call_names_of_stream_deltas() -> None:
     first = {"tool_calls": [{"index": 0, "id": "c1", "type": "function",
                              "function": {"name": "lookup_order", "arguments": ""}}]}  # fmt: skip
-    later = {"tool_calls": [{"index": 0, "function": {"arguments": "{\"order_id\": 1}"}}]}
+    later = {"tool_calls": [{"index": 0, "function": {"arguments": '{"order_id": 1}'}}]}
     assert tool_call_names(first) == ["lookup_order"]
     assert tool_call_names(later) == []
     assert tool_call_names({"function_call": {"arguments": "{}"}}) == []
@@ -571,8 +571,7 @@ mixed_key = st.integers(0, 4).flatmap(lambda i: override_key if i == 0 else plai
 leaf = st.none() | st.booleans() | st.integers(-3, 600) | st.text(max_size=6)
 nested = st.recursive(
     leaf,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(mixed_key, inner, max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(mixed_key, inner, max_size=3),
     max_leaves=8,
 )
 tool_name = st.sampled_from(
@@ -585,7 +584,7 @@ tool_entry = st.one_of(
     ),
     nested,
 )
-optional_fields = {
+optional_fields: dict[str, st.SearchStrategy[Any]] = {
     "tools": st.lists(tool_entry, max_size=3) | nested,
     "functions": st.lists(tool_name.map(lambda n: {"name": n}), max_size=2) | nested,
     "tool_choice": st.sampled_from(["auto", "none", "required"])
@@ -613,8 +612,9 @@ bodies = st.fixed_dictionaries(
 body_with_extra = st.tuples(
     bodies,
     st.integers(0, 2).flatmap(
-        lambda i: st.dictionaries(override_key | plain_key, nested, max_size=1) if i == 0
-        else st.just({})
+        lambda i: (
+            st.dictionaries(override_key | plain_key, nested, max_size=1) if i == 0 else st.just({})
+        )
     ),
 ).map(lambda pair: {**pair[1], **pair[0]})
 

@@ -1,0 +1,122 @@
+"""`abc-gateway demo`: one machine, no network, no keys.
+
+Starts an embedded Redis and the gateway with the built-in mock provider, compiles the
+example plan, opens a session and drives it with the official OpenAI SDK, printing
+what happened: answers, a denial, the cost, a journal excerpt and its verification.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import yaml
+from pydantic import SecretStr
+
+from gateway.server import BackgroundServer, keyring_for, redis_url_for
+from gateway.settings import load_settings
+
+PLAN_PATH = Path("config/plans/support-bot.yaml")
+
+
+def _say(title: str, detail: str = "") -> None:
+    print(f"\n== {title}")
+    if detail:
+        print(detail)
+
+
+def run_demo(*, config: str | None = None) -> int:
+    settings = load_settings(config)
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else secrets.token_urlsafe(32)
+    settings = settings.model_copy(update={"admin_token": SecretStr(admin_token)})
+    data_dir = Path(settings.redis.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    keyring = keyring_for(settings, demo_key_dir=data_dir)
+    redis_url, embedded = redis_url_for(settings)
+    print(f"ABC Gateway demo: Redis at {'embedded redis-server, data in ' + str(data_dir) if embedded else 'ABC_REDIS_URL'}")
+    try:
+        with BackgroundServer(settings, redis_url=redis_url, keyring=keyring) as server:
+            print(f"gateway listening on {server.base_url} (mock provider, no network)")
+            with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30) as admin:
+                _drive(server.base_url, admin)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _admin(admin: httpx.Client, method: str, path: str, body: Any = None) -> Any:
+    response = admin.request(method, path, json=body)
+    response.raise_for_status()
+    return response.json()
+
+
+def _drive(base_url: str, admin: httpx.Client) -> None:
+    plan = yaml.safe_load(PLAN_PATH.read_text(encoding="utf-8"))
+    compiled = _admin(admin, "POST", "/admin/v1/plans/compile", plan)
+    _say(f"compiled {PLAN_PATH} -> {compiled['assembly_id']}",
+         "\n".join(f"  warning: {w}" for w in compiled["warnings"]) or "  no warnings")
+    opened = _admin(admin, "POST", "/admin/v1/sessions", {"assembly_id": compiled["assembly_id"], "budget_usd": 0.05, "labels": {"source": "demo"}})
+    session_id = opened["session_id"]
+    _say(f"opened {session_id}", f"  budget ${opened['budget_usd']}; the VCS token is the OpenAI API key")
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key=opened["token"], max_retries=0)
+    question = [{"role": "user", "content": "My order A-1234 has not arrived. Can you check it?"}]
+
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=question)
+    answer = raw.parse()
+    _say("step 'triage': a plain chat completion",
+         f"  assistant: {answer.choices[0].message.content}\n  cost ${raw.headers['x-abc-cost-usd']}, "
+         f"budget left ${raw.headers['x-abc-budget-remaining-usd']}")
+
+    tools = [{"type": "function", "function": {"name": "lookup_order", "description": "Find an order by id",
+              "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}]
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=question, tools=tools, stream=True, stream_options={"include_usage": True})
+    name, arguments, chunks, usage = "", "", 0, None
+    for chunk in stream:
+        chunks += 1
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                name += call.function.name or "" if call.function else ""
+                arguments += call.function.arguments or "" if call.function else ""
+    _say("step 'answer': streamed, the model calls a whitelisted tool",
+         f"  {chunks} chunks; tool call {name}({arguments}); usage {usage.total_tokens if usage else '?'} tokens")
+
+    follow_up = [*question, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped", "eta": "tomorrow"}'}]
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="gpt-4o-mini", messages=follow_up, tools=tools, stream=True) if c.choices)
+    _say("step 'answer' again: streamed text after the tool result", f"  assistant: {text}")
+
+    try:
+        client.chat.completions.create(model="gpt-4o-mini", messages=question, tools=[
+            {"type": "function", "function": {"name": "refund_order", "parameters": {"type": "object", "properties": {}}}}])
+    except openai.PermissionDeniedError as exc:
+        _say("denied: a tool the plan never allowed", f"  HTTP {exc.status_code}: {exc.body.get('message') if isinstance(exc.body, dict) else exc}")
+    try:
+        client.chat.completions.create(model="gpt-4o-mini", messages=question, temperature=1.5)
+    except openai.PermissionDeniedError as exc:
+        _say("denied: overriding a pinned parameter", f"  HTTP {exc.status_code}: {exc.body.get('message') if isinstance(exc.body, dict) else exc}")
+
+    shown = _admin(admin, "GET", f"/admin/v1/sessions/{session_id}")
+    _say("session", f"  step {shown['current_step']}, {shown['requests']} requests admitted, spent ${shown['spent_usd']}, "
+         f"reserved ${shown['reserved_usd']}, remaining ${shown['remaining_usd']}")
+    _journal(admin, session_id)
+
+
+def _journal(admin: httpx.Client, session_id: str) -> None:
+    journal = _admin(admin, "GET", f"/admin/v1/sessions/{session_id}/journal?limit=100")
+    lines = []
+    for entry in journal["entries"]:
+        detail = entry.get("code") or entry.get("event") or ""
+        cost = entry.get("cost")
+        lines.append(f"  #{entry['seq']:<3} {entry['kind']:<9} step={entry.get('step') or '-':<7} "
+                     f"{('cost=' + str(cost) + 'n$') if cost is not None else '':<14} {detail}  hash={entry['hash'][:12]}")
+    _say("journal excerpt (hash-chained, nano-dollars)", "\n".join(lines))
+    report = _admin(admin, "POST", f"/admin/v1/sessions/{session_id}/replay", {"mode": "verify"})
+    _say("journal verify", "  " + json.dumps(report))

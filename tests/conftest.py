@@ -1,0 +1,135 @@
+"""Shared fixtures: a real redis-server per test session (flushed per test), settings,
+and a real gateway on a background thread that the official openai SDK can call."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from pydantic import SecretStr
+
+from gateway.capability import Keyring
+from gateway.server import BackgroundServer
+from gateway.settings import Settings, load_settings
+from tests.redis_proc import RedisProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "test-admin-" + secrets.token_hex(16)
+SIGNING_SECRET = "test-signing-secret-" + secrets.token_hex(16)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> Iterator[str]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """config/gateway.yaml plus test secrets; `overrides` replace top-level sections."""
+    base = load_settings(ROOT / "config" / "gateway.yaml")
+    update: dict[str, Any] = {"admin_token": SecretStr(ADMIN_TOKEN), "signing_key": SecretStr(SIGNING_SECRET)}
+    update.update(overrides)
+    return base.model_copy(update=update)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def keyring() -> Keyring:
+    return Keyring.from_sources(SIGNING_SECRET)
+
+
+@dataclass
+class Gateway:
+    """A running gateway plus an admin client for compiling plans and opening sessions."""
+
+    server: BackgroundServer
+    admin: httpx.Client
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def openai_base(self) -> str:
+        return self.server.base_url + "/v1"
+
+    def compile(self, plan: dict[str, Any]) -> str:
+        response = self.admin.post("/admin/v1/plans/compile", json=plan)
+        assert response.status_code == 201, response.text
+        assembly_id: str = response.json()["assembly_id"]
+        return assembly_id
+
+    def open_session(self, plan_or_assembly: dict[str, Any] | str, **options: Any) -> dict[str, Any]:
+        assembly_id = plan_or_assembly if isinstance(plan_or_assembly, str) else self.compile(plan_or_assembly)
+        response = self.admin.post("/admin/v1/sessions", json={"assembly_id": assembly_id, **options})
+        assert response.status_code == 201, response.text
+        opened: dict[str, Any] = response.json()
+        return opened
+
+    def token(self, plan: dict[str, Any], **options: Any) -> str:
+        token: str = self.open_session(plan, **options)["token"]
+        return token
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        response = self.admin.get(f"/admin/v1/sessions/{session_id}")
+        assert response.status_code == 200, response.text
+        shown: dict[str, Any] = response.json()
+        return shown
+
+
+def start_gateway(settings: Settings, redis_url: str, keyring: Keyring) -> Gateway:
+    server = BackgroundServer(settings, redis_url=redis_url, keyring=keyring).start()
+    admin = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+    return Gateway(server, admin)
+
+
+@pytest.fixture
+def gateway(settings: Settings, redis_url: str, keyring: Keyring) -> Iterator[Gateway]:
+    gw = start_gateway(settings, redis_url, keyring)
+    yield gw
+    gw.admin.close()
+    gw.server.stop()
+
+
+# A plan over the mock models in config/gateway.yaml, open enough for most tests.
+OPEN_PLAN: dict[str, Any] = {
+    "name": "open-test",
+    "tenant": "acme",
+    "models": [
+        {"name": "gpt-4o-mini", "max_tokens": 256, "max_n": 4},
+        {"name": "gpt-4o", "max_tokens": 256},
+        {"name": "text-embedding-3-small", "max_tokens": 1},
+        {"name": "gpt-3.5-turbo-instruct", "max_tokens": 256},
+        {"name": "mock-slow", "max_tokens": 64},
+        {"name": "mock-error", "max_tokens": 64},
+        {"name": "mock-cut", "max_tokens": 256},
+    ],
+    "tools": [
+        {
+            "name": "lookup_order",
+            "description": "Find an order by id",
+            "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]},
+        }
+    ],
+    "budget": {"usd": 10.0, "tokens": 10_000_000, "requests": 10_000},
+    "ttl_s": 3600,
+}
