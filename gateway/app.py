@@ -64,7 +64,13 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         redis = make_redis(redis_url, settings)
         http = make_client_session()
-        ledger = Ledger(redis, reservation_ttl_s=settings.budget.reservation_ttl_s, journal_retention_s=settings.journal.retention_s)
+        metrics = Metrics()
+        ledger = Ledger(
+            redis,
+            reservation_ttl_s=settings.budget.reservation_ttl_s,
+            journal_retention_s=settings.journal.retention_s,
+            observe=lambda op, seconds: metrics.journal_write.labels(op).observe(seconds),
+        )
         with contextlib.suppress(Exception):
             await ledger.load_scripts()  # Redis may come up later; scripts load on first use
         deps = Deps(
@@ -77,7 +83,7 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             verifier=Verifier(keyring),
             providers=build_providers(settings, http),
             known_models=frozenset(m.name.strip().lower() for m in settings.models),
-            metrics=Metrics(),
+            metrics=metrics,
             tasks=set(),
         )
         app[DEPS] = deps

@@ -26,6 +26,7 @@ class Metrics:
         self.tokens = Counter("abc_tokens", "Tokens", ["tenant", "model", "direction"], registry=r)
         self.cost = Counter("abc_cost_nanos", "Spend in nano-dollars", ["tenant", "model", "assembly"], registry=r)
         self.denials = Counter("abc_denials", "Denied requests", ["reason"], registry=r)
+        self.journal_write = Histogram("abc_journal_write_seconds", "Redis round trip of a budget script and its journal entry", ["op"], buckets=_FAST, registry=r)
         self.upstream_errors = Counter("abc_upstream_errors", "Upstream failures", ["model", "code"], registry=r)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:

@@ -8,6 +8,7 @@ becomes `ServiceUnavailable`: callers fail closed and nothing is forwarded.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -73,8 +74,9 @@ def _day(now: float) -> str:
 
 
 class Ledger:
-    def __init__(self, redis: Redis, *, reservation_ttl_s: int, journal_retention_s: int) -> None:
+    def __init__(self, redis: Redis, *, reservation_ttl_s: int, journal_retention_s: int, observe: Callable[[str, float], None] | None = None) -> None:
         self.redis = redis
+        self._observe = observe or (lambda op, seconds: None)
         self.reservation_ttl_ms = reservation_ttl_s * 1000
         self.index_retention_ms = journal_retention_s * 1000
         self._sources = _load_sources()
@@ -89,6 +91,7 @@ class Ledger:
 
     async def _run(self, name: str, keys_: list[str], args: list[Any], extra: list[tuple[Any, ...]] = ()) -> Any:  # type: ignore[assignment]
         """EVALSHA `name` and the `extra` commands in one pipeline; returns the script's result."""
+        started = time.perf_counter()
         for attempt in (1, 2):
             try:
                 if name not in self._sha:
@@ -108,6 +111,7 @@ class Ledger:
                 continue
             if isinstance(result, Exception):
                 raise ServiceUnavailable("budget store unavailable; request not forwarded") from result
+            self._observe(name, time.perf_counter() - started)
             return result
         raise ServiceUnavailable("budget store unavailable")
 

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings as hyp_settings, strategies as st
+from hypothesis import HealthCheck, assume, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from gateway.assembly.compile import Compiled, compile_plan, worst_case_nanos
 from gateway.assembly.model import Assembly, assembly_id
 from gateway.assembly.plan import (
-    Plan,
     PlanInvalid,
     Problem,
     load_plan_file,
@@ -146,7 +147,9 @@ def test_parse_applies_documented_defaults() -> None:
         (),
         (),
     )
-    assert plan.budget.usd is None and plan.limits is None and plan.tools == ()
+    assert plan.budget.usd is None
+    assert plan.limits is None
+    assert plan.tools == ()
 
 
 def test_parse_rejects_unknown_fields_at_every_level_at_once() -> None:
@@ -207,8 +210,8 @@ def test_parse_needs_a_mapping_with_at_least_one_model() -> None:
 def test_plan_invalid_is_a_config_error_and_plans_are_frozen() -> None:
     assert issubclass(PlanInvalid, ConfigError)
     plan = parse_plan(support_plan())
-    with pytest.raises(ValueError):
-        plan.name = "other"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="frozen"):
+        plan.name = "other"
     assert isinstance(plan.models, tuple)
 
 
@@ -239,7 +242,8 @@ def test_compile_resolves_and_pins_each_model() -> None:
         "gpt-4o-mini-2024-07-18",
         "chat",
     )
-    assert mini.params == {"temperature": 0} and mini.max_tokens == 512
+    assert mini.params == {"temperature": 0}
+    assert mini.max_tokens == 512
     llama = grants["local-llama"]
     assert (llama.name, llama.provider, llama.provider_kind, llama.max_n) == (
         "local-llama",
@@ -290,14 +294,16 @@ def test_litellm_prices_convert_per_token_floats_exactly() -> None:
     assert (price.input_nanos_per_mtok, price.output_nanos_per_mtok) == (150_000_000, 600_000_000)
     assert litellm_price("no-such-model-anywhere") is None
     embedding = litellm_price("text-embedding-3-small")
-    assert embedding is not None and embedding.output_nanos_per_mtok == 0
+    assert embedding is not None
+    assert embedding.output_nanos_per_mtok == 0
 
 
 def test_settings_prices_round_up_never_down() -> None:
     price = price_from_usd_per_mtok(Decimal("0.0000000001"), 0.1)
     assert (price.input_nanos_per_mtok, price.output_nanos_per_mtok) == (1, 100_000_000)
     known = SETTINGS.model("house-model")
-    assert known is not None and freeze_price(known) is None
+    assert known is not None
+    assert freeze_price(known) is None
 
 
 def test_price_lookup_never_imports_litellm() -> None:
@@ -467,7 +473,8 @@ def test_steps_compile_with_sorted_sets_and_worst_cases() -> None:
     )
     # 8192 prompt tokens at $0.15/Mtok + 512 output tokens at $0.60/Mtok, in nanos.
     assert triage.worst_case_nanos == 1_228_800 + 307_200
-    assert assembly.step("answer") == answer and assembly.step("nope") is None
+    assert assembly.step("answer") == answer
+    assert assembly.step("nope") is None
 
 
 def test_worst_case_counts_every_choice_and_rounds_up() -> None:
@@ -647,7 +654,7 @@ def plans(draw: st.DrawFn) -> dict[str, Any]:
 
 
 def shuffled(value: Any, rng: random.Random) -> Any:
-    """`value` with every mapping's keys in a random order; lists keep theirs (they are semantic)."""
+    """`value` with every mapping's keys shuffled; lists keep their order, which is semantic."""
     if isinstance(value, dict):
         keys = list(value)
         rng.shuffle(keys)
@@ -682,7 +689,7 @@ def recased(plan: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     return plan
 
 
-@hyp_settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@hyp_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=plans(), rng=st.randoms(use_true_random=False))
 def test_id_is_stable_under_key_order_and_yaml_style(
     plan: dict[str, Any], rng: random.Random

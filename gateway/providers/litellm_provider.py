@@ -1,0 +1,86 @@
+"""Providers reached through litellm's translation (Anthropic, Bedrock, Vertex, ...).
+
+litellm is imported here, lazily, only when a provider of kind `litellm` is configured,
+so the gateway starts in well under a second otherwise. Its price map is read from
+the installed package, never fetched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from gateway.providers.base import Endpoint, Reply
+from gateway.providers.openai_compat import scrub
+from gateway.settings import ProviderSettings
+
+
+def _import_litellm() -> Any:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("LITELLM_TELEMETRY", "False")
+    import litellm
+
+    litellm.telemetry = False
+    litellm.drop_params = False  # a parameter the target can't take is an error, not silently lost
+    return litellm
+
+
+class LiteLLMProvider:
+    def __init__(self, settings: ProviderSettings) -> None:
+        self.name = settings.name
+        self._settings = settings
+        self._litellm = _import_litellm()
+        self._prefix = settings.litellm_provider or ""
+
+    def _kwargs(self, body: dict[str, Any]) -> dict[str, Any]:
+        model = str(body["model"])
+        kwargs = {**body, "model": f"{self._prefix}/{model}" if self._prefix else model}
+        # Only the operator's settings choose where the call goes and with which key.
+        kwargs["api_key"] = self._settings.api_key()
+        if self._settings.api_base:
+            kwargs["api_base"] = self._settings.api_base
+        kwargs["timeout"] = self._settings.timeout_s
+        kwargs["num_retries"] = 0
+        return kwargs
+
+    def _error(self, exc: Exception) -> GatewayError:
+        status = getattr(exc, "status_code", None)
+        message = scrub(str(getattr(exc, "message", "") or "upstream error"), [self._settings.api_key()])[:2000]
+        if isinstance(exc, TimeoutError) or type(exc).__name__ == "Timeout":
+            return UpstreamTimeout("upstream timed out")
+        if status in (400, 404, 422):
+            return InvalidRequest(message, status=status)
+        if status == 429:
+            return RateLimited("upstream rate limit", code="upstream_rate_limited")
+        return UpstreamError(f"upstream error (status {status or 'unknown'})")
+
+    async def send(self, endpoint: Endpoint, body: dict[str, Any]) -> Reply:
+        llm = self._litellm
+        call = {Endpoint.CHAT: llm.acompletion, Endpoint.COMPLETIONS: llm.atext_completion, Endpoint.EMBEDDINGS: llm.aembedding}[endpoint]
+        try:
+            response = await call(**self._kwargs(body))
+        except Exception as exc:  # litellm raises its own tree; translate all of it here
+            raise self._error(exc) from None
+        data = response.model_dump(mode="json", exclude_none=False)
+        data.pop("_hidden_params", None)
+        raw = orjson.dumps(data)
+        return Reply(body=raw, data=data)
+
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        llm = self._litellm
+        call = llm.acompletion if endpoint is Endpoint.CHAT else llm.atext_completion
+        try:
+            response = await call(**self._kwargs(body))
+            async for chunk in response:
+                yield orjson.dumps(chunk.model_dump(mode="json", exclude_none=True))
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise self._error(exc) from None
+
+    async def close(self) -> None:
+        return None

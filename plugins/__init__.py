@@ -1,0 +1,1 @@
+"""Shipped policy plugins; see gateway/plugins.py for the Protocol."""
