@@ -24,7 +24,9 @@ def _csv_ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError("values must be positive")
     return values
@@ -40,26 +42,57 @@ def _csv_targets(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--targets", type=_csv_targets, default=("direct", "abc"),
-                   help="comma-separated: direct, abc, litellm (default: direct,abc)")
-    p.add_argument("--with-litellm", action="store_true",
-                   help="add LiteLLM's proxy (installed into bench/.litellm-venv)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 3 s scenarios, a 2k/20k leak check, 100 TTFT requests")
+    p.add_argument(
+        "--targets",
+        type=_csv_targets,
+        default=("direct", "abc"),
+        help="comma-separated: direct, abc, litellm (default: direct,abc)",
+    )
+    p.add_argument(
+        "--with-litellm",
+        action="store_true",
+        help="add LiteLLM's proxy (installed into bench/.litellm-venv)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 3 s scenarios, a 2k/20k leak check, 100 TTFT requests",
+    )
     p.add_argument("--duration", type=int, help="seconds per scenario (default 10, quick 3)")
     p.add_argument("--connections", type=int, default=32, help="the loaded level (default 32)")
     p.add_argument("--skip-leak", action="store_true", help="skip the 10k vs 100k RSS check")
-    p.add_argument("--leak-requests", type=_csv_ints,
-                   help="the two leak-check milestones (default 10000,100000; quick 2000,20000)")
-    p.add_argument("--workers", type=_csv_ints, default=(1, 2),
-                   help="gateway worker counts for the scale-out run (default 1,2)")
+    p.add_argument(
+        "--leak-requests",
+        type=_csv_ints,
+        help="the two leak-check milestones (default 10000,100000; quick 2000,20000)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_csv_ints,
+        default=(1, 2),
+        help="gateway worker counts for the scale-out run (default 1,2)",
+    )
     p.add_argument("--ttft-requests", type=int, help="sequential TTFT requests (default 200)")
-    p.add_argument("--mock-delay-ms", type=float, default=0.0,
-                   help="the mock upstream waits this long before answering")
+    p.add_argument(
+        "--mock-delay-ms",
+        type=float,
+        default=0.0,
+        help="the mock upstream waits this long before answering",
+    )
     p.add_argument("--load-cpus", default="0", help="CPUs for mock, wrk, TTFT client (taskset)")
     p.add_argument("--gateway-cpus", default="1", help="CPUs for the gateway and redis-server")
-    p.add_argument("--out", type=Path, default=Path("bench/results/latest.json"),
-                   help="JSON results; the markdown goes next to it (.md)")
+    p.add_argument(
+        "--profile",
+        choices=("py-spy", "cprofile"),
+        help="profile ABC: py-spy during the loaded chat scenario, or cProfile "
+        "over the whole ABC run (its figures are then not representative)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/results/latest.json"),
+        help="JSON results; the markdown goes next to it (.md)",
+    )
     return p.parse_args(argv)
 
 
@@ -95,13 +128,17 @@ def options(args: argparse.Namespace, argv: list[str]) -> Options:
         connections=args.connections,
         warmup_s=1 if args.quick else 2,
         skip_leak=args.skip_leak,
-        leak_requests=_two(args.leak_requests or ((2000, 20000) if args.quick else (10000, 100000))),
+        leak_requests=_two(
+            args.leak_requests or ((2000, 20000) if args.quick else (10000, 100000))
+        ),
         workers=args.workers,
         ttft_requests=args.ttft_requests or (100 if args.quick else 200),
         mock_delay_ms=args.mock_delay_ms,
         load_cpus=load_cpus,
         gateway_cpus=gateway_cpus,
         command=shlex.join(["python", "-m", "bench", *argv]),
+        profile=args.profile,
+        profile_dir=args.out.parent,
     )
 
 

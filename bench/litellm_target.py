@@ -57,7 +57,7 @@ def _stream_progress(argv: list[str], what: str, timeout_s: float) -> None:
     tail: list[str] = []
     for line in popen.stdout:
         line = line.rstrip()
-        tail = (tail + [line])[-20:]
+        tail = [*tail, line][-20:]
         # pip is chatty; the lines that show progress are enough.
         if line.startswith(("Collecting", "Downloading", "Installing", "Successfully")):
             print(f"    [{time.monotonic() - started:5.0f}s] {line[:120]}", flush=True)
@@ -140,6 +140,8 @@ def start_litellm(
         )
     except (RuntimeError, TimeoutError) as exc:
         sup.stop(proxy)
-        raise TargetFailed(f"litellm: {exc}\n--- last lines of its output ---\n{proxy.tail()}")
+        raise TargetFailed(
+            f"litellm: {exc}\n--- last lines of its output ---\n{proxy.tail()}"
+        ) from None
     target.idle_rss_bytes = proxy.rss_bytes()
     return target

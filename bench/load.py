@@ -65,7 +65,9 @@ def preflight(target: Target, kind: str) -> str | None:
     """
     try:
         status, raw = call(
-            "POST", target.base_url + Scenario(kind, 1).path, body=body(kind),
+            "POST",
+            target.base_url + Scenario(kind, 1).path,
+            body=body(kind),
             headers=_headers(target),
         )
     except OSError as exc:
@@ -95,10 +97,10 @@ def _cpu_delta_ms(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(value - before.get(pid, 0.0) for pid, value in after.items())
 
 
-def _wrk_result(output: str) -> dict[str, Any]:
+def _wrk_result(output: str) -> dict[str, Any] | None:
     match = re.search(r"^BENCH_RESULT (\{.*\})$", output, re.MULTILINE)
     if not match:
-        raise RuntimeError(f"wrk printed no result:\n{output[-2000:]}")
+        return None
     parsed: dict[str, Any] = orjson.loads(match.group(1))
     return parsed
 
@@ -106,7 +108,10 @@ def _wrk_result(output: str) -> dict[str, Any]:
 def run_wrk(
     target: Target, scenario: Scenario, *, duration_s: int, load_cpus: str | None
 ) -> dict[str, Any]:
-    """Run wrk once and return the scenario's figures (see README: columns)."""
+    """Run wrk once and return the scenario's figures (see README: columns).
+
+    A run that produced no figures has status "failed" and a reason instead.
+    """
     argv = ["wrk", "-t1", f"-c{scenario.connections}", f"-d{duration_s}s"]
     argv += ["--timeout", WRK_TIMEOUT, "-s", str(WRK_DIR / f"{scenario.kind}.lua")]
     argv += [target.base_url + scenario.path]
@@ -115,12 +120,17 @@ def run_wrk(
     cpu_before = {role: child.cpu_ms_by_pid() for role, child in target.roles.items()}
     redis_before = redis_info.counters(target.redis_port) if target.redis_port else None
     machine_before = cpu_times()
-    finished = run_to_end(argv, cpus=load_cpus, timeout_s=duration_s + 60, env=env)
+    try:
+        finished = run_to_end(argv, cpus=load_cpus, timeout_s=duration_s + 60, env=env)
+    except TimeoutError as exc:
+        return {"status": "failed", "reason": str(exc)}
     machine_after = cpu_times()
     redis_after = redis_info.counters(target.redis_port) if target.redis_port else None
     cpu_after = {role: child.cpu_ms_by_pid() for role, child in target.roles.items()}
 
     wrk = _wrk_result(finished.output)
+    if wrk is None:
+        return {"status": "failed", "reason": f"wrk printed no result: {finished.output[-500:]}"}
     requests = int(wrk["requests"])
     seconds = wrk["duration_us"] / 1e6
     per_req = max(requests, 1)
@@ -150,6 +160,9 @@ def run_wrk(
             # Busy time of the machine not spent in any measured process: other programs,
             # and kernel softirq work of the loopback network.
             "unattributed_ms_per_req": round((machine_busy_ms - sum(cpu_ms.values())) / per_req, 4),
+            "unattributed_pct": round(
+                (machine_busy_ms - sum(cpu_ms.values())) / (seconds * 10.0), 1
+            ),
         },
         "redis": (
             redis_info.per_request(redis_before, redis_after, requests)
@@ -171,5 +184,7 @@ def run_ttft(target: Target, *, n: int, load_cpus: str | None) -> dict[str, Any]
     result["status"] = "ok" if result["ok"] == n else "errors"
     for name in ("ttft", "total"):
         micros = result.pop(f"{name}_us")
-        result[f"{name}_ms"] = {k: round(v / 1000.0, 3) for k, v in micros.items()} if micros else None
+        result[f"{name}_ms"] = (
+            {k: round(v / 1000.0, 3) for k, v in micros.items()} if micros else None
+        )
     return result

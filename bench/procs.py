@@ -6,6 +6,7 @@ it forked (gateway workers, uvicorn), and a Supervisor stops them all on any exi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,7 +15,6 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -130,10 +130,8 @@ class Child:
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class Supervisor:
@@ -180,7 +178,7 @@ class Supervisor:
                 print(f"warning: could not stop {child.name} (pid {child.pid}): {exc}")
         self.children.clear()
 
-    @contextmanager
+    @contextlib.contextmanager
     def running(self) -> Iterator[Supervisor]:
         def _terminate(signum: int, _frame: FrameType | None) -> None:
             raise SystemExit(128 + signum)

@@ -1,7 +1,6 @@
-"""The benchmark's results: comparisons, the issue's targets, JSON and a markdown report.
+"""The benchmark's report: results JSON and the markdown printed at the end of a run.
 
-Works on the JSON-shaped dict alone, so `python -m bench.report results.json` can
-render a saved run again.
+`python -m bench.report bench/results/latest.json` renders a saved run again.
 """
 
 from __future__ import annotations
@@ -12,186 +11,23 @@ from typing import Any
 
 import orjson
 
-# Reference figure from the issue for LiteLLM 1.80.0 on this kind of machine, used
-# only to put a number next to the 15x target when LiteLLM was not run.
-LITELLM_REFERENCE_RPS = 88.0
-LEAK_NOISE = 1.05
+from bench import checks
+from bench.checks import Results, error_text, measured
+
 MIB = 1024 * 1024
 
-Results = dict[str, Any]
 
-
-def _ok(result: Any) -> bool:
-    return isinstance(result, dict) and result.get("status") in ("ok", "errors")
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return round(a / b, 3)
-
-
-def comparisons(results: Results) -> dict[str, dict[str, Any]]:
-    """Overhead and ratios per scenario: each target vs direct, LiteLLM vs ABC."""
-    out: dict[str, dict[str, Any]] = {}
-    for scenario in results["scenarios"]:
-        by_target = scenario["results"]
-        direct = by_target.get("direct")
-        entry: dict[str, Any] = {}
-        for name, result in by_target.items():
-            if name == "direct" or not _ok(result) or not _ok(direct):
-                continue
-            assert direct is not None
-            lat, dlat = result["latency_ms"], direct["latency_ms"]
-            entry[f"{name}_vs_direct"] = {
-                "overhead_p50_ms": round(lat["p50"] - dlat["p50"], 3),
-                "overhead_p99_ms": round(lat["p99"] - dlat["p99"], 3),
-                "latency_ratio_p50": _ratio(lat["p50"], dlat["p50"]),
-                "latency_ratio_p99": _ratio(lat["p99"], dlat["p99"]),
-                "rps_ratio": _ratio(result["rps"], direct["rps"]),
-            }
-        abc, litellm = by_target.get("abc"), by_target.get("litellm")
-        if _ok(abc) and _ok(litellm):
-            assert abc is not None and litellm is not None
-            entry["litellm_vs_abc"] = {
-                "latency_ratio_p50": _ratio(litellm["latency_ms"]["p50"], abc["latency_ms"]["p50"]),
-                "latency_ratio_p99": _ratio(litellm["latency_ms"]["p99"], abc["latency_ms"]["p99"]),
-                "abc_over_litellm_rps": _ratio(abc["rps"], litellm["rps"]),
-            }
-        out[scenario["key"]] = entry
-    return out
-
-
-def _scenario(results: Results, key: str, target: str) -> dict[str, Any] | None:
-    for scenario in results["scenarios"]:
-        if scenario["key"] == key:
-            result = scenario["results"].get(target)
-            return result if _ok(result) else None
-    return None
-
-
-def _check(goal: str, value: float | None, met: bool | None, shown: str, *, valid: bool = True) -> dict[str, Any]:
-    if value is None or met is None:
-        status = "n/a"
-    elif not valid:
-        status = "invalid (errors)"
-    else:
-        status = "met" if met else "not met"
-    return {"goal": goal, "value": value, "shown": shown, "status": status}
-
-
-def target_checks(results: Results) -> list[dict[str, Any]]:
-    """Where ABC stands against each target of the issue."""
-    loaded = f"chat-c{results['meta']['options']['connections']}"
-    comps = results["comparisons"]
-    checks: list[dict[str, Any]] = []
-
-    def valid(key: str, *targets: str) -> bool:
-        return all((_scenario(results, key, t) or {}).get("status") == "ok" for t in targets)
-
-    c1 = comps.get("chat-c1", {}).get("abc_vs_direct", {})
-    v = c1.get("overhead_p50_ms")
-    checks.append(_check("overhead p50 < 1 ms (chat, c1)", v, v is not None and v < 1.0,
-                         _ms(v), valid=valid("chat-c1", "abc", "direct")))
-    cl = comps.get(loaded, {}).get("abc_vs_direct", {})
-    v = cl.get("overhead_p99_ms")
-    checks.append(_check(f"overhead p99 < 5 ms ({loaded})", v, v is not None and v < 5.0,
-                         _ms(v), valid=valid(loaded, "abc", "direct")))
-
-    abc_loaded = _scenario(results, loaded, "abc")
-    v = abc_loaded["cpu_ms_per_req"].get("gateway") if abc_loaded else None
-    checks.append(_check(f"gateway CPU < 0.5 ms/request ({loaded})", v,
-                         v is not None and v < 0.5, _ms(v), valid=valid(loaded, "abc")))
-
-    lite = comps.get(loaded, {}).get("litellm_vs_abc", {})
-    v = lite.get("abc_over_litellm_rps")
-    if v is None and abc_loaded:
-        ref = abc_loaded["rps"] / LITELLM_REFERENCE_RPS
-        checks.append({"goal": f"throughput >= 15x LiteLLM ({loaded})", "value": None,
-                       "shown": f"not run (--with-litellm); vs the issue's {LITELLM_REFERENCE_RPS:.0f} "
-                                f"req/s: {ref:.1f}x", "status": "n/a"})
-    else:
-        checks.append(_check(f"throughput >= 15x LiteLLM ({loaded})", v,
-                             v is not None and v >= 15, _x(v),
-                             valid=valid(loaded, "abc", "litellm")))
-    v = cl.get("rps_ratio")
-    checks.append(_check(f"throughput >= 25% of direct ({loaded})", v,
-                         v is not None and v >= 0.25, _pct(v), valid=valid(loaded, "abc", "direct")))
-
-    ttft = results.get("ttft", {})
-    v = None
-    if _ok(ttft.get("abc")) and _ok(ttft.get("direct")) and ttft["abc"].get("ttft_ms") and ttft["direct"].get("ttft_ms"):
-        v = round(ttft["abc"]["ttft_ms"]["p50"] - ttft["direct"]["ttft_ms"]["p50"], 3)
-    ttft_valid = all((ttft.get(t) or {}).get("status") == "ok" for t in ("abc", "direct"))
-    checks.append(_check("time to first token within 1 ms of direct (p50)", v,
-                         v is not None and v <= 1.0, _ms(v), valid=ttft_valid))
-
-    abc_c1 = _scenario(results, "chat-c1", "abc")
-    redis = (abc_c1 or {}).get("redis") or {}
-    v = redis.get("reads_per_req")
-    shown = "n/a" if v is None else (
-        f"{v:.2f} round trips/request ({redis.get('commands_per_req', 0):.2f} commands)")
-    # A small allowance for the gateway's background work (reaper) during the run.
-    checks.append(_check("Redis <= 2 round trips per chat request (c1)", v,
-                         v is not None and v <= 2.05, shown, valid=valid("chat-c1", "abc")))
-
-    abc_target = results["targets"].get("abc", {})
-    v = abc_target.get("startup_s")
-    checks.append(_check("start-up < 1 s", v, v is not None and v < 1.0,
-                         "n/a" if v is None else f"{v:.2f} s"))
-    v = abc_target.get("idle_rss_mib")
-    checks.append(_check("idle RSS < 80 MiB", v, v is not None and v < 80,
-                         "n/a" if v is None else f"{v:.1f} MiB"))
-    leak = results.get("leak") or {}
-    v = leak.get("ratio")
-    checks.append(_check(f"no growth 10k -> 100k requests (RSS ratio <= {LEAK_NOISE})", v,
-                         v is not None and v <= LEAK_NOISE, "n/a" if v is None else f"{v:.3f}",
-                         valid=leak.get("status") == "ok"))
-    abc_runs = [s["results"].get("abc") for s in results["scenarios"]]
-    measured = [r for r in abc_runs if _ok(r)]
-    failing = sum(r["non_2xx"] + r["body_errors"] for r in measured)
-    checks.append(_check("every ABC response a 2xx (a fast 4xx is no result)",
-                         float(failing) if measured else None, failing == 0,
-                         f"{failing} bad responses" if measured else "n/a"))
-    return checks
-
-
-def problems(results: Results) -> list[str]:
-    """Everything that makes a figure invalid, to be shown before any figure."""
-    found: list[str] = []
-    for name, target in results["targets"].items():
-        if target.get("status") == "failed":
-            found.append(f"target {name} failed: {target.get('error', '').splitlines()[0]}")
-    for scenario in results["scenarios"]:
-        for name, result in scenario["results"].items():
-            if result.get("status") == "failed":
-                found.append(f"{scenario['key']} {name}: {result.get('reason')}")
-            elif result.get("status") == "errors":
-                found.append(f"{scenario['key']} {name}: {_errors(result)}")
-    for name, result in (results.get("ttft") or {}).items():
-        if result.get("status") in ("failed", "errors"):
-            found.append(f"ttft {name}: {result.get('reason') or result.get('statuses')}")
-    for run in results.get("scale_out") or []:
-        if run.get("status") in ("failed", "errors"):
-            found.append(f"scale-out workers={run['workers']}: {run.get('reason') or run.get('errors')}")
-    leak = results.get("leak") or {}
-    if leak.get("status") in ("failed", "errors"):
-        found.append(f"leak check: {leak.get('reason') or leak.get('errors')}")
-    return found
-
-
-def _ms(v: float | None) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.3f} ms" if abs(v) < 10 else f"{v:.1f} ms"
-
-
-def _x(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1f}x"
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v * 100:.0f}%"
+def finish(results: Results, out: Path) -> str:
+    """Add the derived sections, write JSON and markdown side by side, return the markdown."""
+    results["comparisons"] = checks.comparisons(results)
+    results["checks"] = checks.target_checks(results)
+    results["problems"] = checks.problems(results)
+    results["warnings"] = checks.warnings(results)
+    text = markdown(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    out.with_suffix(".md").write_text(text)
+    return text
 
 
 def _num(v: float | None, digits: int = 3) -> str:
@@ -204,177 +40,344 @@ def _num(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def _errors(result: dict[str, Any]) -> str:
-    parts = []
-    if result.get("non_2xx"):
-        codes = ", ".join(f"{c}x{n}" for c, n in result["statuses"].items() if not c.startswith("2"))
-        parts.append(f"{result['non_2xx']} non-2xx ({codes})")
-    if result.get("body_errors"):
-        parts.append(f"{result['body_errors']} 200s carrying an error")
-    for kind, n in (result.get("socket_errors") or {}).items():
-        parts.append(f"{n} {kind} errors")
-    if not result.get("requests"):
-        parts.append("no requests completed")
-    return "; ".join(parts) or "0"
-
-
 def _label(results: Results, name: str) -> str:
-    return results["targets"].get(name, {}).get("label", name)
+    label: str = results["targets"].get(name, {}).get("label", name)
+    return label
+
+
+def _first_line(text: str | None, limit: int = 160) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    return out + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def markdown(results: Results) -> str:
-    meta, machine = results["meta"], results["meta"]["machine"]
-    opts = meta["options"]
-    lines = [
-        f"# ABC Gateway benchmark, {machine['date']}",
-        "",
-        f"- Machine: {machine['nproc']} CPUs, {machine['cpu_model']}, kernel {machine['kernel']}, "
-        f"Python {machine['python']}, {machine['wrk']}, {machine['redis_server'].split(' sha=')[0]}",
-        f"- Load before start: loadavg {' '.join(machine['loadavg'])}, busy per CPU "
-        f"{machine['background_busy_pct']} %",
-        f"- Pinning: {meta['pinning']}",
-        f"- Command: `{meta['command']}`",
-        f"- {opts['duration']} s per scenario, {opts['connections']} connections when loaded, "
-        f"wrk -t1, mock delay {opts['mock_delay_ms']} ms; redis-server without persistence "
-        "(--save '' --appendonly no)",
+    lines = _header(results)
+    lines += _main_table(results)
+    lines += _ratios(results)
+    lines += _ttft(results)
+    lines += _startup(results)
+    lines += _redis(results)
+    lines += _leak(results)
+    lines += _scale_out(results)
+    lines += _profile(results)
+    lines += ["", "## Targets (issue 6)", ""]
+    rows = [
+        [
+            c["goal"],
+            c["shown"],
+            c["status"] if c["status"] in ("met", "n/a") else f"**{c['status']}**",
+        ]
+        for c in results["checks"]
     ]
-    for note in meta.get("notes", []):
-        lines.append(f"- {note}")
-    found = results.get("problems") or []
-    if found:
-        lines += ["", "> **ERRORS: the figures below marked ERR are not valid results.**"]
-        lines += [f"> - {p}" for p in found]
-
-    lines += ["", "## Latency, throughput and CPU per request", "",
-              "| scenario | target | p50 ms | p99 ms | req/s | Δp50 ms | Δp99 ms | gateway CPU ms/req "
-              "| redis ms/req | mock ms/req | wrk ms/req | CPU busy % | errors |",
-              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|"]
-    comps = results["comparisons"]
-    for scenario in results["scenarios"]:
-        for name, result in scenario["results"].items():
-            label = _label(results, name)
-            if not _ok(result):
-                status = result.get("status", "n/a")
-                reason = (result.get("reason") or "").splitlines()[0][:120] if result.get("reason") else ""
-                lines.append(f"| {scenario['label']} | {label} | {status} | | | | | | | | | | {reason} |")
-                continue
-            lat, cpu = result["latency_ms"], result["cpu_ms_per_req"]
-            vs = comps.get(scenario["key"], {}).get(f"{name}_vs_direct", {})
-            err = _errors(result)
-            err = f"**ERR: {err}**" if result["status"] != "ok" else err
-            lines.append(
-                f"| {scenario['label']} | {label} | {_num(lat['p50'])} | {_num(lat['p99'])} "
-                f"| {_num(result['rps'])} | {_num(vs.get('overhead_p50_ms'))} "
-                f"| {_num(vs.get('overhead_p99_ms'))} | {_num(cpu.get('gateway'))} "
-                f"| {_num(cpu.get('redis'))} | {_num(cpu.get('mock'))} | {_num(cpu.get('wrk'))} "
-                f"| {'/'.join(str(round(b)) for b in result['machine']['busy_pct_per_cpu'])} | {err} |"
-            )
-
-    lines += ["", "## Ratios", "",
-              "| scenario | ABC÷direct p50 | ABC÷direct p99 | ABC/direct req/s "
-              "| LiteLLM÷ABC p50 | LiteLLM÷ABC p99 | ABC/LiteLLM req/s |",
-              "|---|--:|--:|--:|--:|--:|--:|"]
-    for scenario in results["scenarios"]:
-        c = comps.get(scenario["key"], {})
-        a, lt = c.get("abc_vs_direct", {}), c.get("litellm_vs_abc", {})
-        lines.append(
-            f"| {scenario['label']} | {_num(a.get('latency_ratio_p50'), 2)} "
-            f"| {_num(a.get('latency_ratio_p99'), 2)} | {_num(a.get('rps_ratio'), 2)} "
-            f"| {_num(lt.get('latency_ratio_p50'), 2)} | {_num(lt.get('latency_ratio_p99'), 2)} "
-            f"| {_num(lt.get('abc_over_litellm_rps'), 2)} |"
-        )
-
-    lines += ["", "## Time to first streamed token (sequential, "
-              f"{opts['ttft_requests']} requests)", "",
-              "| target | p50 ms | p90 ms | p99 ms | Δp50 vs direct ms | full stream p50 ms | errors |",
-              "|---|--:|--:|--:|--:|--:|---|"]
-    ttft = results.get("ttft") or {}
-    direct_p50 = ((ttft.get("direct") or {}).get("ttft_ms") or {}).get("p50")
-    for name, result in ttft.items():
-        t = result.get("ttft_ms") or {}
-        total = result.get("total_ms") or {}
-        delta = None if t.get("p50") is None or direct_p50 is None or name == "direct" else t["p50"] - direct_p50
-        err = "0" if result.get("status") == "ok" else f"**ERR: {result.get('reason') or result.get('statuses')}**"
-        lines.append(f"| {_label(results, name)} | {_num(t.get('p50'))} | {_num(t.get('p90'))} "
-                     f"| {_num(t.get('p99'))} | {_num(delta)} | {_num(total.get('p50'))} | {err} |")
-
-    lines += ["", "## Start-up and memory", "",
-              "| target | start-up s | idle RSS MiB | RSS after load MiB | CPUs | notes |",
-              "|---|--:|--:|--:|---|---|"]
-    for name, target in results["targets"].items():
-        note = "; ".join(target.get("notes", []) + [f"{k}: {v}" for k, v in target.get("unsupported", {}).items()])
-        if target.get("status") == "failed":
-            note = f"**FAILED: {target.get('error', '').splitlines()[0]}**"
-        lines.append(f"| {target['label']} | {_num(target.get('startup_s'), 2)} "
-                     f"| {_num(target.get('idle_rss_mib'), 1)} | {_num(target.get('rss_after_load_mib'), 1)} "
-                     f"| {target.get('gateway_cpus') or 'any'} | {note[:300]} |")
-
-    redis_rows = [(s, s["results"].get("abc")) for s in results["scenarios"]]
-    redis_rows = [(s, r) for s, r in redis_rows if _ok(r) and r.get("redis")]
-    if redis_rows:
-        lines += ["", "## Redis per ABC request", "",
-                  "| scenario | commands/req | reads/req (≈ round trips) | by command |",
-                  "|---|--:|--:|---|"]
-        for s, r in redis_rows:
-            red = r["redis"]
-            top = ", ".join(f"{k} {v:g}" for k, v in list(red["by_command_per_req"].items())[:6])
-            lines.append(f"| {s['label']} | {_num(red['commands_per_req'], 2)} "
-                         f"| {_num(red['reads_per_req'], 2)} | {top} |")
-
-    leak = results.get("leak")
-    if leak:
-        lines += ["", "## Leak check (ABC, chat, loaded)", ""]
-        if leak.get("points"):
-            lines.append(" · ".join(f"after {p['requests']:,} requests: {p['rss_mib']:.1f} MiB"
-                                    for p in leak["points"]) +
-                         f" · ratio **{_num(leak.get('ratio'))}**")
-        if leak.get("status") != "ok":
-            lines.append(f"\n**ERR: {leak.get('reason') or leak.get('errors')}**")
-
-    scale = results.get("scale_out") or []
-    if scale:
-        lines += ["", f"## Scale-out ({loaded_label(results)})", "",
-                  "| workers | pinned to | req/s | p50 ms | p99 ms | gateway CPU ms/req (tree) | RSS MiB (tree) | errors |",
-                  "|--:|---|--:|--:|--:|--:|--:|---|"]
-        for run in scale:
-            if run.get("status") == "failed":
-                lines.append(f"| {run['workers']} | | **FAILED** | | | | | {run.get('reason', '')[:200]} |")
-                continue
-            err = "0" if run["status"] == "ok" else f"**ERR: {run.get('errors')}**"
-            lines.append(f"| {run['workers']} | {run.get('pinned') or 'not pinned'} | {_num(run['rps'])} "
-                         f"| {_num(run['p50_ms'])} | {_num(run['p99_ms'])} | {_num(run['cpu_ms_per_req'])} "
-                         f"| {_num(run.get('rss_mib'), 1)} | {err} |")
-        lines.append("\nWith 2 workers the gateway is not pinned: on 2 cores it shares CPU 0 with wrk "
-                     "and the mock, so the gain is bounded by them.")
-
-    lines += ["", "## Targets (issue 6)", "", "| target | measured | status |", "|---|---|---|"]
-    for check in results["checks"]:
-        status = check["status"]
-        shown = f"**{status}**" if status != "met" else status
-        lines.append(f"| {check['goal']} | {check['shown']} | {shown} |")
+    lines += _table(["target", "measured", "status"], ["---"] * 3, rows)
     return "\n".join(lines) + "\n"
 
 
-def loaded_label(results: Results) -> str:
-    return f"chat c{results['meta']['options']['connections']}"
+def _header(results: Results) -> list[str]:
+    meta, machine, opts = results["meta"], results["meta"]["machine"], results["meta"]["options"]
+    redis = machine["redis_server"].split(" sha=")[0]
+    lines = [
+        f"# ABC Gateway benchmark, {machine['date']}",
+        "",
+        f"- Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), kernel {machine['kernel']}, "
+        f"Python {machine['python']}, {machine['wrk']}, {redis}",
+        f"- Before start: loadavg {' '.join(machine['loadavg'])}; busy per CPU "
+        f"{', '.join(f'{b:.0f}%' for b in machine['background_busy_pct'])}",
+        f"- Pinning: {meta['pinning']}",
+        f"- Command: `{meta['command']}`",
+        f"- {opts['duration']} s per scenario after a {opts['warmup_s']} s warm-up, "
+        f"{opts['connections']} connections when loaded, wrk -t1, mock delay "
+        f"{opts['mock_delay_ms']:g} ms; redis-server without persistence "
+        "(--save '' --appendonly no)",
+    ]
+    lines += [f"- {note}" for note in meta.get("notes", [])]
+    if results.get("problems"):
+        lines += ["", "> **ERRORS: figures marked ERR or failed are not valid results.**"]
+        lines += [f"> - {_first_line(p, 300)}" for p in results["problems"]]
+    if results.get("warnings"):
+        lines += ["", "> Busy machine (figures valid, but other work shared the CPUs):"]
+        lines += [f"> - {w}" for w in results["warnings"]]
+    return lines
 
 
-def finish(results: Results, out: Path) -> str:
-    """Add the derived sections, write JSON and markdown next to each other, return markdown."""
-    results["comparisons"] = comparisons(results)
-    results["checks"] = target_checks(results)
-    results["problems"] = problems(results)
-    text = markdown(results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
-    out.with_suffix(".md").write_text(text)
-    return text
+def _main_table(results: Results) -> list[str]:
+    cpus = results["meta"]["machine"]["nproc"]
+    header = [
+        "scenario",
+        "target",
+        "p50 ms",
+        "p99 ms",
+        "req/s",
+        "Δp50 ms",
+        "Δp99 ms",
+        "gateway CPU ms/req",
+        "redis ms/req",
+        "mock ms/req",
+        "wrk ms/req",
+        f"busy % CPU {'/'.join(str(i) for i in range(cpus))}",
+        "errors",
+    ]
+    rows = []
+    for scenario in results["scenarios"]:
+        for name, r in scenario["results"].items():
+            label = _label(results, name)
+            if not measured(r):
+                rows.append(
+                    [scenario["label"], label, r.get("status", "n/a")]
+                    + [""] * 9
+                    + [_first_line(r.get("reason"), 120)]
+                )
+                continue
+            vs = results["comparisons"].get(scenario["key"], {}).get(f"{name}_vs_direct", {})
+            lat, cpu = r["latency_ms"], r["cpu_ms_per_req"]
+            err = error_text(r) if r["status"] == "ok" else f"**ERR: {error_text(r)}**"
+            rows.append(
+                [
+                    scenario["label"],
+                    label,
+                    _num(lat["p50"]),
+                    _num(lat["p99"]),
+                    _num(r["rps"]),
+                    _num(vs.get("overhead_p50_ms")),
+                    _num(vs.get("overhead_p99_ms")),
+                    _num(cpu.get("gateway")),
+                    _num(cpu.get("redis")),
+                    _num(cpu.get("mock")),
+                    _num(cpu.get("wrk")),
+                    "/".join(f"{b:.0f}" for b in r["machine"]["busy_pct_per_cpu"]),
+                    err,
+                ]
+            )
+    align = ["---", "---"] + ["--:"] * 9 + ["---", "---"]
+    return ["", "## Latency, throughput and CPU per request", ""] + _table(header, align, rows)
+
+
+def _ratios(results: Results) -> list[str]:
+    rows = []
+    for scenario in results["scenarios"]:
+        comp = results["comparisons"].get(scenario["key"], {})
+        a, lt = comp.get("abc_vs_direct", {}), comp.get("litellm_vs_abc", {})
+        rows.append(
+            [scenario["label"]]
+            + [
+                _num(v, 2)
+                for v in (
+                    a.get("latency_ratio_p50"),
+                    a.get("latency_ratio_p99"),
+                    a.get("rps_ratio"),
+                    lt.get("latency_ratio_p50"),
+                    lt.get("latency_ratio_p99"),
+                    lt.get("abc_over_litellm_rps"),
+                )
+            ]
+        )
+    header = [
+        "scenario",
+        "ABC÷direct p50",
+        "ABC÷direct p99",
+        "ABC/direct req/s",
+        "LiteLLM÷ABC p50",
+        "LiteLLM÷ABC p99",
+        "ABC/LiteLLM req/s",
+    ]
+    return ["", "## Ratios", ""] + _table(header, ["---"] + ["--:"] * 6, rows)
+
+
+def _ttft(results: Results) -> list[str]:
+    ttft = results.get("ttft") or {}
+    base = ((ttft.get("direct") or {}).get("ttft_ms") or {}).get("p50")
+    rows = []
+    for name, r in ttft.items():
+        t, total = r.get("ttft_ms") or {}, r.get("total_ms") or {}
+        delta = t["p50"] - base if name != "direct" and base is not None and t else None
+        err = (
+            "0"
+            if r.get("status") == "ok"
+            else (f"**ERR: {_first_line(r.get('reason')) or r.get('statuses')}**")
+        )
+        rows.append(
+            [
+                _label(results, name),
+                _num(t.get("p50")),
+                _num(t.get("p90")),
+                _num(t.get("p99")),
+                _num(delta),
+                _num(total.get("p50")),
+                err,
+            ]
+        )
+    n = results["meta"]["options"]["ttft_requests"]
+    header = [
+        "target",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "Δp50 vs direct ms",
+        "whole stream p50 ms",
+        "errors",
+    ]
+    return ["", f"## Time to first streamed token ({n} sequential requests)", ""] + _table(
+        header, ["---"] + ["--:"] * 5 + ["---"], rows
+    )
+
+
+def _startup(results: Results) -> list[str]:
+    rows = []
+    for target in results["targets"].values():
+        notes = target.get("notes", []) + [
+            f"{k} n/a: {v}" for k, v in target.get("unsupported", {}).items()
+        ]
+        if target.get("status") == "failed":
+            notes = [f"**FAILED: {_first_line(target.get('error'))}**"]
+        rows.append(
+            [
+                target["label"],
+                _num(target.get("startup_s"), 2),
+                _num(target.get("idle_rss_mib"), 1),
+                _num(target.get("rss_after_first_requests_mib"), 1),
+                _num(target.get("rss_after_load_mib"), 1),
+                target.get("gateway_cpus") or "any",
+                "; ".join(notes),
+            ]
+        )
+    header = [
+        "target",
+        "start-up s",
+        "idle RSS MiB",
+        "RSS after first requests MiB",
+        "RSS after load MiB",
+        "CPUs",
+        "notes",
+    ]
+    return ["", "## Start-up and memory", ""] + _table(
+        header, ["---"] + ["--:"] * 4 + ["---", "---"], rows
+    )
+
+
+def _redis(results: Results) -> list[str]:
+    rows = []
+    for scenario in results["scenarios"]:
+        r = scenario["results"].get("abc")
+        if measured(r) and r.get("redis"):
+            red = r["redis"]
+            top = ", ".join(f"{k} {v:g}" for k, v in list(red["by_command_per_req"].items())[:6])
+            rows.append(
+                [
+                    scenario["label"],
+                    _num(red["commands_per_req"], 2),
+                    _num(red["reads_per_req"], 2),
+                    top,
+                ]
+            )
+    if not rows:
+        return []
+    header = ["scenario", "commands/req", "reads/req (≈ round trips)", "most frequent commands"]
+    return [
+        "",
+        "## Redis per ABC request (commands include those run inside Lua scripts)",
+        "",
+    ] + _table(header, ["---", "--:", "--:", "---"], rows)
+
+
+def _leak(results: Results) -> list[str]:
+    leak = results.get("leak")
+    if not leak:
+        return []
+    lines = ["", "## Leak check (ABC, loaded chat, gateway RSS)", ""]
+    if leak.get("points"):
+        lines.append(
+            " · ".join(
+                f"after {p['requests']:,} requests: {p['rss_mib']:.1f} MiB" for p in leak["points"]
+            )
+            + f" · ratio **{_num(leak.get('ratio'))}**"
+        )
+    if leak.get("status") != "ok":
+        lines.append(f"\n**ERR: {leak.get('reason') or str(leak.get('errors')) + ' errors'}**")
+    return lines
+
+
+def _scale_out(results: Results) -> list[str]:
+    runs = results.get("scale_out") or []
+    if not runs:
+        return []
+    rows = []
+    for run in runs:
+        if run.get("status") == "failed":
+            rows.append(
+                [str(run["workers"]), "", "**FAILED**"]
+                + [""] * 5
+                + [_first_line(run.get("reason"))]
+            )
+            continue
+        err = "0" if run["status"] == "ok" else f"**ERR: {run.get('errors')}**"
+        rows.append(
+            [
+                str(run["workers"]),
+                run.get("pinned") or "not pinned",
+                _num(run["rps"]),
+                _num(run["p50_ms"]),
+                _num(run["p99_ms"]),
+                _num(run["cpu_ms_per_req"]),
+                _num(run.get("rss_mib"), 1),
+                str(run.get("gateway_processes", "")),
+                err,
+            ]
+        )
+    loaded = f"chat c{results['meta']['options']['connections']}"
+    header = [
+        "workers",
+        "gateway CPUs",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "gateway CPU ms/req (tree)",
+        "RSS MiB (tree)",
+        "processes",
+        "errors",
+    ]
+    return (
+        ["", f"## Scale-out ({loaded})", ""]
+        + _table(header, ["--:", "---"] + ["--:"] * 6 + ["---"], rows)
+        + [
+            "",
+            "With more than one worker the gateway is not pinned: on a 2-CPU machine it "
+            "shares CPU 0 with wrk and the mock, so the gain is bounded by them. RSS of a "
+            "tree counts shared pages once per process.",
+        ]
+    )
+
+
+def _profile(results: Results) -> list[str]:
+    profile = results.get("profile")
+    if not profile or profile.get("error"):
+        return []
+    own, total = profile.get("top_self", [])[:15], profile.get("top_project", [])[:15]
+    rows = []
+    for i in range(max(len(own), len(total))):
+        a = own[i] if i < len(own) else {"function": "", "pct": None}
+        b = total[i] if i < len(total) else {"function": "", "pct": None}
+        rows.append(
+            [
+                f"`{a['function']}`" if a["function"] else "",
+                _num(a["pct"], 1),
+                f"`{b['function']}`" if b["function"] else "",
+                _num(b["pct"], 1),
+            ]
+        )
+    lines = ["", f"## Profile of ABC ({profile['tool']}, {profile['file']})", ""]
+    header = ["self time", "%", "the gateway's functions, inclusive", "%"]
+    return lines + _table(header, ["---", "--:", "---", "--:"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = argv if argv is not None else sys.argv[1:]
+    args = sys.argv[1:] if argv is None else argv
     path = Path(args[0] if args else "bench/results/latest.json")
-    results = orjson.loads(path.read_bytes())
+    results: dict[str, Any] = orjson.loads(path.read_bytes())
     print(finish(results, path))
 
 

@@ -13,11 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.checks import Results
 from bench.litellm_target import start_litellm
 from bench.load import KINDS, Scenario, preflight, run_ttft, run_wrk
 from bench.machine import machine_info
 from bench.procs import Child, Supervisor
-from bench.report import MIB, Results
+from bench.profiling import (
+    cprofile_prefix,
+    py_spy_argv,
+    py_spy_executable,
+    summarize_collapsed,
+    summarize_pstats,
+)
+from bench.report import MIB
 from bench.targets import Target, TargetFailed, direct_target, start_abc, start_mock
 
 
@@ -35,6 +43,8 @@ class Options:
     load_cpus: str | None
     gateway_cpus: str | None
     command: str
+    profile: str | None  # None, "py-spy" or "cprofile"
+    profile_dir: Path
 
 
 @dataclass
@@ -74,6 +84,7 @@ def run(opts: Options) -> Results:
         "ttft": {},
         "leak": None,
         "scale_out": [],
+        "profile": None,
     }
     workdir = Path(tempfile.mkdtemp(prefix="abc-bench-"))
     keep_logs = False
@@ -82,8 +93,13 @@ def run(opts: Options) -> Results:
         mock, mock_port = start_mock(sup, cpus=opts.load_cpus, delay_ms=opts.mock_delay_ms)
         bench = Run(opts, sup, workdir, mock, mock_port, results)
         results["scenarios"] = [
-            {"key": s.key, "kind": s.kind, "connections": s.connections, "label": s.label,
-             "results": {}}
+            {
+                "key": s.key,
+                "kind": s.kind,
+                "connections": s.connections,
+                "label": s.label,
+                "results": {},
+            }
             for s in bench.scenarios
         ]
         for name in opts.targets:
@@ -110,15 +126,33 @@ def _pinning(opts: Options) -> str:
 def _start(bench: Run, name: str) -> Target:
     opts = bench.opts
     if name == "direct":
-        return direct_target(bench.mock, bench.mock_port)
+        target = direct_target(bench.mock, bench.mock_port)
+        target.gateway_cpus = opts.load_cpus  # the mock is the whole target here
+        return target
     if name == "abc":
-        return start_abc(
-            bench.sup, name="abc", mock=bench.mock, mock_port=bench.mock_port, workers=1,
-            gateway_cpus=opts.gateway_cpus, redis_cpus=opts.gateway_cpus, workdir=bench.workdir,
+        prefix = None
+        if opts.profile == "cprofile":
+            prefix = cprofile_prefix(_cprofile_path(opts))
+        target = start_abc(
+            bench.sup,
+            name="abc",
+            mock=bench.mock,
+            mock_port=bench.mock_port,
+            workers=1,
+            gateway_cpus=opts.gateway_cpus,
+            redis_cpus=opts.gateway_cpus,
+            workdir=bench.workdir,
+            command_prefix=prefix,
         )
+        if prefix:
+            target.notes.append("run under cProfile: its figures are for the profile only")
+        return target
     if name == "litellm":
         return start_litellm(
-            bench.sup, mock=bench.mock, mock_port=bench.mock_port, cpus=opts.gateway_cpus,
+            bench.sup,
+            mock=bench.mock,
+            mock_port=bench.mock_port,
+            cpus=opts.gateway_cpus,
             workdir=bench.workdir,
         )
     raise ValueError(f"unknown target {name!r}")
@@ -141,6 +175,8 @@ def _run_target(bench: Run, name: str) -> bool:
     finally:
         for child in target.own:
             bench.sup.stop(child)
+        if name == "abc" and bench.opts.profile == "cprofile":
+            bench.results["profile"] = _cprofile_summary(bench.opts)
 
 
 def _measure_target(bench: Run, target: Target) -> bool:
@@ -158,17 +194,27 @@ def _measure_target(bench: Run, target: Target) -> bool:
     }
     results["targets"][target.name] = info
     if target.startup_s is not None:
-        print(f"   ready in {target.startup_s:.2f}s, idle RSS {info['idle_rss_mib']} MiB "
-              f"(pid {info['pid']})", flush=True)
+        print(
+            f"   ready in {target.startup_s:.2f}s, idle RSS {info['idle_rss_mib']} MiB "
+            f"(pid {info['pid']})",
+            flush=True,
+        )
     failed: dict[str, str] = {}
     for kind in KINDS:
         if kind not in target.unsupported and (reason := preflight(target, kind)):
             failed[kind] = reason
             print(f"!! {target.name} {kind}: preflight failed: {reason}", flush=True)
+    if target.gateway:
+        # Lazy imports and caches fill on the first requests; idle RSS alone would flatter.
+        info["rss_after_first_requests_mib"] = _mib(target.gateway.rss_bytes())
     for kind in KINDS:
         if kind not in target.unsupported and kind not in failed:
-            run_wrk(target, Scenario(kind, opts.connections), duration_s=opts.warmup_s,
-                    load_cpus=opts.load_cpus)
+            run_wrk(
+                target,
+                Scenario(kind, opts.connections),
+                duration_s=opts.warmup_s,
+                load_cpus=opts.load_cpus,
+            )
     for scenario, entry in zip(bench.scenarios, results["scenarios"], strict=True):
         entry["results"][target.name] = _scenario(bench, target, scenario, failed)
     if "stream" in failed:
@@ -177,7 +223,9 @@ def _measure_target(bench: Run, target: Target) -> bool:
         ttft = run_ttft(target, n=opts.ttft_requests, load_cpus=opts.load_cpus)
         results["ttft"][target.name] = ttft
         p50 = (ttft.get("ttft_ms") or {}).get("p50")
-        print(f"   {target.name:8} {'ttft c1':18} p50 {p50} ms  status {ttft['status']}", flush=True)
+        print(
+            f"   {target.name:8} {'ttft c1':18} p50 {p50} ms  status {ttft['status']}", flush=True
+        )
     if target.gateway:
         info["rss_after_load_mib"] = _mib(target.gateway.rss_bytes())
     ok = not failed
@@ -192,27 +240,94 @@ def _scenario(bench: Run, target: Target, scenario: Scenario, failed: dict[str, 
         return {"status": "n/a", "reason": target.unsupported[scenario.kind]}
     if scenario.kind in failed:
         return {"status": "failed", "reason": f"preflight: {failed[scenario.kind]}"}
-    result = run_wrk(target, scenario, duration_s=bench.opts.duration,
-                     load_cpus=bench.opts.load_cpus)
+    profiled = (
+        bench.opts.profile == "py-spy"
+        and target.name == "abc"
+        and scenario == Scenario("chat", bench.opts.connections)
+    )
+    spy = _start_py_spy(bench, target) if profiled else None
+    result = run_wrk(
+        target, scenario, duration_s=bench.opts.duration, load_cpus=bench.opts.load_cpus
+    )
     _print_line(target.name, scenario.label, result)
+    if spy is not None:
+        bench.results["profile"] = _finish_py_spy(bench, spy)
     return result
 
 
+def _start_py_spy(bench: Run, target: Target) -> Child | None:
+    exe = py_spy_executable()
+    if exe is None or target.gateway is None:
+        bench.results["profile"] = {
+            "tool": "py-spy",
+            "error": "py-spy not found on PATH (pip install py-spy)",
+        }
+        return None
+    out = bench.opts.profile_dir / "profile-abc.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = py_spy_argv(exe, pid=target.gateway.pid, seconds=bench.opts.duration, out=out)
+    # On the load CPU, so sampling does not take time from the gateway's own core.
+    return bench.sup.start("py-spy", argv, cpus=bench.opts.load_cpus)
+
+
+def _finish_py_spy(bench: Run, spy: Child) -> dict[str, Any]:
+    try:
+        spy.popen.wait(timeout=30)
+    finally:
+        bench.sup.stop(spy)
+    out = bench.opts.profile_dir / "profile-abc.txt"
+    if spy.popen.returncode != 0 or not out.exists():
+        return {"tool": "py-spy", "error": spy.tail(10)}
+    print(f"   py-spy profile: {out}", flush=True)
+    return summarize_collapsed(out)
+
+
+def _cprofile_path(opts: Options) -> Path:
+    opts.profile_dir.mkdir(parents=True, exist_ok=True)
+    return (opts.profile_dir / "profile-abc.prof").resolve()
+
+
+def _cprofile_summary(opts: Options) -> dict[str, Any]:
+    path = _cprofile_path(opts)
+    if not path.exists():
+        return {
+            "tool": "cProfile",
+            "error": f"{path} was not written (did the gateway exit cleanly?)",
+        }
+    print(f"   cProfile stats: {path}", flush=True)
+    return summarize_pstats(path)
+
+
 def _print_line(name: str, label: str, r: dict[str, Any]) -> None:
+    if r["status"] == "failed":
+        print(f"!! {name} {label}: {r['reason']}", flush=True)
+        return
     lat, cpu = r["latency_ms"], r["cpu_ms_per_req"]
-    flag = "" if r["status"] == "ok" else (
-        f"  !! {r['non_2xx']} non-2xx {r['statuses']} {r['body_errors']} body errors "
-        f"{r['socket_errors']}")
-    print(f"   {name:8} {label:18} p50 {lat['p50']:8.3f} ms  p99 {lat['p99']:8.3f} ms  "
-          f"{r['rps']:9.1f} req/s  gateway {cpu.get('gateway', 0):.3f} ms/req{flag}", flush=True)
+    gateway = f"gateway {cpu['gateway']:.3f} ms/req" if "gateway" in cpu else ""
+    flag = (
+        ""
+        if r["status"] == "ok"
+        else (
+            f"  !! {r['non_2xx']} non-2xx {r['statuses']} {r['body_errors']} body errors "
+            f"{r['socket_errors']}"
+        )
+    )
+    print(
+        f"   {name:8} {label:18} p50 {lat['p50']:8.3f} ms  p99 {lat['p99']:8.3f} ms  "
+        f"{r['rps']:9.1f} req/s  {gateway}{flag}",
+        flush=True,
+    )
 
 
 def _leak_check(bench: Run, target: Target) -> dict[str, Any]:
     """Gateway RSS after the first and the second milestone of chat requests, in wrk chunks."""
     assert target.gateway is not None
     scenario = Scenario("chat", bench.opts.connections)
-    print(f"   leak check: {bench.opts.leak_requests[0]:,} then "
-          f"{bench.opts.leak_requests[1]:,} requests", flush=True)
+    print(
+        f"   leak check: {bench.opts.leak_requests[0]:,} then "
+        f"{bench.opts.leak_requests[1]:,} requests",
+        flush=True,
+    )
     total, errors, rps = 0, 0, 1000.0
     points: list[dict[str, Any]] = []
     for milestone in bench.opts.leak_requests:
@@ -220,17 +335,21 @@ def _leak_check(bench: Run, target: Target) -> dict[str, Any]:
             # wrk takes a duration, not a count: size each chunk from the last rate seen.
             seconds = min(30, max(1, math.ceil((milestone - total) / rps)))
             r = run_wrk(target, scenario, duration_s=seconds, load_cpus=bench.opts.load_cpus)
-            if r["requests"] == 0:
-                return {"status": "failed", "reason": "a leak-check chunk served no request",
-                        "points": points}
+            if r["status"] == "failed" or r["requests"] == 0:
+                reason = r.get("reason") or "a leak-check chunk served no request"
+                return {"status": "failed", "reason": reason, "points": points}
             total += r["requests"]
             errors += r["non_2xx"] + r["body_errors"] + sum(r["socket_errors"].values())
             rps = max(r["rps"], 1.0)
         points.append({"requests": total, "rss_mib": _mib(target.gateway.rss_bytes())})
         print(f"   after {total:,} requests: RSS {points[-1]['rss_mib']} MiB", flush=True)
     ratio = round(points[-1]["rss_mib"] / points[0]["rss_mib"], 3) if points[0]["rss_mib"] else None
-    return {"status": "ok" if errors == 0 else "errors", "errors": errors, "points": points,
-            "ratio": ratio}
+    return {
+        "status": "ok" if errors == 0 else "errors",
+        "errors": errors,
+        "points": points,
+        "ratio": ratio,
+    }
 
 
 def _scale_out(bench: Run) -> bool:
@@ -252,8 +371,14 @@ def _scale_entry_from_main(bench: Run, result: dict[str, Any] | None) -> dict[st
     if not result or result.get("status") not in ("ok", "errors"):
         return {"workers": 1, "status": "failed", "reason": "the main ABC run has no result"}
     info = bench.results["targets"]["abc"]
-    return _scale_entry(1, info.get("gateway_cpus"), result, info.get("rss_after_load_mib"), 1,
-                        source="the main ABC run")
+    return _scale_entry(
+        1,
+        info.get("gateway_cpus"),
+        result,
+        info.get("rss_after_load_mib"),
+        1,
+        source="the main ABC run",
+    )
 
 
 def _scale_run(bench: Run, workers: int, scenario: Scenario) -> dict[str, Any]:
@@ -261,8 +386,13 @@ def _scale_run(bench: Run, workers: int, scenario: Scenario) -> dict[str, Any]:
     print(f"\n== abc with {workers} workers (gateway not pinned)", flush=True)
     try:
         target = start_abc(
-            bench.sup, name=f"abc-w{workers}", mock=bench.mock, mock_port=bench.mock_port,
-            workers=workers, gateway_cpus=None, redis_cpus=opts.gateway_cpus,
+            bench.sup,
+            name=f"abc-w{workers}",
+            mock=bench.mock,
+            mock_port=bench.mock_port,
+            workers=workers,
+            gateway_cpus=None,
+            redis_cpus=opts.gateway_cpus,
             workdir=bench.workdir,
         )
     except TargetFailed as exc:
@@ -275,17 +405,30 @@ def _scale_run(bench: Run, workers: int, scenario: Scenario) -> dict[str, Any]:
         run_wrk(target, scenario, duration_s=opts.warmup_s, load_cpus=opts.load_cpus)
         result = run_wrk(target, scenario, duration_s=opts.duration, load_cpus=opts.load_cpus)
         _print_line(target.name, scenario.label, result)
+        if result["status"] == "failed":
+            return {"workers": workers, "status": "failed", "reason": result["reason"]}
         processes = len(target.gateway.cpu_ms_by_pid())
-        return _scale_entry(workers, None, result, _mib(target.gateway.rss_bytes()), processes,
-                            source=f"a separate gateway, start-up {target.startup_s:.2f}s")
+        return _scale_entry(
+            workers,
+            None,
+            result,
+            _mib(target.gateway.rss_bytes()),
+            processes,
+            source=f"a separate gateway, start-up {target.startup_s:.2f}s",
+        )
     finally:
         for child in target.own:
             bench.sup.stop(child)
 
 
 def _scale_entry(
-    workers: int, pinned: str | None, r: dict[str, Any], rss_mib: float | None, processes: int,
-    *, source: str,
+    workers: int,
+    pinned: str | None,
+    r: dict[str, Any],
+    rss_mib: float | None,
+    processes: int,
+    *,
+    source: str,
 ) -> dict[str, Any]:
     return {
         "workers": workers,

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -91,6 +92,24 @@ def _sessions_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _costs(args: argparse.Namespace) -> int:
+    query = {"group_by": args.group_by}
+    query.update({k: v for k, v in (("since", args.since), ("until", args.until)) if v})
+    report = client_from(args).call("GET", "/admin/v1/costs?" + urllib.parse.urlencode(query))
+    if args.json:
+        print_json(report)
+        return 0
+    print(f"cost by {report['group_by']}, {report['since']} .. {report['until']}")
+    rows = [{**row, "share": _share(row["cost_nanos"], report["total_nanos"])} for row in report["rows"]]
+    rows.append({"key": "TOTAL", "cost_usd": report["total_usd"], "cost_nanos": report["total_nanos"], "share": ""})
+    print_table(rows, ["key", "cost_usd", "cost_nanos", "share"])
+    return 0
+
+
+def _share(part: int, total: int) -> str:
+    return f"{100 * part / total:.1f}%" if total else ""
+
+
 def add_admin_commands(sub: Any) -> None:
     url = os.environ.get("ABC_GATEWAY_URL", "http://127.0.0.1:8080")
     admin = sub.add_parser("admin", help="talk to a running gateway's admin API")
@@ -116,6 +135,13 @@ def add_admin_commands(sub: Any) -> None:
     revoke = ssub.add_parser("revoke")
     revoke.add_argument("session_id")
     revoke.set_defaults(run=_sessions_revoke)
+
+    costs = asub.add_parser("costs", help="spend grouped by tenant, session, model or assembly")
+    costs.add_argument("--group-by", default="tenant", choices=["tenant", "session", "model", "assembly"])
+    costs.add_argument("--since", help="ISO date or datetime, or epoch seconds (default: 24 h before --until)")
+    costs.add_argument("--until", help="ISO date or datetime, or epoch seconds (default: now)")
+    costs.add_argument("--json", action="store_true", help="print the report as JSON")
+    costs.set_defaults(run=_costs)
 
 
 if __name__ == "__main__":  # pragma: no cover

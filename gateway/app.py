@@ -20,7 +20,7 @@ from gateway.assembly.store import AssemblyStore
 from gateway.capability import Keyring, Verifier, constant_time_equals, bearer_token
 from gateway.deps import Deps
 from gateway.errors import Unauthenticated
-from gateway.http import admin_routes, openai_routes
+from gateway.http import admin_routes, cost_routes, journal_routes, openai_routes
 from gateway.http.keys import DEPS, deps_of
 from gateway.http.middlewares import auth_middleware, errors_middleware
 from gateway.metrics import Metrics
@@ -52,8 +52,11 @@ def create_app(settings: Settings, *, redis_url: str, keyring: Keyring, run_reap
         client_max_size=settings.server.max_body_bytes,
     )
     app.cleanup_ctx.append(_resources(settings, redis_url, keyring, run_reaper_task))
+    app.on_response_prepare.append(_server_header)
     openai_routes.add_routes(app)
     admin_routes.add_routes(app)
+    cost_routes.add_routes(app)
+    journal_routes.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -100,6 +103,11 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
         await redis.aclose()
 
     return ctx
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp's default names its and Python's versions; that helps attackers, not users.
+    response.headers["Server"] = "abc-gateway"
 
 
 async def healthz(request: web.Request) -> web.Response:

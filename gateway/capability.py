@@ -76,6 +76,8 @@ class Claims:
     jti: str
     issued_at: int  # seconds since the epoch
     expires_at: int
+    # Set on a recorded replay's token: the session whose journal answers its calls.
+    replay_of: str | None = None
 
 
 # eq=False: a generated __eq__ would compare secrets with `==`, which is not constant time.
@@ -256,11 +258,14 @@ def mint(
     tenant: str | None,
     ttl_s: int,
     now: float | None = None,
+    replay_of: str | None = None,
 ) -> tuple[str, Claims]:
     if not session_id or not assembly_id:
         raise ValueError("session_id and assembly_id must be non-empty")
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
+    if replay_of is not None and not replay_of:
+        raise ValueError("replay_of must be non-empty when given")
     issued = int(time.time() if now is None else now)
     claims = Claims(
         session_id=session_id,
@@ -269,8 +274,9 @@ def mint(
         jti=secrets.token_urlsafe(16),  # 128 random bits
         issued_at=issued,
         expires_at=issued + int(ttl_s),
+        replay_of=replay_of,
     )
-    payload = {
+    payload: dict[str, Any] = {
         "iss": ISSUER,
         "aud": AUDIENCE,
         "sub": claims.session_id,
@@ -280,6 +286,8 @@ def mint(
         "iat": claims.issued_at,
         "exp": claims.expires_at,
     }
+    if replay_of is not None:
+        payload["rpl"] = replay_of
     key = keyring.active
     assert key.signer is not None  # Keyring refuses a verify-only active key
     token = jwt.encode(payload, key.signer, algorithm=key.algorithm, headers={"kid": key.kid})
@@ -395,11 +403,14 @@ def _is_canonical_b64url(segment: str) -> bool:
 def _claims_from_payload(payload: dict[str, Any]) -> Claims:
     sub, asm, jti = payload.get("sub"), payload.get("asm"), payload.get("jti")
     tenant, iat, exp = payload.get("ten", ...), payload.get("iat"), payload.get("exp")
+    replay_of = payload.get("rpl")
     if not (isinstance(sub, str) and sub and isinstance(asm, str) and asm):
         _reject()
     if not (isinstance(jti, str) and jti):
         _reject()
     if tenant is not None and not isinstance(tenant, str):  # absent (...) is not ours either
+        _reject()
+    if "rpl" in payload and not (isinstance(replay_of, str) and replay_of):
         _reject()
     # type() rather than isinstance: True is an int, and floats are never minted.
     if type(iat) is not int or type(exp) is not int or exp <= iat:
@@ -411,6 +422,7 @@ def _claims_from_payload(payload: dict[str, Any]) -> Claims:
         jti=jti,
         issued_at=iat,
         expires_at=exp,
+        replay_of=replay_of,
     )
 
 

@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.admin_cli import add_admin_commands
 
     add_admin_commands(sub)
+
+    from gateway.journal_cli import add_journal_commands
+
+    add_journal_commands(sub)
     return parser
 
 

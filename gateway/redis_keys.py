@@ -9,10 +9,11 @@ written in the same pipeline as a script call, never inside one.
 from __future__ import annotations
 
 # Bump the suffix of a script's name whenever its keys or arguments change meaning.
-RESERVE_SCRIPT = "budget_reserve_v1"
+RESERVE_SCRIPT = "budget_reserve_v2"
 SETTLE_SCRIPT = "budget_settle_v1"
 JOURNAL_APPEND_SCRIPT = "journal_append_v1"
 REAP_SCRIPT = "budget_reap_v1"
+REPLAY_TAKE_SCRIPT = "replay_take_v1"
 
 
 def _sess(session_id: str) -> str:
@@ -42,6 +43,16 @@ def reservations(session_id: str) -> str:
 def idempotency(session_id: str, key_digest: str) -> str:
     """Hash: state (pending|done) and the recorded response of one Idempotency-Key."""
     return "idem:" + _sess(session_id) + ":" + key_digest
+
+
+def replay_calls(session_id: str) -> str:
+    """List: a recorded replay's calls, "request_hash|request entry id|outcome entry id"."""
+    return "replay_calls:" + _sess(session_id)
+
+
+def replay_cursor(session_id: str) -> str:
+    """Counter: index of the next recorded call a replay session must match."""
+    return "replay_cursor:" + _sess(session_id)
 
 
 def session_rate(session_id: str, unit: str, minute: int) -> str:

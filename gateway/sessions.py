@@ -52,6 +52,7 @@ class SessionStore:
         budget_usd: float | None,
         ttl_s: int | None,
         labels: dict[str, str],
+        replay_of: str | None = None,
     ) -> Opened:
         budget = assembly.budget.usd_nanos
         if budget_usd is not None:
@@ -68,7 +69,9 @@ class SessionStore:
         session_id = "sess_" + secrets.token_hex(12)
         now = time.time()
         expires_at = int(now) + ttl
-        token, _ = mint(self.keyring, session_id=session_id, assembly_id=assembly.id, tenant=tenant, ttl_s=ttl, now=now)
+        token, _ = mint(
+            self.keyring, session_id=session_id, assembly_id=assembly.id, tenant=tenant, ttl_s=ttl, now=now, replay_of=replay_of
+        )
         fields: dict[str, Any] = {
             "assembly_id": assembly.id,
             "tenant": tenant,
@@ -78,6 +81,8 @@ class SessionStore:
             "labels": orjson.dumps(labels),
             "spent_nanos": 0, "reserved_nanos": 0, "spent_tokens": 0, "reserved_tokens": 0, "requests": 0,
         }
+        if replay_of is not None:
+            fields["replay_of"] = replay_of
         for name, value in (("budget_nanos", budget), ("budget_tokens", assembly.budget.tokens), ("budget_requests", assembly.budget.requests)):
             if value is not None:
                 fields[name] = value
@@ -92,7 +97,9 @@ class SessionStore:
             from gateway.errors import ServiceUnavailable
 
             raise ServiceUnavailable("session store unavailable") from exc
-        entry = make_entry(Kind.STATE, event="opened", asm=assembly.id, tenant=tenant, budget=budget, ttl_s=ttl, ts=int(now * 1000))
+        entry = make_entry(
+            Kind.STATE, event="opened", asm=assembly.id, tenant=tenant, budget=budget, ttl_s=ttl, replay_of=replay_of, ts=int(now * 1000)
+        )
         await self.ledger.append(session_id, entry)
         await self._expire_journal(session_id, keep_until)
         return Opened(session_id, token, expires_at, budget)
@@ -123,6 +130,7 @@ class SessionStore:
             "created_at": int(s["created_at_ms"]) // 1000,
             "expires_at": int(s["expires_at_ms"]) // 1000,
             "labels": orjson.loads(s.get("labels", "{}")),
+            "replay_of": s.get("replay_of"),
             "requests": int(s.get("requests", 0)),
             "spent_usd": nanos_to_usd_str(spent),
             "reserved_usd": nanos_to_usd_str(reserved),

@@ -23,7 +23,9 @@ def sdk(gw: Gateway, token: str) -> openai.OpenAI:
 
 
 def async_sdk(gw: Gateway, token: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gw.openai_base, api_key=token, max_retries=0, timeout=TIMEOUT_S)
+    return openai.AsyncOpenAI(
+        base_url=gw.openai_base, api_key=token, max_retries=0, timeout=TIMEOUT_S
+    )
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -50,7 +52,9 @@ def journal(redis_url: str, session_id: str) -> list[dict[str, Any]]:
         client.close()
     entries = []
     for _, fields in raw:
-        entry: dict[str, Any] = {k.decode(): v.decode(errors="replace") for k, v in fields.items() if k != b"body"}
+        entry: dict[str, Any] = {
+            k.decode(): v.decode(errors="replace") for k, v in fields.items() if k != b"body"
+        }
         body = entry_body(fields)
         entry["body"] = orjson.loads(body) if body else None
         entries.append(entry)
@@ -98,4 +102,4 @@ def assert_no_server_errors(gw: Gateway) -> None:
 
 def sse_events(lines: list[str]) -> list[str]:
     """The `data:` payloads of an SSE body, in order (comments and blank lines dropped)."""
-    return [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in lines if line.startswith("data: ")]

@@ -10,6 +10,10 @@ from aiohttp import web
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.http.keys import deps_of
 
+# orjson reads 1024 levels but writes only 254, and every body is written again (journal,
+# request hash, upstream); deeper ones are refused here rather than failing later as a 500.
+MAX_DEPTH = 128
+
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     limit = deps_of(request).settings.server.max_body_bytes
@@ -25,4 +29,19 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise InvalidRequest("malformed JSON body", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    # Counting brackets is C-speed; only a body with that many containers is walked.
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _too_deep(body):
+        message = f"the request body is nested deeper than {MAX_DEPTH} levels"
+        raise InvalidRequest(message, code="invalid_json")
     return body
+
+
+def _too_deep(body: dict[str, Any]) -> bool:
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False

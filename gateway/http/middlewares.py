@@ -58,7 +58,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = await handler(request)
         status = response.status
         if not response.prepared:
-            response.headers["x-request-id"] = request_id
+            # setdefault: a stored idempotent answer keeps the id of the request that made it.
+            response.headers.setdefault("x-request-id", request_id)
         return response
     except GatewayError as exc:
         status = exc.status

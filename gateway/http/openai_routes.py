@@ -8,14 +8,19 @@ from aiohttp import web
 from gateway.http import sse
 from gateway.http.bodies import read_json_object
 from gateway.http.keys import REQUEST_ID, claims_of, deps_of
-from gateway.pipeline import spine
+from gateway.pipeline import idempotency, spine
 from gateway.providers.base import Endpoint
 
 
 async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     deps = deps_of(request)
     call = spine.Call(request[REQUEST_ID], endpoint, await read_json_object(request), claims_of(request))
+    call.idempotency_key = idempotency.key_of(request.headers.get(idempotency.HEADER))
     admitted = await spine.admit(deps, call)
+    if isinstance(admitted, idempotency.Stored):
+        # The first answer to this Idempotency-Key, as sent then (its x-request-id included).
+        headers = {**admitted.headers, "idempotent-replayed": "true"}
+        return web.Response(status=admitted.status, body=admitted.body, headers=headers)
     if admitted.grant.stream:
         return await sse.relay(request, deps, admitted)
     answer = await spine.complete(deps, admitted)
@@ -38,6 +43,7 @@ async def list_models(request: web.Request) -> web.Response:
     """Only the models this token's VCS allows."""
     deps = deps_of(request)
     claims = claims_of(request)
+    await spine.require_live_session(deps, claims.session_id)
     assembly = await deps.assemblies.get(claims.assembly_id)
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": assembly.models[name].provider}

@@ -21,7 +21,7 @@ from gateway.deps import Deps
 from gateway.errors import GatewayError, UpstreamError
 from gateway.http.keys import REQUEST_ID
 from gateway.journal.events import Kind
-from gateway.pipeline import policy
+from gateway.pipeline import idempotency, policy
 from gateway.pipeline.spine import Admitted, cost_headers, fail, finish, shielded
 from gateway.pipeline.usage import StreamMeter
 
@@ -41,7 +41,7 @@ async def relay(request: web.Request, deps: Deps, adm: Admitted) -> web.StreamRe
     body, client_wants_usage = _upstream_body(adm)
     meter = StreamMeter(adm.grant.model, adm.estimate.prompt_tokens)
     adm.upstream_started = time.perf_counter()
-    upstream = adm.provider.stream(adm.call.endpoint, body)
+    upstream = adm.provider.stream(adm.call.endpoint, body, request_id=adm.call.request_id)
     try:
         first = await anext(upstream)
     except StopAsyncIteration:
@@ -52,10 +52,11 @@ async def relay(request: web.Request, deps: Deps, adm: Admitted) -> web.StreamRe
         await shielded(deps, fail(deps, adm, err, meter.final_usage()))
         raise
     ttft_us = int((time.perf_counter() - adm.upstream_started) * 1e6)
-    response = web.StreamResponse(headers={
+    headers = {
         "content-type": "text/event-stream", "cache-control": "no-cache",
         "x-request-id": request[REQUEST_ID], **cost_headers(adm, None, adm.admission.budget_left_nanos),
-    })
+    }
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     payloads: list[bytes] = []
     try:
@@ -77,9 +78,14 @@ async def relay(request: web.Request, deps: Deps, adm: Admitted) -> web.StreamRe
         deps, adm, meter.final_usage(), Kind.STREAM, b"\n".join(payloads),
         chunks=len(payloads), ttft_us=ttft_us, usage_from="upstream" if meter.usage else "counted",
     ))
+    # SSE comment lines are ignored by clients; this one carries the settled cost.
+    tail = b": abc-cost-usd " + cost_headers(adm, cost, -1)["x-abc-cost-usd"].encode() + b"\n\n" + DONE
+    record = adm.call.idempotency_record
+    if record is not None:
+        sent = b"".join(b"data: " + p + b"\n\n" for p in payloads) + tail
+        await shielded(deps, idempotency.remember(deps.redis, record, idempotency.Stored(200, headers, sent)))
     try:
-        # SSE comment lines are ignored by clients; this one carries the settled cost.
-        await response.write(b": abc-cost-usd " + cost_headers(adm, cost, -1)["x-abc-cost-usd"].encode() + b"\n\n" + DONE)
+        await response.write(tail)
         await response.write_eof()
     except ConnectionResetError:
         pass  # settled and journaled already; nothing more is owed to a gone client

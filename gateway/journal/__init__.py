@@ -1,1 +1,19 @@
-"""The hash-chained, per-session journal in Redis Streams."""
+"""The hash-chained, per-session journal in Redis Streams.
+
+events.py   entries, their SHA-256 content digest and the chain link; verify_chain
+export.py   reading pages, lossless export lines, trimming after an export
+replay.py   verify_session, recorded replays (ReplayProvider)
+live.py     live replays through the spine
+
+Retention, explicitly: nothing is ever trimmed by a bare MAXLEN.
+- A session's journal stream, its head and its replay keys get EXPIREAT at the session's
+  expiry plus `journal.retention_s` (default 30 days), set when the session is opened,
+  so they go together with the session hash and never before it.
+- The global index stream (`journal_index`) is trimmed by MINID to the same retention
+  window: it only points at per-session entries and holds no bodies.
+- Anything earlier goes only after archiving: `abc-gateway journal export SESSION
+  > file.jsonl --trim` writes every entry exactly as stored, then drops the exported
+  entries (XTRIM MINID through the last one, proven by its hash). The head remembers the
+  last trimmed seq and hash, so `verify` checks what is left from there, and the archive
+  verifies offline with `verify_chain(lines_to_entries(...))`.
+"""

@@ -115,10 +115,12 @@ class ChainReport:
         }
 
 
-def verify_chain(entries: Iterable[tuple[bytes, Mapping[bytes, bytes]]]) -> ChainReport:
-    """Check every link and content digest, from the first entry, in stream order."""
-    prev = ""
-    expected_seq = 1
+def verify_chain(
+    entries: Iterable[tuple[bytes, Mapping[bytes, bytes]]], *, prev: str = "", first_seq: int = 1
+) -> ChainReport:
+    """Check every link and content digest in stream order, from the first entry, or from
+    `first_seq` whose predecessor's hash is `prev` (a journal trimmed after export)."""
+    expected_seq = first_seq
     count = 0
     for entry_id, fields in entries:
         count += 1

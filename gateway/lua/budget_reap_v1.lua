@@ -11,8 +11,9 @@ local r = redis.call('HGET', KEYS[2], ARGV[1])
 if r ~= ARGV[2] then return false end
 local a, b, _, step = string.match(r, '^([^:]*):([^:]*):([^:]*):(.*)$')
 redis.call('HSET', KEYS[2], ARGV[1], 'R' .. r)
-redis.call('HINCRBY', KEYS[1], 'reserved_nanos', -tonumber(a))
-redis.call('HINCRBY', KEYS[1], 'reserved_tokens', -tonumber(b))
+-- "0 - x", never "-x": Lua's -0 is sent as "-0", which HINCRBY rejects as not an integer.
+redis.call('HINCRBY', KEYS[1], 'reserved_nanos', 0 - tonumber(a))
+redis.call('HINCRBY', KEYS[1], 'reserved_tokens', 0 - tonumber(b))
 redis.call('HINCRBY', KEYS[1], 'spent_nanos', tonumber(a))
 redis.call('HINCRBY', KEYS[1], 'spent_tokens', tonumber(b))
 

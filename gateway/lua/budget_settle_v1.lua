@@ -1,6 +1,7 @@
 -- budget_settle_v1: turn a reservation into actual spend, return the rest, advance
 -- the step, and journal the outcome, in one step. A reservation the reaper already
--- charged in full ("R" prefix) is corrected down to the actual spend.
+-- charged in full ("R" prefix) is corrected down to the actual spend. The tenant's daily
+-- spend counter is corrected only when the reserve charged it ("@day"), and on that day.
 --
 -- KEYS: 1 session, 2 reservations, 3 journal, 4 journal_head, 5 tenant spend today
 -- ARGV: 1 request_id, 2 actual_nanos, 3 actual_tokens, 4 advance ("1": move to the
@@ -9,11 +10,12 @@
 local actual_nanos = tonumber(ARGV[2])
 local actual_tokens = tonumber(ARGV[3])
 local r = redis.call('HGET', KEYS[2], ARGV[1])
-local est_nanos, est_tokens, step, reaped = 0, 0, '', false
+local est_nanos, est_tokens, step, reaped, tenant_day = 0, 0, '', false, nil
 if r then
   if string.sub(r, 1, 1) == 'R' then reaped = true r = string.sub(r, 2) end
-  local a, b, _, st = string.match(r, '^([^:]*):([^:]*):([^:]*):(.*)$')
+  local a, b, c, st = string.match(r, '^([^:]*):([^:]*):([^:]*):(.*)$')
   est_nanos, est_tokens, step = tonumber(a), tonumber(b), st
+  tenant_day = string.match(c, '@(%d+)$')
   redis.call('HDEL', KEYS[2], ARGV[1])
 end
 
@@ -22,12 +24,13 @@ if reaped then
   redis.call('HINCRBY', KEYS[1], 'spent_nanos', actual_nanos - est_nanos)
   redis.call('HINCRBY', KEYS[1], 'spent_tokens', actual_tokens - est_tokens)
 else
-  redis.call('HINCRBY', KEYS[1], 'reserved_nanos', -est_nanos)
-  redis.call('HINCRBY', KEYS[1], 'reserved_tokens', -est_tokens)
+  -- "0 - x", never "-x": Lua's -0 is sent as "-0", which HINCRBY rejects (free models).
+  redis.call('HINCRBY', KEYS[1], 'reserved_nanos', 0 - est_nanos)
+  redis.call('HINCRBY', KEYS[1], 'reserved_tokens', 0 - est_tokens)
   redis.call('HINCRBY', KEYS[1], 'spent_nanos', actual_nanos)
   redis.call('HINCRBY', KEYS[1], 'spent_tokens', actual_tokens)
 end
-if redis.call('EXISTS', KEYS[5]) == 1 then
+if tenant_day and tenant_day == string.match(KEYS[5], ':(%d+)$') and redis.call('EXISTS', KEYS[5]) == 1 then
   redis.call('INCRBY', KEYS[5], actual_nanos - est_nanos)
 end
 if ARGV[4] == '1' and step ~= '' then

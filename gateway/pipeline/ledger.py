@@ -7,6 +7,7 @@ becomes `ServiceUnavailable`: callers fail closed and nothing is forwarded.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,12 +21,13 @@ from gateway import redis_keys as keys
 from gateway.assembly.model import Limits
 from gateway.errors import (
     BudgetExceeded,
+    InvalidRequest,
     RateLimited,
     ServiceUnavailable,
     StateConflict,
     Unauthenticated,
 )
-from gateway.journal.events import Entry
+from gateway.journal.events import Entry, Kind, make_entry
 from gateway.money import nanos_to_usd_str
 
 SCRIPT_NAMES = (
@@ -33,8 +35,12 @@ SCRIPT_NAMES = (
     keys.SETTLE_SCRIPT,
     keys.JOURNAL_APPEND_SCRIPT,
     keys.REAP_SCRIPT,
+    keys.REPLAY_TAKE_SCRIPT,
 )
 REDIS_ERRORS = (rx.RedisError, OSError, TimeoutError)
+# After a reserve timed out, when to look for the reservation it may still have made.
+RELEASE_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+MAX_PENDING_RELEASES = 10_000
 
 
 def _load_sources() -> dict[str, str]:
@@ -47,6 +53,8 @@ class Admission:
     step: str  # "" when the Assembly has no steps
     budget_left_nanos: int  # -1: no usd budget
     seq: int
+    # The record of an Idempotency-Key already in use; nothing was reserved or journaled.
+    held: dict[str, bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +89,7 @@ class Ledger:
         self.index_retention_ms = journal_retention_s * 1000
         self._sources = _load_sources()
         self._sha: dict[str, str] = {}
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def load_scripts(self) -> None:
         try:
@@ -126,8 +135,12 @@ class Ledger:
         step_candidates: str,
         limits: Limits,
         entry: Entry,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
         now: float | None = None,
     ) -> Admission:
+        """`idempotency_key` is the record's Redis key; with it, a held key wins over everything but
+        the session's own state, and a new one is marked pending in the same step."""
         now = time.time() if now is None else now
         now_ms = int(now * 1000)
         minute = now_ms // 60000
@@ -152,6 +165,7 @@ class Ledger:
             keys.session_rate(session_id, "req", minute),
             keys.session_rate(session_id, "tok", minute),
             *tenant_keys,
+            idempotency_key or keys.idempotency(session_id, "-"),
         ]
 
         def opt(v: int | None) -> str:
@@ -163,11 +177,62 @@ class Ledger:
             opt(limits.tenant_rpm if tenant_limited else None),
             opt(limits.tenant_tpm if tenant_limited else None),
             opt(limits.tenant_usd_nanos_per_day if tenant_limited else None),
+            "" if idempotency_key is None else self.reservation_ttl_ms, request_hash,
             entry.digest, *entry.flat(),
         ]
         due = ("ZADD", keys.RESERVATIONS_DUE, now_ms + self.reservation_ttl_ms, f"{session_id}|{request_id}")
-        result = await self._run(keys.RESERVE_SCRIPT, script_keys, args, [due])
+        try:
+            result = await self._run(keys.RESERVE_SCRIPT, script_keys, args, [due])
+        except ServiceUnavailable as exc:
+            if isinstance(exc.__cause__, (rx.TimeoutError, TimeoutError)):
+                self._release_later(session_id, tenant, entry)
+            raise
         return _admission(result)
+
+    def _release_later(self, session_id: str, tenant: str | None, request: Entry) -> None:
+        """A reserve that timed out may still run when a stalled Redis catches up, and the
+        request was not forwarded: give that reservation back rather than leave it to the
+        reaper, which would charge it in full."""
+        if len(self._releases) >= MAX_PENDING_RELEASES:
+            return  # the reaper stays the backstop
+        task = asyncio.ensure_future(self._release(session_id, tenant, request))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, session_id: str, tenant: str | None, request: Entry) -> None:
+        rid = request_id_of(request)
+        for delay in RELEASE_DELAYS_S:
+            await asyncio.sleep(delay)
+            try:
+                held = await self.redis.hget(keys.reservations(session_id), rid)
+                if held is None:
+                    continue  # not run yet, or never will
+                if held.startswith(b"R"):
+                    return  # reaped meanwhile: charged in full already
+                field = request.fields.get
+                entry = make_entry(
+                    Kind.ERROR, rid=rid, model=field(b"model"), asm=field(b"asm"), req_hash=field(b"req_hash"),
+                    tok_in=0, tok_out=0, cost=0, status=503, code="service_unavailable",
+                    message="budget store timed out; request not forwarded", ts=int(time.time() * 1000),
+                )
+                tags = CostTags(
+                    tenant=tenant or "default", session_id=session_id,
+                    model=(field(b"model") or b"").decode(), assembly_id=(field(b"asm") or b"").decode(),
+                )
+                await self.settle(
+                    session_id=session_id, request_id=rid, actual_nanos=0, actual_tokens=0,
+                    advance=False, entry=entry, tags=tags,
+                )
+                return
+            except (ServiceUnavailable, *REDIS_ERRORS):
+                continue
+
+    async def aclose(self) -> None:
+        """Stop pending releases (shutdown); the reaper settles what they leave."""
+        for task in list(self._releases):
+            task.cancel()
+        if self._releases:
+            await asyncio.wait(list(self._releases), timeout=1)
 
     async def settle(
         self,
@@ -221,6 +286,12 @@ class Ledger:
         result = await self._run(keys.JOURNAL_APPEND_SCRIPT, script_keys, [entry.digest, step, field, value, *entry.flat()])
         return None if result is None else int(result[0])
 
+    async def take_recorded(self, session_id: str, request_hash: str) -> tuple[str, int, str]:
+        """Match a recorded replay's next call: ("ok" | "diverged" | "end", index, recorded call)."""
+        script_keys = [keys.replay_cursor(session_id), keys.replay_calls(session_id)]
+        status, index, call = await self._run(keys.REPLAY_TAKE_SCRIPT, script_keys, [request_hash])
+        return status.decode(), int(index), call.decode()
+
     async def reap(self, session_id: str, request_id: str, reservation: bytes, entry: Entry) -> bool:
         script_keys = [
             keys.session(session_id),
@@ -239,11 +310,19 @@ def request_id_of(entry: Entry) -> str:
 
 def _admission(result: list[Any]) -> Admission:
     status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
+    if status == "idem":
+        flat = result[1:]
+        return Admission(step="", budget_left_nanos=-1, seq=0, held={flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)})
     rest = [r.decode() if isinstance(r, bytes) else str(r) for r in result[1:]]
     if status == "ok":
         return Admission(step=rest[0], budget_left_nanos=int(rest[1]), seq=int(rest[2]))
     if status == "missing":
         raise Unauthenticated("session not found", code="session_not_found")
+    if status == "duplicate":
+        raise InvalidRequest(
+            "a request with this x-request-id is already in flight in this session",
+            param="x-request-id", code="request_in_flight", status=409,
+        )
     if status == "revoked":
         raise Unauthenticated("session revoked", code="session_revoked")
     if status == "expired":

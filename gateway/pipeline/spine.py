@@ -17,14 +17,22 @@ from typing import Any, TypeVar
 
 import orjson
 
+from gateway import redis_keys
 from gateway.assembly.model import Assembly
 from gateway.capability import Claims
 from gateway.deps import Deps
-from gateway.errors import CapabilityDenied, GatewayError, StateConflict
+from gateway.errors import (
+    CapabilityDenied,
+    GatewayError,
+    ServiceUnavailable,
+    StateConflict,
+    Unauthenticated,
+)
 from gateway.journal.events import Kind, make_entry
+from gateway.journal.replay import recorded_provider
 from gateway.money import nanos_to_usd_str
-from gateway.pipeline import policy
-from gateway.pipeline.ledger import Admission, CostTags
+from gateway.pipeline import idempotency, policy
+from gateway.pipeline.ledger import REDIS_ERRORS, Admission, CostTags
 from gateway.pipeline.usage import Estimate, Usage, estimate, price, reply_usage
 from gateway.providers.base import Endpoint, Provider
 
@@ -40,10 +48,15 @@ class Call:
     body: dict[str, Any]
     claims: Claims
     started: float = field(default_factory=time.perf_counter)
+    idempotency_key: str | None = None
 
     @property
     def request_hash(self) -> str:
         return hashlib.sha256(orjson.dumps(self.body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    @property
+    def idempotency_record(self) -> str | None:
+        return None if self.idempotency_key is None else idempotency.record_key(self.claims, self.idempotency_key)
 
 
 @dataclass(slots=True)
@@ -72,13 +85,20 @@ def shielded(deps: Deps, work: Awaitable[T]) -> Awaitable[T]:
     return asyncio.shield(task)
 
 
-async def admit(deps: Deps, call: Call) -> Admitted:
+async def admit(deps: Deps, call: Call) -> Admitted | idempotency.Stored:
+    """Admit `call`, or return the stored answer of the request that first used its Idempotency-Key."""
     assembly = await deps.assemblies.get(call.claims.assembly_id)
     try:
         grant = policy.authorize(assembly, call.endpoint, call.body, known_models=deps.known_models)
-    except GatewayError as denial:
+    except GatewayError as exc:
+        denial: GatewayError = exc
+        # A dead session is a 401 before it is anything else; only denials pay for the look-up.
+        try:
+            await require_live_session(deps, call.claims.session_id)
+        except Unauthenticated as dead:
+            denial = dead
         await _journal_denial(deps, call, assembly, denial)
-        raise
+        raise denial from None
     est = estimate(grant.model, call.endpoint, grant.body, n=grant.n, max_tokens=grant.max_output_tokens)
     entry = make_entry(
         Kind.REQUEST, rid=call.request_id, model=grant.model.name, asm=assembly.id,
@@ -91,6 +111,7 @@ async def admit(deps: Deps, call: Call) -> Admitted:
             session_id=call.claims.session_id, tenant=call.claims.tenant, request_id=call.request_id,
             est_nanos=est.nanos, est_tokens=est.tokens, step_candidates=_candidates(assembly, grant),
             limits=assembly.limits, entry=entry,
+            idempotency_key=call.idempotency_record, request_hash=call.request_hash,
         )
     except StateConflict as exc:
         allowed = _allowed_next(assembly, exc.extra.get("current_step"))
@@ -102,14 +123,51 @@ async def admit(deps: Deps, call: Call) -> Admitted:
         if denial.status != 503:
             await _journal_denial(deps, call, assembly, denial)
         raise
-    provider = deps.providers[grant.model.provider]
-    return Admitted(call, assembly, grant, provider, est, admission)
+    if admission.held is not None:
+        record = call.idempotency_record
+        assert record is not None
+        stored = await idempotency.await_answer(deps.redis, record, call.request_hash, admission.held)
+        return stored if stored is not None else await admit(deps, call)  # the first failed: run again
+    adm = Admitted(call, assembly, grant, deps.providers[grant.model.provider], est, admission)
+    if call.claims.replay_of is not None:
+        adm.provider = await _recorded(deps, adm)
+    return adm
+
+
+async def _recorded(deps: Deps, adm: Admitted) -> Provider:
+    """A recorded replay is answered from the source journal; a divergence is settled at zero."""
+    call = adm.call
+    assert call.claims.replay_of is not None
+    try:
+        return await recorded_provider(
+            deps.redis, deps.ledger, session_id=call.claims.session_id, source=call.claims.replay_of,
+            request_hash=call.request_hash, body=call.body,
+        )
+    except GatewayError as exc:
+        await shielded(deps, fail(deps, adm, exc, Usage(0, 0)))
+        raise
+
+
+async def require_live_session(deps: Deps, session_id: str) -> None:
+    """Revocation and expiry for paths that reserve nothing (the reserve script checks them
+    itself): a request the PEP denies, and routes such as GET /v1/models."""
+    try:
+        key = redis_keys.session(session_id)
+        status, expires_ms = await deps.redis.hmget(key, ["status", "expires_at_ms"])
+    except REDIS_ERRORS as exc:
+        raise ServiceUnavailable("session store unavailable") from exc
+    if status is None:
+        raise Unauthenticated("session not found", code="session_not_found")
+    if status == b"revoked":
+        raise Unauthenticated("session revoked", code="session_revoked")
+    if expires_ms is None or int(expires_ms) <= time.time() * 1000:
+        raise Unauthenticated("session expired", code="session_expired")
 
 
 async def complete(deps: Deps, adm: Admitted) -> Answer:
     adm.upstream_started = time.perf_counter()
     try:
-        reply = await adm.provider.send(adm.call.endpoint, adm.grant.body)
+        reply = await adm.provider.send(adm.call.endpoint, adm.grant.body, request_id=adm.call.request_id)
     except GatewayError as exc:
         adm.upstream_s = time.perf_counter() - adm.upstream_started
         await shielded(deps, fail(deps, adm, exc, Usage(0, 0)))
@@ -128,8 +186,18 @@ async def complete(deps: Deps, adm: Admitted) -> Answer:
         # The upstream did the work: charge it, journal the violation, answer the denial.
         await shielded(deps, fail(deps, adm, exc, usage))
         raise
-    cost, left = await shielded(deps, finish(deps, adm, usage, Kind.RESPONSE, reply.body))
-    return Answer(reply.body, {**reply.headers, **cost_headers(adm, cost, left)})
+    return await shielded(deps, _settle_answer(deps, adm, usage, reply.body, reply.headers))
+
+
+async def _settle_answer(deps: Deps, adm: Admitted, usage: Usage, body: bytes, headers: dict[str, str]) -> Answer:
+    """Settle, then keep the answer for retries carrying the same Idempotency-Key."""
+    cost, left = await finish(deps, adm, usage, Kind.RESPONSE, body)
+    answer = Answer(body, {**headers, **cost_headers(adm, cost, left)})
+    record = adm.call.idempotency_record
+    if record is not None:
+        sent = {"content-type": "application/json", "x-request-id": adm.call.request_id, **answer.headers}
+        await idempotency.remember(deps.redis, record, idempotency.Stored(200, sent, body))
+    return answer
 
 
 def cost_headers(adm: Admitted, cost: int | None, left: int) -> dict[str, str]:
@@ -173,6 +241,9 @@ async def fail(deps: Deps, adm: Admitted, exc: GatewayError, usage: Usage, **ext
         actual_tokens=usage.total, advance=False, entry=entry, tags=_tags(adm),
     )
     deps.metrics.observe_failed(adm, exc, cost)
+    record = adm.call.idempotency_record
+    if record is not None:
+        await idempotency.forget(deps.redis, record)  # so a retry runs again
     return cost
 
 

@@ -32,11 +32,11 @@ class Reply:
 class Provider(Protocol):
     name: str
 
-    async def send(self, endpoint: Endpoint, body: dict[str, Any]) -> Reply:
-        """One non-streaming call."""
+    async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
+        """One non-streaming call; `request_id` is the gateway's, for the upstream's logs."""
         ...
 
-    def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncIterator[bytes]:
         """A streaming call: yields the JSON payload of each SSE `data:` event, `[DONE]` excluded.
 
         Closing the iterator early (client gone) must cancel the upstream call.

@@ -58,7 +58,7 @@ class LiteLLMProvider:
             return RateLimited("upstream rate limit", code="upstream_rate_limited")
         return UpstreamError(f"upstream error (status {status or 'unknown'})")
 
-    async def send(self, endpoint: Endpoint, body: dict[str, Any]) -> Reply:
+    async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
         llm = self._litellm
         call = {Endpoint.CHAT: llm.acompletion, Endpoint.COMPLETIONS: llm.atext_completion, Endpoint.EMBEDDINGS: llm.aembedding}[endpoint]
         try:
@@ -70,7 +70,7 @@ class LiteLLMProvider:
         raw = orjson.dumps(data)
         return Reply(body=raw, data=data)
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncIterator[bytes]:
         llm = self._litellm
         call = llm.acompletion if endpoint is Endpoint.CHAT else llm.atext_completion
         try:

@@ -333,7 +333,7 @@ class MockProvider:
         self._timeout_s = settings.timeout_s
         self._slow_delay_s = slow_delay_s
 
-    async def send(self, endpoint: Endpoint, body: dict[str, Any]) -> Reply:
+    async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
         faults = Faults.of(_model(body))
         await self._before_answer(faults)
         if faults.cut:
@@ -341,7 +341,7 @@ class MockProvider:
         data = _answer(endpoint, body)
         return Reply(body=orjson.dumps(data), data=data)
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncIterator[bytes]:
         faults = Faults.of(_model(body))
         await self._before_answer(faults)
         # Built whole up front: answers are small, and it keeps cut points and usage exact.

@@ -127,7 +127,9 @@ def test_chat_stream_has_no_usage_chunk_unless_asked(client: openai.OpenAI) -> N
 
 
 def test_tool_call_round_trips(client: openai.OpenAI) -> None:
-    first = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, tools=[LOOKUP_ORDER])
+    first = client.chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, tools=[LOOKUP_ORDER]
+    )
     _assert_tool_call(first)
     second = client.chat.completions.create(
         model="gpt-4o-mini", messages=_tool_result_messages(first), tools=[LOOKUP_ORDER]
@@ -176,8 +178,9 @@ def test_completions_plain_and_streamed_say_the_same(client: openai.OpenAI) -> N
             stream_options={"include_usage": True},
         )
     )
-    for chunk in chunks:
-        Completion.model_validate(chunk.to_dict())
+    # Not validated as `Completion`: its type says finish_reason is never null, which is
+    # false of every chunk but the last on OpenAI's own streams too.
+    assert all(isinstance(c, Completion) and c.object == "text_completion" for c in chunks)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
     assert chunks[-1].usage is not None
 
@@ -281,9 +284,18 @@ async def test_async_models(aclient: openai.AsyncOpenAI) -> None:
 
 
 def test_raw_stream_is_sse_ending_with_done_and_every_event_validates(gw: Gateway) -> None:
-    body = {"model": "gpt-4o-mini", "messages": HELLO, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": HELLO,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream(
-        "POST", gw.openai_base + "/chat/completions", json=body, headers=bearer(gw.token(OPEN_PLAN)), timeout=30
+        "POST",
+        gw.openai_base + "/chat/completions",
+        json=body,
+        headers=bearer(gw.token(OPEN_PLAN)),
+        timeout=30,
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -296,7 +308,9 @@ def test_raw_stream_is_sse_ending_with_done_and_every_event_validates(gw: Gatewa
 
 def test_embeddings_base64_on_the_wire_is_a_string(gw: Gateway) -> None:
     body = {"model": "text-embedding-3-small", "input": "x", "encoding_format": "base64"}
-    response = httpx.post(gw.openai_base + "/embeddings", json=body, headers=bearer(gw.token(OPEN_PLAN)))
+    response = httpx.post(
+        gw.openai_base + "/embeddings", json=body, headers=bearer(gw.token(OPEN_PLAN))
+    )
     assert response.status_code == 200
     assert isinstance(response.json()["data"][0]["embedding"], str)
 

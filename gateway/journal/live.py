@@ -1,0 +1,140 @@
+"""Live replay: re-execute a journal's calls against the providers and compare the answers.
+
+The calls run through the normal spine (PEP, budget, journal) in a new session on the
+source's Assembly, in recorded order. An answer matches when its body is byte-equal to
+the recorded one, for a stream when its assembled text (content and tool calls) is equal,
+and for an error when its status and code are. Pages (`offset`, `limit`, `into`) let a
+caller show progress and continue in the same session, so steps keep their order.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from gateway.capability import Claims
+from gateway.deps import Deps
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.journal.events import Kind, entry_body
+from gateway.journal.replay import RecordedCall, recorded_calls
+from gateway.money import NANOS_PER_USD
+from gateway.pipeline import policy
+from gateway.pipeline.spine import Admitted, Call, admit, complete, fail, finish, shielded
+from gateway.pipeline.usage import StreamMeter
+
+LIVE_LABEL = "live_replay_of"
+
+
+async def run_live(deps: Deps, source: str, *, offset: int = 0, limit: int | None = None, into: str | None = None) -> dict[str, Any]:
+    calls = await recorded_calls(deps.redis, source)
+    window = calls[offset: None if limit is None else offset + limit]
+    claims = await _session_claims(deps, source, into)
+    results = [await _rerun(deps, claims, call) for call in window]
+    end = offset + len(window)
+    return {
+        "mode": "live", "replay_of": source, "session_id": claims.session_id, "calls": len(calls),
+        "offset": offset, "next": end if end < len(calls) else None, "results": results,
+        "matched": sum(r["match"] is True for r in results),
+        "differed": sum(r["match"] is False for r in results),
+        "unknown": sum(r["match"] is None for r in results),
+    }
+
+
+async def _session_claims(deps: Deps, source: str, into: str | None) -> Claims:
+    """Claims for the live session: a new one, or `into` from an earlier page of this replay."""
+    if into is None:
+        shown = await deps.sessions.get(source)
+        assembly = await deps.assemblies.get(shown["assembly_id"])
+        budget = int(shown["budget_nanos"]) if "budget_nanos" in shown else None
+        opened = await deps.sessions.open(
+            assembly, tenant=shown["tenant"], budget_usd=None if budget is None else budget / NANOS_PER_USD,
+            ttl_s=None, labels={LIVE_LABEL: source},
+        )
+        into = opened.session_id
+    session = await deps.sessions.get(into)
+    if orjson.loads(session.get("labels", "{}")).get(LIVE_LABEL) != source:
+        raise InvalidRequest(f"session {into} is not a live replay of {source}", param="into")
+    # Admin-driven: the claims a token for this session would carry, without minting one.
+    return Claims(
+        session_id=into, assembly_id=session["assembly_id"], tenant=session["tenant"], jti="live-replay",
+        issued_at=int(session["created_at_ms"]) // 1000, expires_at=int(session["expires_at_ms"]) // 1000,
+    )
+
+
+async def _rerun(deps: Deps, claims: Claims, recorded: RecordedCall) -> dict[str, Any]:
+    call = Call("rpl_" + secrets.token_hex(12), recorded.endpoint, recorded.body, claims)
+    result: dict[str, Any] = {
+        "index": recorded.index, "recorded_request_id": recorded.request_id, "request_id": call.request_id,
+        "recorded": recorded.outcome.get(b"kind", b"").decode() if recorded.outcome else None,
+    }
+    try:
+        adm = await admit(deps, call)
+        assert isinstance(adm, Admitted)  # no Idempotency-Key here
+        if adm.grant.stream:
+            result["answer"], got = Kind.STREAM, await _stream_text(deps, adm)
+        else:
+            result["answer"], got = Kind.RESPONSE, (await complete(deps, adm)).body
+    except GatewayError as exc:
+        result["answer"], got = Kind.ERROR, f"{exc.status} {exc.code}"
+        result["error"] = {"status": exc.status, "code": exc.code, "message": exc.message}
+    result["match"] = _matches(recorded, result["answer"], got)
+    return result
+
+
+def _matches(recorded: RecordedCall, answer: str, got: bytes | str) -> bool | None:
+    outcome = recorded.outcome
+    if outcome is None or outcome.get(b"kind") == Kind.ABORTED.encode():
+        return None  # nothing was recorded to compare with
+    kind = outcome[b"kind"].decode()
+    if kind != answer:
+        return False
+    if kind == Kind.RESPONSE:
+        return entry_body(outcome) == got
+    if kind == Kind.STREAM:
+        return recorded_text(outcome) == got
+    return f"{outcome.get(b'status', b'').decode()} {outcome.get(b'code', b'').decode()}" == got
+
+
+def recorded_text(outcome: Mapping[bytes, bytes]) -> str:
+    raw = entry_body(outcome)
+    meter = StreamMeter(model=None, prompt_estimate=0)  # type: ignore[arg-type]  # observe() never reads it
+    for payload in raw.split(b"\n") if raw else []:
+        chunk = orjson.loads(payload)
+        if isinstance(chunk, dict):
+            meter.observe(chunk)
+    return meter.text
+
+
+async def _stream_text(deps: Deps, adm: Admitted) -> str:
+    """Run a streamed call to the end, settled and journaled like a relayed one; its text."""
+    options = adm.grant.body.get("stream_options")
+    options = options if isinstance(options, dict) else {}
+    body = {**adm.grant.body, "stream_options": {**options, "include_usage": True}}
+    meter = StreamMeter(adm.grant.model, adm.estimate.prompt_tokens)
+    payloads: list[bytes] = []
+    adm.upstream_started = time.perf_counter()
+    try:
+        async for payload in adm.provider.stream(adm.call.endpoint, body, request_id=adm.call.request_id):
+            chunk = orjson.loads(payload)
+            if not isinstance(chunk, dict):
+                continue
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if isinstance(delta, dict):
+                    policy.check_output(adm.assembly, adm.grant, policy.tool_call_names(delta))
+            if not meter.observe(chunk) or options.get("include_usage"):
+                payloads.append(payload)
+    except GatewayError as exc:
+        adm.upstream_s = time.perf_counter() - adm.upstream_started
+        await shielded(deps, fail(deps, adm, exc, meter.final_usage(), chunks=meter.chunks, body=b"\n".join(payloads)))
+        raise
+    adm.upstream_s = time.perf_counter() - adm.upstream_started
+    await shielded(deps, finish(
+        deps, adm, meter.final_usage(), Kind.STREAM, b"\n".join(payloads),
+        chunks=len(payloads), usage_from="upstream" if meter.usage else "counted",
+    ))
+    return meter.text

@@ -1,0 +1,115 @@
+"""Cost reports from the hourly rollups that every settlement writes (`costs:<YYYYMMDDHH>`).
+
+Spend is grouped by tenant, session, model or Assembly over whole UTC hours: an hour is
+in a report when it starts in [since, until). Money stays integer nano-dollars.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway import redis_keys as keys
+from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.money import nanos_to_usd_str
+from gateway.pipeline.ledger import REDIS_ERRORS
+
+GROUPS = ("tenant", "session", "model", "assembly")
+DEFAULT_SPAN = timedelta(hours=24)
+_SEPARATOR = "\x1f"  # between dimension and value in a rollup field, see Ledger._index_commands
+_EPOCH = re.compile(r"^\d{1,12}(\.\d+)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class CostRow:
+    key: str
+    nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class CostReport:
+    group_by: str
+    since: datetime
+    until: datetime
+    rows: tuple[CostRow, ...]
+
+    @property
+    def total_nanos(self) -> int:
+        return sum(r.nanos for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group_by": self.group_by,
+            "since": _iso(self.since),
+            "until": _iso(self.until),
+            "rows": [
+                {"key": r.key, "cost_usd": nanos_to_usd_str(r.nanos), "cost_nanos": r.nanos}
+                for r in self.rows
+            ],
+            "total_usd": nanos_to_usd_str(self.total_nanos),
+            "total_nanos": self.total_nanos,
+        }
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_instant(value: str, *, param: str) -> datetime:
+    """An ISO date or datetime (naive means UTC) or epoch seconds, as an aware UTC datetime."""
+    text = value.strip()
+    try:
+        if _EPOCH.match(text):
+            return datetime.fromtimestamp(float(text), UTC)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except (ValueError, OverflowError, OSError):
+        raise InvalidRequest(
+            f"{param}: expected an ISO date or datetime, or epoch seconds", param=param
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def resolve_window(
+    since: str | None, until: str | None, *, now: datetime | None = None
+) -> tuple[datetime, datetime]:
+    """The [since, until) window; by default the last 24 hours."""
+    end = parse_instant(until, param="until") if until else (now or datetime.now(UTC))
+    start = parse_instant(since, param="since") if since else end - DEFAULT_SPAN
+    if start >= end:
+        raise InvalidRequest("since must be before until", param="since")
+    return start, end
+
+
+def _bucket(moment: datetime) -> int:
+    return int(moment.astimezone(UTC).strftime("%Y%m%d%H"))
+
+
+def _last_bucket(until: datetime) -> int:
+    """The last hour that starts before `until` (the window's end is exclusive)."""
+    return _bucket(until - timedelta(microseconds=1))
+
+
+async def cost_report(redis: Redis, group_by: str, since: datetime, until: datetime) -> CostReport:
+    if group_by not in GROUPS:
+        raise InvalidRequest(f"group_by must be one of: {', '.join(GROUPS)}", param="group_by")
+    prefix = (group_by + _SEPARATOR).encode()
+    totals: dict[str, int] = {}
+    try:
+        buckets = await redis.zrangebyscore(keys.COST_BUCKETS, _bucket(since), _last_bucket(until))
+        async with redis.pipeline(transaction=False) as pipe:
+            for bucket in buckets:
+                pipe.hgetall(keys.cost_rollup(bucket.decode() if isinstance(bucket, bytes) else str(bucket)))
+            rollups = await pipe.execute() if buckets else []
+    except REDIS_ERRORS as exc:
+        raise ServiceUnavailable("cost store unavailable") from exc
+    for rollup in rollups:
+        for field, value in rollup.items():
+            if field.startswith(prefix):
+                key = field[len(prefix):].decode()
+                totals[key] = totals.get(key, 0) + int(value)
+    rows = sorted((CostRow(k, v) for k, v in totals.items() if v), key=lambda r: (-r.nanos, r.key))
+    return CostReport(group_by, since, until, tuple(rows))

@@ -1,0 +1,198 @@
+"""A gateway process killed with SIGKILL under load loses nothing the journal promises.
+
+Over many rounds a real `abc-gateway serve` subprocess takes concurrent calls (plain and
+streamed) to a slow fake upstream and is killed at a random moment. Afterwards, and after
+the reaper has run:
+- every answer a client received whole is in the journal, under its x-request-id;
+- every request the upstream received has a `request` entry (the gateway journals first);
+- every `request` entry ends with exactly one response, stream, error or `aborted` entry;
+- the journaled spend equals the session's spend counter, and nothing stays reserved;
+- the chain verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway import redis_keys
+from gateway.journal.replay import verify_session
+from gateway.pipeline.ledger import Ledger
+from gateway.pipeline.reaper import reap_due
+from tests.conftest import ADMIN_TOKEN, ROOT, SIGNING_SECRET
+from tests.fakes.upstream import FakeUpstream, StreamAnswer, default_answer
+from tests.redis_proc import free_port
+
+ROUNDS = 20
+WORKERS = 6
+UPSTREAM_DELAY_S = 0.06
+PLAN = {"name": "crash", "tenant": "acme", "models": [{"name": "slow-up", "max_tokens": 40}], "budget": {"usd": 100}}
+TERMINAL = {b"response", b"stream", b"error", b"aborted"}
+
+
+class SlowUpstream(FakeUpstream):
+    """The fake's echo answers, slowed down, noting each X-Request-Id the moment it arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[str] = []
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        self.received.append(request.headers.get("X-Request-Id", "<none>"))
+        answer = default_answer(request, orjson.loads(raw))
+        if isinstance(answer, StreamAnswer):
+            per_chunk = UPSTREAM_DELAY_S / max(len(answer.chunks), 1)
+            return await self._stream(request, replace(answer, delay_s=per_chunk))
+        await asyncio.sleep(UPSTREAM_DELAY_S)
+        return web.Response(status=answer.status, body=orjson.dumps(answer.json), content_type="application/json")
+
+
+@dataclass
+class Load:
+    """What the clients saw: ids sent, and answers received whole (id -> journal kind expected)."""
+
+    sent: list[str] = field(default_factory=list)
+    whole: dict[str, str] = field(default_factory=dict)
+
+
+def _write_config(path: Path, upstream: str, port: int) -> Path:
+    config = {
+        "providers": [{"name": "up", "kind": "openai", "api_base": upstream}],
+        "models": [{"name": "slow-up", "provider": "up", "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}],
+        "server": {"host": "127.0.0.1", "port": port},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _executable() -> list[str]:
+    script = Path(sys.executable).parent / "abc-gateway"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway"]
+
+
+async def _start_gateway(config: Path, redis_url: str, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "ABC_REDIS_URL": redis_url, "ABC_ADMIN_TOKEN": ADMIN_TOKEN,
+           "ABC_SIGNING_KEY": SIGNING_SECRET, "ABC_CONFIG": str(config)}
+    process = subprocess.Popen([*_executable(), "serve"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError("gateway exited: " + (process.stderr.read() if process.stderr else b"").decode())
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
+                    return process
+            except httpx.TransportError:
+                await asyncio.sleep(0.03)
+    process.kill()
+    raise RuntimeError("gateway did not start")
+
+
+async def _worker(client: httpx.AsyncClient, load: Load, round_no: int, worker: int, rng: random.Random) -> None:
+    n = 0
+    while True:
+        n += 1
+        rid = f"crash-{round_no}-{worker}-{n}"
+        stream = rng.random() < 0.5
+        body = {"model": "slow-up", "messages": [{"role": "user", "content": f"count to {n} please"}], "stream": stream}
+        load.sent.append(rid)
+        try:
+            if stream:
+                async with client.stream("POST", "/v1/chat/completions", json=body, headers={"x-request-id": rid}) as response:
+                    text = (await response.aread()).decode()
+                if response.status_code == 200 and text.endswith("data: [DONE]\n\n") and '{"error"' not in text:
+                    load.whole[rid] = "stream"
+            else:
+                response = await client.post("/v1/chat/completions", json=body, headers={"x-request-id": rid})
+                if response.status_code == 200:
+                    response.json()  # whole and parseable
+                    load.whole[rid] = "response"
+            assert response.headers["x-request-id"] == rid
+        except (httpx.TransportError, ValueError):
+            return  # the gateway died under us
+
+
+async def _round(round_no: int, config: Path, port: int, redis_url: str, token: str, load: Load, rng: random.Random) -> None:
+    process = await _start_gateway(config, redis_url, port)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=10) as client:
+        workers = [asyncio.create_task(_worker(client, load, round_no, w, rng)) for w in range(WORKERS)]
+        await asyncio.sleep(rng.uniform(0.3, 1.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        await asyncio.wait(workers, timeout=10)
+    for task in workers:
+        task.cancel()
+
+
+@pytest.mark.timeout(120)
+async def test_sigkill_under_load_loses_nothing_the_journal_promises(redis_url: str, tmp_path: Path) -> None:
+    rng = random.Random(os.environ.get("CRASH_SEED", "abc"))
+    load = Load()
+    redis = Redis.from_url(redis_url)
+    async with SlowUpstream() as upstream:
+        port = free_port()
+        config = _write_config(tmp_path / "gateway.yaml", upstream.base_url, port)
+        session_id, token = await _open_session(config, redis_url, port)
+        started = time.monotonic()
+        for round_no in range(ROUNDS):
+            await _round(round_no, config, port, redis_url, token, load, rng)
+        elapsed = time.monotonic() - started
+        received = list(upstream.received)
+
+    ledger = Ledger(redis, reservation_ttl_s=900, journal_retention_s=3600)
+    while await reap_due(redis, ledger, now=time.time() + 10_000):
+        pass
+    entries = [(i, f) for i, f in await redis.xrange(redis_keys.journal(session_id))]
+    by_rid: dict[str, list[bytes]] = {}
+    for _, fields in entries:
+        if b"rid" in fields:
+            by_rid.setdefault(fields[b"rid"].decode(), []).append(fields[b"kind"])
+
+    kinds = Counter(f[b"kind"] for _, f in entries)
+    assert len(load.whole) > ROUNDS and kinds[b"aborted"] > 0, (len(load.whole), kinds)  # the test did bite
+    for rid, kind in load.whole.items():
+        assert kind.encode() in by_rid.get(rid, []), (rid, by_rid.get(rid))
+    for rid in received:
+        assert by_rid.get(rid, [])[:1] == [b"request"], (rid, by_rid.get(rid))
+    for rid, seen in by_rid.items():
+        assert seen[0] == b"request" and len(seen) == 2 and seen[1] in TERMINAL, (rid, seen)
+
+    session = {k.decode(): v.decode() for k, v in (await redis.hgetall(redis_keys.session(session_id))).items()}
+    journaled = sum(int(f.get(b"cost", 0)) for _, f in entries if f[b"kind"] in TERMINAL)
+    assert journaled == int(session["spent_nanos"]) > 0
+    assert int(session["reserved_nanos"]) == 0 and await redis.hlen(redis_keys.reservations(session_id)) == 0
+    assert (await verify_session(redis, session_id)).ok
+    await redis.aclose()
+    assert elapsed < 60, f"{ROUNDS} rounds took {elapsed:.1f}s"
+
+
+async def _open_session(config: Path, redis_url: str, port: int) -> tuple[str, str]:
+    process = await _start_gateway(config, redis_url, port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+            compiled = await admin.post("/admin/v1/plans/compile", json=PLAN)
+            assert compiled.status_code == 201, compiled.text
+            opened = (await admin.post("/admin/v1/sessions", json={"assembly_id": compiled.json()["assembly_id"]})).json()
+    finally:
+        process.terminate()
+        process.wait()
+    data: dict[str, Any] = opened
+    return data["session_id"], data["token"]
