@@ -162,9 +162,10 @@ def target_checks(results: Results) -> list[dict[str, Any]]:
     )
     leak = results.get("leak") or {}
     v = leak.get("ratio")
+    low, high = results["meta"]["options"].get("leak_requests") or (10_000, 100_000)
     checks.append(
         _check(
-            f"no RSS growth 10k -> 100k requests (ratio <= {LEAK_NOISE})",
+            f"no RSS growth {low:,} -> {high:,} requests (ratio <= {LEAK_NOISE})",
             v,
             v is not None and v <= LEAK_NOISE,
             "n/a" if v is None else f"{v:.3f}",
@@ -288,14 +289,14 @@ def problems(results: Results) -> list[str]:
 
 
 def warnings(results: Results) -> list[str]:
-    """Figures that are valid but were taken on a machine busy with other work."""
+    """Figures that are valid but were taken while other work used the CPUs too."""
     found = []
     for scenario in results["scenarios"]:
+        busy = []
         for name, result in scenario["results"].items():
             other = (result.get("machine") or {}).get("unattributed_pct")
             if other is not None and other > BUSY_MACHINE_PCT:
-                found.append(
-                    f"{scenario['key']} {name}: {other:.0f}% of a core was used outside "
-                    "the benchmark's processes during the run"
-                )
+                busy.append(f"{name} {other:.0f}%")
+        if busy:
+            found.append(f"{scenario['label']}: {', '.join(busy)}")
     return found

@@ -50,7 +50,7 @@ def _first_line(text: str | None, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
+def _table(header: list[str], align: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     return out + ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -100,7 +100,12 @@ def _header(results: Results) -> list[str]:
         lines += ["", "> **ERRORS: figures marked ERR or failed are not valid results.**"]
         lines += [f"> - {_first_line(p, 300)}" for p in results["problems"]]
     if results.get("warnings"):
-        lines += ["", "> Busy machine (figures valid, but other work shared the CPUs):"]
+        lines += [
+            "",
+            "> Busy machine: CPU time used outside the benchmark's processes during a run, in "
+            "% of one core (other programs, and the kernel's loopback work). The figures are "
+            "valid but slower than on an idle machine; CPU ms/req is the steadiest of them:",
+        ]
         lines += [f"> - {w}" for w in results["warnings"]]
     return lines
 
@@ -359,16 +364,11 @@ def _profile(results: Results) -> list[str]:
     own, total = profile.get("top_self", [])[:15], profile.get("top_project", [])[:15]
     rows = []
     for i in range(max(len(own), len(total))):
-        a = own[i] if i < len(own) else {"function": "", "pct": None}
-        b = total[i] if i < len(total) else {"function": "", "pct": None}
-        rows.append(
-            [
-                f"`{a['function']}`" if a["function"] else "",
-                _num(a["pct"], 1),
-                f"`{b['function']}`" if b["function"] else "",
-                _num(b["pct"], 1),
-            ]
-        )
+        row: list[str] = []
+        for column in (own, total):
+            entry = column[i] if i < len(column) else None
+            row += [f"`{entry['function']}`", _num(entry["pct"], 1)] if entry else ["", ""]
+        rows.append(row)
     lines = ["", f"## Profile of ABC ({profile['tool']}, {profile['file']})", ""]
     header = ["self time", "%", "the gateway's functions, inclusive", "%"]
     return lines + _table(header, ["---", "--:", "---", "--:"], rows)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.checks import Results
+from bench.checks import Results, scenario_result
 from bench.litellm_target import start_litellm
 from bench.load import KINDS, Scenario, preflight, run_ttft, run_wrk
 from bench.machine import machine_info
@@ -230,7 +230,8 @@ def _measure_target(bench: Run, target: Target) -> bool:
         info["rss_after_load_mib"] = _mib(target.gateway.rss_bytes())
     ok = not failed
     if target.name == "abc" and not opts.skip_leak:
-        results["leak"] = _leak_check(bench, target)
+        loaded = scenario_result(results, f"chat-c{opts.connections}", "abc") or {}
+        results["leak"] = _leak_check(bench, target, rps_hint=loaded.get("rps") or 1000.0)
         ok &= results["leak"]["status"] == "ok"
     return ok
 
@@ -319,7 +320,7 @@ def _print_line(name: str, label: str, r: dict[str, Any]) -> None:
     )
 
 
-def _leak_check(bench: Run, target: Target) -> dict[str, Any]:
+def _leak_check(bench: Run, target: Target, *, rps_hint: float) -> dict[str, Any]:
     """Gateway RSS after the first and the second milestone of chat requests, in wrk chunks."""
     assert target.gateway is not None
     scenario = Scenario("chat", bench.opts.connections)
@@ -328,7 +329,7 @@ def _leak_check(bench: Run, target: Target) -> dict[str, Any]:
         f"{bench.opts.leak_requests[1]:,} requests",
         flush=True,
     )
-    total, errors, rps = 0, 0, 1000.0
+    total, errors, rps = 0, 0, max(rps_hint, 1.0)
     points: list[dict[str, Any]] = []
     for milestone in bench.opts.leak_requests:
         while total < milestone:

@@ -30,7 +30,8 @@ def progress(done: int, total: int, label: str = "") -> None:
     filled = BAR_WIDTH * done // total if total else BAR_WIDTH
     bar = "#" * filled + "." * (BAR_WIDTH - filled)
     end = "\n" if done >= total else ""
-    print(f"\r[{bar}] {done}/{total} {label}", end=end, file=sys.stderr, flush=True)
+    # Padded so a shorter label overwrites a longer one on the same line.
+    print(f"\r[{bar}] {done}/{total} {label}".ljust(100), end=end, file=sys.stderr, flush=True)
 
 
 def export_lines(client: AdminClient, session_id: str) -> Iterator[dict[str, Any]]:
@@ -117,7 +118,7 @@ def _send(base_url: str, token: str, call: RecordedCall) -> tuple[int, bytes]:
     request.add_header("Authorization", f"Bearer {token}")
     request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=600) as response:  # noqa: S310 (operator-given URL)
+        with urllib.request.urlopen(request, timeout=600) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()

@@ -57,9 +57,10 @@ async def relay(request: web.Request, deps: Deps, adm: Admitted) -> web.StreamRe
         "x-request-id": request[REQUEST_ID], **cost_headers(adm, None, adm.admission.budget_left_nanos),
     }
     response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
     payloads: list[bytes] = []
     try:
+        # Inside the try: a client gone before the headers go out is settled like one gone later.
+        await response.prepare(request)
         await _pump(response, adm, meter, first, upstream, payloads, client_wants_usage)
     except CLIENT_GONE:
         await upstream.aclose()

@@ -71,6 +71,7 @@ async def _rerun(deps: Deps, claims: Claims, recorded: RecordedCall) -> dict[str
         "index": recorded.index, "recorded_request_id": recorded.request_id, "request_id": call.request_id,
         "recorded": recorded.outcome.get(b"kind", b"").decode() if recorded.outcome else None,
     }
+    got: bytes | str
     try:
         adm = await admit(deps, call)
         assert isinstance(adm, Admitted)  # no Idempotency-Key here

@@ -50,11 +50,14 @@ async def verify_session(redis: Redis, session_id: str) -> ChainReport:
     report = verify_chain(entries, prev=prev, first_seq=first_seq)
     if not report.ok:
         return report
-    last_seq = first_seq - 1 + len(entries)
-    last_hash = entries[-1][1].get(b"hash", b"").decode() if entries else prev
-    if last_seq != int(head.get("seq", 0)) or last_hash != head.get("hash", ""):
+    # The head was read first: entries appended since then are newer than it, never fewer.
+    head_seq, last_seq = int(head.get("seq", 0)), first_seq - 1 + len(entries)
+    at_head = prev
+    if first_seq <= head_seq <= last_seq:
+        at_head = entries[head_seq - first_seq][1].get(b"hash", b"").decode()
+    if last_seq < head_seq or at_head != head.get("hash", ""):
         # Entries at the end were deleted: every entry left verifies, but the head remembers more.
-        why = f"the journal ends at seq {last_seq} but its head is at seq {head.get('seq', 0)}"
+        why = f"the journal ends at seq {last_seq} but its head is at seq {head_seq}"
         return ChainReport(False, len(entries), last_seq + 1, None, why)
     return report
 
@@ -249,7 +252,7 @@ def json_diff(recorded: Any, received: Any, path: str = "") -> list[dict[str, An
 
 
 def _diff(a: Any, b: Any, path: str, out: list[dict[str, Any]]) -> None:
-    if len(out) >= MAX_DIFFS or a == b and type(a) is type(b):
+    if len(out) >= MAX_DIFFS:
         return
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(a.keys() | b.keys()):
@@ -258,6 +261,9 @@ def _diff(a: Any, b: Any, path: str, out: list[dict[str, Any]]) -> None:
     if isinstance(a, list) and isinstance(b, list):
         for i in range(max(len(a), len(b))):
             _diff(a[i] if i < len(a) else _MISSING, b[i] if i < len(b) else _MISSING, f"{path}[{i}]", out)
+        return
+    # Scalars; the type too, since the request hash tells 1, 1.0 and true apart.
+    if type(a) is type(b) and a == b:
         return
     out.append({"path": path, "recorded": _shown(a), "received": _shown(b)})
 

@@ -12,10 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from gateway import redis_keys
 from gateway.cli import main as cli_main
 from gateway.money import NANOS_PER_USD, cost_nanos, nanos_to_usd_str
 from gateway.settings import ModelSettings, Price
+from gateway.tokenizer import count_chat_prompt
 from tests.conftest import ADMIN_TOKEN, OPEN_PLAN, Gateway, make_settings, start_gateway
 from tests.openai_support import bearer, openai_error
 
@@ -85,28 +88,39 @@ def test_session_rpm_limit_denies_the_fourth_request_in_a_minute(gateway: Gatewa
     assert chat(gateway, gateway.token(plan(name="rpm", limits={"session_rpm": 3})), max_tokens=5).status_code == 200
 
 
-def test_the_tenant_daily_limit_holds_across_sessions(gateway: Gateway) -> None:
+def test_the_tenant_daily_limit_holds_across_sessions(gateway: Gateway, redis_url: str) -> None:
     tenant = f"t{time.time_ns()}"
+    limit = 400_000
     limited = plan(name="daily", tenant=tenant, limits={"tenant_usd_per_day": 0.0004})
-    first, second = gateway.token(limited), gateway.token(limited)
+    first, second = gateway.open_session(limited), gateway.open_session(limited)
     # A session of the same tenant without the limit spends too; it must not loosen the limit.
     loose = gateway.token(plan(name="loose", tenant=tenant))
-    admitted = 0
-    for token in (first, second, loose) * 10:
-        r = chat(gateway, token, max_tokens=64)
-        if token == loose:
-            assert r.status_code == 200
+    asm = gateway.session(first["session_id"])["assembly_id"]
+    in_price, out_price = prices(gateway, asm, "gpt-4o-mini")
+    worst = cost_nanos(count_chat_prompt(HELLO, "o200k_base"), in_price) + cost_nanos(64, out_price)
+    spent_today = 0  # by the limited sessions: what the tenant's day counter must hold
+    for _ in range(20):
+        for opened in (first, second):
+            r = chat(gateway, opened["token"], max_tokens=64)
+            if spent_today + worst > limit:
+                error = openai_error(r, 429)
+                assert error["code"] == "budget_exceeded" and error["budget"] == "tenant_usd_day"
+                assert error["remaining"] == nanos_to_usd_str(limit - spent_today)
+                break
+            assert r.status_code == 200, r.text
+            spent_today += nanos(r.headers["x-abc-cost-usd"])
+        else:
+            assert chat(gateway, loose, max_tokens=64).status_code == 200
             continue
-        if r.status_code == 429:
-            error = openai_error(r, 429)
-            assert error["code"] == "budget_exceeded" and error["budget"] == "tenant_usd_day"
-            break
-        assert r.status_code == 200, r.text
-        admitted += 1
+        break
     else:
         pytest.fail("the tenant's daily limit never denied a request")
-    # Worst case here is prompt + 64 tokens (~46_000 nanos): the limit covers ~8, never 20.
-    assert 2 <= admitted < 20
+    client = redis.Redis.from_url(redis_url)
+    try:
+        counter = int(client.get(redis_keys.tenant_spend(tenant, time.strftime("%Y%m%d", time.gmtime()))))
+    finally:
+        client.close()
+    assert counter == spent_today <= limit
 
 
 def test_a_request_id_reused_while_in_flight_is_refused_and_nothing_leaks(gateway: Gateway) -> None:

@@ -81,7 +81,7 @@ def test_mixed_calls_are_journaled_in_order_and_the_chain_verifies(gateway: Gate
             assert isinstance(entry["body"], dict) and entry["req_hash"] and entry["est_nanos"] > 0
         if entry["kind"] in TERMINAL:
             assert isinstance(entry["cost"], int)
-    cut = [e for e in entries if e["kind"] == "error" and e["rid"] == request_ids[5]][0]
+    cut = next(e for e in entries if e["kind"] == "error" and e["rid"] == request_ids[5])
     assert cut["chunks"] > 0 and isinstance(cut["body"], str)  # what reached the client before the cut
 
     report = _verify(gateway, session_id)

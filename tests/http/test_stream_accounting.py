@@ -216,6 +216,8 @@ async def test_a_client_disconnect_mid_stream_is_charged_exactly_what_was_genera
 
 
 async def test_a_client_gone_before_the_first_chunk_is_settled_not_left_to_the_reaper(env: Env) -> None:
+    """Hanging up while the upstream is still thinking: the request is settled at once for
+    its prompt (nothing was generated yet), not left for the reaper to charge in full."""
     answer = answer_text({"model": "mock-nousage", "messages": HELLO})
     env.fake.stream_with(fake_chunks(answer), delay_s=0.4)
     opened = env.session()
@@ -223,10 +225,12 @@ async def test_a_client_gone_before_the_first_chunk_is_settled_not_left_to_the_r
     async with httpx.AsyncClient(timeout=30) as client:
         with pytest.raises(httpx.TimeoutException):
             await client.post(env.gw.openai_base + "/chat/completions", json=body, headers=bearer(opened["token"]), timeout=0.15)
+    assert await env.fake.wait_disconnect(5), "the upstream call was not cancelled"
     deadline = asyncio.get_running_loop().time() + 5
     while env.shown(opened["session_id"])["reserved_nanos"] and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
-    shown = env.shown(opened["session_id"])
     entry = env.settled(opened["session_id"])
-    print(shown, entry.get(b"code"), entry.get(b"tok_out"))
-    assert shown["reserved_nanos"] == 0
+    assert (entry[b"kind"], entry[b"code"], entry[b"tok_out"]) == (b"error", b"client_disconnected", b"0")
+    prompt_cost = cost_nanos(count_chat_prompt(HELLO, ENCODING), IN_NANOS)
+    shown = env.shown(opened["session_id"])
+    assert (shown["spent_nanos"], shown["reserved_nanos"]) == (prompt_cost, 0)

@@ -1,0 +1,163 @@
+"""Fail closed: with Redis down, stalled or busy, requests get 503 in OpenAI's shape and
+nothing reaches the provider; when Redis comes back, so does the gateway.
+
+The provider is a real HTTP fake upstream, so "nothing forwarded" is counted, not assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from gateway import redis_keys
+from gateway.capability import Keyring
+from gateway.settings import ModelSettings, Price, ProviderSettings, RedisSettings
+from tests.conftest import Gateway, make_settings, start_gateway
+from tests.fakes.upstream import FakeUpstream
+from tests.openai_support import bearer, openai_error
+from tests.redis_proc import RedisProcess
+
+PLAN: dict[str, Any] = {
+    "name": "fail-closed",
+    "tenant": "acme",
+    "models": [{"name": "fake-chat", "max_tokens": 32}],
+    "budget": {"usd": 5},
+}
+HELLO = [{"role": "user", "content": "hello there"}]
+# Busy-waits inside Redis for ARGV[1] microseconds: Redis is alive but answers nobody.
+STALL = (
+    "local t0 = redis.call('TIME') repeat local t = redis.call('TIME') "
+    "until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1])"
+)
+
+
+@dataclass
+class Rig:
+    redis: RedisProcess
+    gw: Gateway
+    fake: FakeUpstream
+
+    def sync_redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis.url)
+
+    async def chat(self, client: httpx.AsyncClient, token: str, *, stream: bool = False) -> httpx.Response:
+        body = {"model": "fake-chat", "messages": HELLO, "stream": stream}
+        return await client.post(self.gw.openai_base + "/chat/completions", json=body, headers=bearer(token))
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        raw = self.sync_redis().hgetall(redis_keys.session(session_id))
+        return {k.decode(): int(v) for k, v in raw.items() if v.isdigit()}
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, keyring: Keyring) -> AsyncIterator[Rig]:
+    server = RedisProcess(tmp_path / "redis").start()
+    async with FakeUpstream() as fake:
+        base = make_settings()
+        settings = make_settings(
+            providers=[*base.providers, ProviderSettings(name="fake", kind="openai", api_base=fake.base_url)],
+            models=[*base.models, ModelSettings(name="fake-chat", provider="fake", price=Price(input_per_mtok=1.0, output_per_mtok=2.0))],
+            redis=RedisSettings(timeout_ms=200),
+        )
+        gw = start_gateway(settings, server.url, keyring)
+        try:
+            yield Rig(server, gw, fake)
+        finally:
+            gw.admin.close()
+            await asyncio.to_thread(gw.server.stop)
+            server.stop()
+
+
+def assert_unavailable(response: httpx.Response) -> None:
+    error = openai_error(response, 503)
+    assert error["code"] == "service_unavailable" and error["type"] == "server_error"
+
+
+async def test_redis_killed_under_traffic_fails_closed_and_recovers(rig: Rig) -> None:
+    opened = rig.gw.open_session(PLAN)
+    token = opened["token"]
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        async def traffic() -> None:
+            while not stop.is_set():
+                statuses.append((await rig.chat(client, token)).status_code)
+
+        assert (await rig.chat(client, token)).status_code == 200
+        rig.sync_redis().save()  # so the restarted Redis still knows the session
+        runners = [asyncio.ensure_future(traffic()) for _ in range(4)]
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(rig.redis.stop)  # SIGKILL, mid-traffic
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*runners)
+        assert set(statuses) <= {200, 503} and 503 in statuses
+
+        forwarded = len(rig.fake.requests)
+        for stream in (False, True, False, True):
+            assert_unavailable(await rig.chat(client, token, stream=stream))
+        assert len(rig.fake.requests) == forwarded, "a request reached the provider while Redis was down"
+        assert (await client.get(rig.gw.base_url + "/readyz")).status_code == 503
+
+        await asyncio.to_thread(rig.redis.start)  # same port, same data directory
+        # Scripts are gone (NOSCRIPT) and pooled connections are dead: both heal on use.
+        after = [await rig.chat(client, token) for _ in range(3)]
+        assert [r.status_code for r in after] == [200, 200, 200], [r.text for r in after]
+        assert len(rig.fake.requests) == forwarded + 3
+        shown = rig.gw.session(opened["session_id"])
+        assert shown["reserved_nanos"] == 0
+        print(f"\nkill: {statuses.count(200)} ok and {statuses.count(503)} refused during the kill; recovered")
+
+
+async def test_a_stalled_redis_is_503_nothing_forwarded_and_nothing_charged(rig: Rig) -> None:
+    opened = rig.gw.open_session(PLAN)
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await rig.chat(client, opened["token"])).status_code == 200
+        before = rig.session(opened["session_id"])
+        forwarded = len(rig.fake.requests)
+
+        stall = threading.Thread(target=lambda: rig.sync_redis().eval(STALL, 0, 1_000_000))
+        stall.start()
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        for stream in (False, True):
+            assert_unavailable(await rig.chat(client, opened["token"], stream=stream))
+        assert time.perf_counter() - started < 0.9  # failed at the 200 ms timeout, not after the stall
+        await asyncio.to_thread(stall.join)
+        assert len(rig.fake.requests) == forwarded
+
+        # The stalled reserves ran once Redis caught up; their reservations are given back.
+        deadline = time.monotonic() + 5
+        while rig.session(opened["session_id"])["reserved_nanos"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        after = rig.session(opened["session_id"])
+        assert (after["reserved_nanos"], after["spent_nanos"]) == (0, before["spent_nanos"])
+        assert (await rig.chat(client, opened["token"])).status_code == 200
+        assert len(rig.fake.requests) == forwarded + 1
+
+
+async def test_a_busy_redis_is_503_and_nothing_forwarded(rig: Rig) -> None:
+    opened = rig.gw.open_session(PLAN)
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await rig.chat(client, opened["token"])).status_code == 200
+        forwarded = len(rig.fake.requests)
+        rig.sync_redis().config_set("busy-reply-threshold", 50)
+        stall = threading.Thread(target=lambda: rig.sync_redis().eval(STALL, 0, 1_000_000))
+        stall.start()
+        await asyncio.sleep(0.2)  # past the threshold: everyone else now gets BUSY at once
+        for stream in (False, True):
+            assert_unavailable(await rig.chat(client, opened["token"], stream=stream))
+        await asyncio.to_thread(stall.join)
+        assert len(rig.fake.requests) == forwarded
+        assert rig.session(opened["session_id"])["reserved_nanos"] == 0
+        assert (await rig.chat(client, opened["token"])).status_code == 200
