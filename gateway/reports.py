@@ -1,7 +1,7 @@
 """Cost reports from the hourly rollups that every settlement writes (`costs:<YYYYMMDDHH>`).
 
-Spend is grouped by tenant, session, model or Assembly over whole UTC hours: an hour is
-in a report when it starts in [since, until). Money stays integer nano-dollars.
+Spend is grouped by tenant, session, model or Assembly over whole UTC hours: an hour is in
+a report when it overlaps [since, until). Money stays integer nano-dollars.
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ def test_cost_report_groups_spend_and_adds_up_to_the_sessions(redis_url: str, ke
         rows = gw.admin.get("/admin/v1/costs", params={"group_by": "assembly"}).json()["rows"]
         assert rows == [{"key": asm, "cost_usd": nanos_to_usd_str(sum(spent.values())), "cost_nanos": sum(spent.values())}]
 
-        # Windows: hours that start in [since, until); dates, datetimes and epoch seconds.
+        # Windows: the hours that overlap [since, until); dates, datetimes and epoch seconds.
         past = gw.admin.get("/admin/v1/costs", params={"group_by": "tenant", "since": "2001-01-01", "until": "2001-01-02T00:00:00Z"}).json()
         assert (past["rows"], past["total_nanos"], past["since"], past["until"]) == ([], 0, "2001-01-01T00:00:00Z", "2001-01-02T00:00:00Z")
         hour = int(time.time()) // 3600 * 3600
@@ -204,6 +204,24 @@ def test_cost_report_groups_spend_and_adds_up_to_the_sessions(redis_url: str, ke
         assert out[1].split() == ["key", "cost_usd", "cost_nanos", "share"]
         table = {line.split()[0]: line.split()[1] for line in out[3:]}
         assert table == {**{t: nanos_to_usd_str(v) for t, v in by_tenant.items()}, "TOTAL": nanos_to_usd_str(sum(spent.values()))}
+    finally:
+        gw.admin.close()
+        gw.server.stop()
+
+
+def test_a_free_model_settles_at_zero(redis_url: str, keyring: Any) -> None:
+    """A zero price makes zero estimates; settling them must not trip over Lua's -0."""
+    base = make_settings()
+    free = ModelSettings(name="mock-free", provider="mock", price=Price(input_per_mtok=0, output_per_mtok=0))
+    gw = start_gateway(make_settings(models=[*base.models, free]), redis_url, keyring)
+    try:
+        opened = gw.open_session(plan(name="free", models=[{"name": "mock-free", "max_tokens": 32}]))
+        for _ in range(2):
+            r = chat(gw, opened["token"], model="mock-free")
+            assert r.status_code == 200, r.text
+            assert r.headers["x-abc-cost-usd"] == "0.000000000"
+        shown = gw.session(opened["session_id"])
+        assert (shown["spent_nanos"], shown["reserved_nanos"], shown["requests"]) == (0, 0, 2)
     finally:
         gw.admin.close()
         gw.server.stop()

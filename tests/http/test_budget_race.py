@@ -33,7 +33,7 @@ from gateway.pipeline.reaper import reap_due
 from gateway.tokenizer import count_chat_prompt
 from tests.conftest import ADMIN_TOKEN, ROOT, SIGNING_SECRET
 from tests.openai_support import bearer
-from tests.redis_proc import RedisProcess, free_port
+from tests.redis_proc import free_port
 
 REPLICAS = 3
 REQUESTS = 200

@@ -126,13 +126,13 @@ async def test_a_stalled_redis_is_503_nothing_forwarded_and_nothing_charged(rig:
         before = rig.session(opened["session_id"])
         forwarded = len(rig.fake.requests)
 
-        stall = threading.Thread(target=lambda: rig.sync_redis().eval(STALL, 0, 1_000_000))
+        stall = threading.Thread(target=lambda: rig.sync_redis().eval(STALL, 0, 1_500_000))
         stall.start()
         await asyncio.sleep(0.1)
         started = time.perf_counter()
         for stream in (False, True):
             assert_unavailable(await rig.chat(client, opened["token"], stream=stream))
-        assert time.perf_counter() - started < 0.9  # failed at the 200 ms timeout, not after the stall
+        assert time.perf_counter() - started < 1.3  # each failed at the 200 ms timeout, not after the stall
         await asyncio.to_thread(stall.join)
         assert len(rig.fake.requests) == forwarded
 
