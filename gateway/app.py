@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -34,16 +34,20 @@ from gateway.settings import Settings
 
 def make_redis(url: str, settings: Settings) -> Redis:
     timeout = settings.redis.timeout_ms / 1000
-    return Redis.from_url(
+    # Blocking pool: past max_connections a request waits (up to the timeout) for a
+    # connection instead of failing at once with "Too many connections".
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=settings.redis.max_connections,
+        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        max_connections=settings.redis.max_connections,
         # One quick retry heals a pooled connection that a Redis restart broke; more
         # would hold requests past the timeout instead of failing closed.
         retry=Retry(NoBackoff(), 1),
         decode_responses=False,
     )
+    return Redis(connection_pool=pool)
 
 
 def create_app(settings: Settings, *, redis_url: str, keyring: Keyring, run_reaper_task: bool = True) -> web.Application:
@@ -100,7 +104,9 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
         for provider in deps.providers.values():
             await provider.close()
         await http.close()
+        await ledger.aclose()
         await redis.aclose()
+        await redis.connection_pool.disconnect()  # a pool we built is ours to close
 
     return ctx
 

@@ -89,4 +89,12 @@ def cost_rollup(bucket: str) -> str:
     return "costs:" + bucket
 
 
+COST_DIMENSIONS = ("tenant", "session", "model", "assembly")  # order of a rollup field's parts
+
+
+def cost_field(tenant: str, session_id: str, model: str, assembly_id: str) -> str:
+    """A rollup hash field: the four dimensions joined by the unit separator."""
+    return "\x1f".join((tenant, session_id, model, assembly_id))
+
+
 COST_BUCKETS = "cost_buckets"  # sorted set of hour buckets that have rollups

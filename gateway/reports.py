@@ -18,9 +18,9 @@ from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.money import nanos_to_usd_str
 from gateway.pipeline.ledger import REDIS_ERRORS
 
-GROUPS = ("tenant", "session", "model", "assembly")
+GROUPS = keys.COST_DIMENSIONS
 DEFAULT_SPAN = timedelta(hours=24)
-_SEPARATOR = "\x1f"  # between dimension and value in a rollup field, see Ledger._index_commands
+_SEPARATOR = "\x1f"  # between the dimensions of a rollup field, see redis_keys.cost_field
 _EPOCH = re.compile(r"^\d{1,12}(\.\d+)?$")
 
 
@@ -96,7 +96,7 @@ def _last_bucket(until: datetime) -> int:
 async def cost_report(redis: Redis, group_by: str, since: datetime, until: datetime) -> CostReport:
     if group_by not in GROUPS:
         raise InvalidRequest(f"group_by must be one of: {', '.join(GROUPS)}", param="group_by")
-    prefix = (group_by + _SEPARATOR).encode()
+    part = keys.COST_DIMENSIONS.index(group_by)
     totals: dict[str, int] = {}
     try:
         buckets = await redis.zrangebyscore(keys.COST_BUCKETS, _bucket(since), _last_bucket(until))
@@ -108,8 +108,8 @@ async def cost_report(redis: Redis, group_by: str, since: datetime, until: datet
         raise ServiceUnavailable("cost store unavailable") from exc
     for rollup in rollups:
         for field, value in rollup.items():
-            if field.startswith(prefix):
-                key = field[len(prefix):].decode()
-                totals[key] = totals.get(key, 0) + int(value)
+            parts = field.decode().split(_SEPARATOR)
+            if len(parts) == len(keys.COST_DIMENSIONS):
+                totals[parts[part]] = totals.get(parts[part], 0) + int(value)
     rows = sorted((CostRow(k, v) for k, v in totals.items() if v), key=lambda r: (-r.nanos, r.key))
     return CostReport(group_by, since, until, tuple(rows))

@@ -13,9 +13,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway.capability import bearer_token, constant_time_equals
-from gateway.errors import GatewayError, NotFound, PayloadTooLarge, Unauthenticated
+from gateway.errors import GatewayError, NotFound, PayloadTooLarge, ServiceUnavailable, Unauthenticated
 from gateway.http.keys import CLAIMS, REQUEST_ID, deps_of
 
 log = logging.getLogger("gateway.http")
@@ -64,6 +65,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except GatewayError as exc:
         status = exc.status
         return error_response(exc, request_id)
+    except RedisError:
+        # Whatever path touched Redis, its trouble fails closed: 503, nothing forwarded.
+        status = 503
+        return error_response(ServiceUnavailable("state store unavailable; request not served"), request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -55,63 +55,66 @@ if ARGV[5] ~= '' then
   if step == '' then return {'step', current} end
 end
 
--- A limit that is absent (false from HMGET, '' in ARGV) means no limit.
+-- A limit that is absent (false from HMGET, '' in ARGV) means no limit. Counters of a
+-- limit that is not set are neither read nor written: most plans set none.
 local function over(limit, used)
   local l = tonumber(limit)
   return l ~= nil and used > l
 end
+local function count(key, limit)
+  if limit == nil then return 0 end
+  return tonumber(redis.call('GET', key) or '0')
+end
+local function int(n) return string.format('%d', n) end
 local rpm, tpm = tonumber(ARGV[6]), tonumber(ARGV[7])
-local sreq = tonumber(redis.call('GET', KEYS[5]) or '0')
-local stok = tonumber(redis.call('GET', KEYS[6]) or '0')
-if over(rpm, sreq + 1) then return {'rate', 'session_rpm', tostring(rpm)} end
-if over(tpm, stok + est_tokens) then return {'rate', 'session_tpm', tostring(tpm)} end
 local trpm, ttpm, tday = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local treq = tonumber(redis.call('GET', KEYS[8]) or '0')
-local ttok = tonumber(redis.call('GET', KEYS[9]) or '0')
-local tspent = tonumber(redis.call('GET', KEYS[7]) or '0')
-if over(trpm, treq + 1) then return {'rate', 'tenant_rpm', tostring(trpm)} end
-if over(ttpm, ttok + est_tokens) then return {'rate', 'tenant_tpm', tostring(ttpm)} end
+if over(rpm, count(KEYS[5], rpm) + 1) then return {'rate', 'session_rpm', int(rpm)} end
+if over(tpm, count(KEYS[6], tpm) + est_tokens) then return {'rate', 'session_tpm', int(tpm)} end
+if over(trpm, count(KEYS[8], trpm) + 1) then return {'rate', 'tenant_rpm', int(trpm)} end
+if over(ttpm, count(KEYS[9], ttpm) + est_tokens) then return {'rate', 'tenant_tpm', int(ttpm)} end
+local tspent = count(KEYS[7], tday)
 if over(tday, tspent + est_nanos) then
-  return {'budget', 'tenant_usd_day', tostring(math.max(tday - tspent, 0))}
+  return {'budget', 'tenant_usd_day', int(math.max(tday - tspent, 0))}
 end
 
-local committed = tonumber(s[4] or '0') + tonumber(s[5] or '0')
+local reserved = tonumber(s[5] or '0')
+local committed = tonumber(s[4] or '0') + reserved
 if over(s[3], committed + est_nanos) then
-  return {'budget', 'usd', tostring(math.max(tonumber(s[3]) - committed, 0))}
+  return {'budget', 'usd', int(math.max(tonumber(s[3]) - committed, 0))}
 end
-local tokens = tonumber(s[7] or '0') + tonumber(s[8] or '0')
+local reserved_tokens = tonumber(s[8] or '0')
+local tokens = tonumber(s[7] or '0') + reserved_tokens
 if over(s[6], tokens + est_tokens) then
-  return {'budget', 'tokens', tostring(math.max(tonumber(s[6]) - tokens, 0))}
+  return {'budget', 'tokens', int(math.max(tonumber(s[6]) - tokens, 0))}
 end
 local requests = tonumber(s[10] or '0')
 if over(s[9], requests + 1) then return {'budget', 'requests', '0'} end
 
 -- Admitted: reserve, count, journal.
-redis.call('HINCRBY', KEYS[1], 'reserved_nanos', est_nanos)
-redis.call('HINCRBY', KEYS[1], 'reserved_tokens', est_tokens)
-redis.call('HINCRBY', KEYS[1], 'requests', 1)
+redis.call('HSET', KEYS[1], 'reserved_nanos', int(reserved + est_nanos),
+  'reserved_tokens', int(reserved_tokens + est_tokens), 'requests', int(requests + 1))
 local charged = ''
 if tday then charged = '@' .. string.match(KEYS[7], ':(%d+)$') end
-redis.call('HSET', KEYS[2], ARGV[2], est_nanos .. ':' .. est_tokens .. ':' .. now_ms .. charged .. ':' .. step)
-for i, key in ipairs({KEYS[5], KEYS[8]}) do
-  redis.call('INCR', key) redis.call('PEXPIRE', key, 120000)
+redis.call('HSET', KEYS[2], ARGV[2], int(est_nanos) .. ':' .. int(est_tokens) .. ':' .. int(now_ms) .. charged .. ':' .. step)
+local function bump(key, limit, by, ttl_ms)
+  if limit ~= nil then redis.call('INCRBY', key, by) redis.call('PEXPIRE', key, ttl_ms) end
 end
-for i, key in ipairs({KEYS[6], KEYS[9]}) do
-  redis.call('INCRBY', key, est_tokens) redis.call('PEXPIRE', key, 120000)
-end
-if tday then
-  redis.call('INCRBY', KEYS[7], est_nanos) redis.call('PEXPIRE', KEYS[7], 172800000)
-end
+bump(KEYS[5], rpm, 1, 120000)
+bump(KEYS[6], tpm, est_tokens, 120000)
+bump(KEYS[8], trpm, 1, 120000)
+bump(KEYS[9], ttpm, est_tokens, 120000)
+bump(KEYS[7], tday, est_nanos, 172800000)
 
 if ARGV[11] ~= '' then
   redis.call('HSET', KEYS[10], 'state', 'pending', 'req', ARGV[12], 'rid', ARGV[2])
   redis.call('PEXPIRE', KEYS[10], tonumber(ARGV[11]))
 end
 
-local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
-local prev = redis.call('HGET', KEYS[4], 'hash') or ''
+local head = redis.call('HMGET', KEYS[4], 'seq', 'hash')
+local seq = int(tonumber(head[1] or '0') + 1)
+local prev = head[2] or ''
 local h = redis.sha1hex(prev .. '|' .. seq .. '|' .. ARGV[13] .. '|' .. step)
-redis.call('HSET', KEYS[4], 'hash', h)
+redis.call('HSET', KEYS[4], 'seq', seq, 'hash', h)
 local xadd = {'XADD', KEYS[3], '*', 'seq', seq, 'prev', prev, 'hash', h, 'digest', ARGV[13], 'step', step}
 for i = 14, #ARGV do xadd[#xadd + 1] = ARGV[i] end
 local id = redis.call(unpack(xadd))
@@ -119,4 +122,4 @@ local id = redis.call(unpack(xadd))
 local budget = tonumber(s[3])
 local left = -1  -- no usd budget
 if budget then left = budget - committed - est_nanos end
-return {'ok', step, tostring(left), tostring(seq), id}
+return {'ok', step, int(left), seq, id}

@@ -19,33 +19,40 @@ if r then
   redis.call('HDEL', KEYS[2], ARGV[1])
 end
 
+local function int(n) return string.format('%d', n) end
+local c = redis.call('HMGET', KEYS[1], 'budget_nanos', 'spent_nanos', 'reserved_nanos', 'spent_tokens', 'reserved_tokens')
+local spent, reserved = tonumber(c[2] or '0'), tonumber(c[3] or '0')
+local spent_tokens, reserved_tokens = tonumber(c[4] or '0'), tonumber(c[5] or '0')
 if reaped then
   -- The reaper moved the whole reservation into spend; give back what was not used.
-  redis.call('HINCRBY', KEYS[1], 'spent_nanos', actual_nanos - est_nanos)
-  redis.call('HINCRBY', KEYS[1], 'spent_tokens', actual_tokens - est_tokens)
+  spent = spent + actual_nanos - est_nanos
+  spent_tokens = spent_tokens + actual_tokens - est_tokens
 else
-  -- "0 - x", never "-x": Lua's -0 is sent as "-0", which HINCRBY rejects (free models).
-  redis.call('HINCRBY', KEYS[1], 'reserved_nanos', 0 - est_nanos)
-  redis.call('HINCRBY', KEYS[1], 'reserved_tokens', 0 - est_tokens)
-  redis.call('HINCRBY', KEYS[1], 'spent_nanos', actual_nanos)
-  redis.call('HINCRBY', KEYS[1], 'spent_tokens', actual_tokens)
+  reserved = reserved - est_nanos
+  reserved_tokens = reserved_tokens - est_tokens
+  spent = spent + actual_nanos
+  spent_tokens = spent_tokens + actual_tokens
 end
-if tenant_day and tenant_day == string.match(KEYS[5], ':(%d+)$') and redis.call('EXISTS', KEYS[5]) == 1 then
-  redis.call('INCRBY', KEYS[5], actual_nanos - est_nanos)
-end
+local fields = {'spent_nanos', int(spent), 'reserved_nanos', int(reserved),
+  'spent_tokens', int(spent_tokens), 'reserved_tokens', int(reserved_tokens)}
 if ARGV[4] == '1' and step ~= '' then
-  redis.call('HSET', KEYS[1], 'step', step)
+  fields[#fields + 1] = 'step'
+  fields[#fields + 1] = step
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+if tenant_day and tenant_day == string.match(KEYS[5], ':(%d+)$') and redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('INCRBY', KEYS[5], int(actual_nanos - est_nanos))
 end
 
-local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
-local prev = redis.call('HGET', KEYS[4], 'hash') or ''
+local head = redis.call('HMGET', KEYS[4], 'seq', 'hash')
+local seq = int(tonumber(head[1] or '0') + 1)
+local prev = head[2] or ''
 local h = redis.sha1hex(prev .. '|' .. seq .. '|' .. ARGV[5] .. '|' .. step)
-redis.call('HSET', KEYS[4], 'hash', h)
+redis.call('HSET', KEYS[4], 'seq', seq, 'hash', h)
 local xadd = {'XADD', KEYS[3], '*', 'seq', seq, 'prev', prev, 'hash', h, 'digest', ARGV[5], 'step', step}
 for i = 6, #ARGV do xadd[#xadd + 1] = ARGV[i] end
 local id = redis.call(unpack(xadd))
 
-local s = redis.call('HMGET', KEYS[1], 'budget_nanos', 'spent_nanos', 'reserved_nanos')
 local left = -1
-if s[1] then left = tonumber(s[1]) - tonumber(s[2] or '0') - tonumber(s[3] or '0') end
-return {tostring(left), tostring(seq), id, step}
+if c[1] then left = tonumber(c[1]) - spent - reserved end
+return {int(left), seq, id, step}

@@ -85,6 +85,7 @@ class Ledger:
     def __init__(self, redis: Redis, *, reservation_ttl_s: int, journal_retention_s: int, observe: Callable[[str, float], None] | None = None) -> None:
         self.redis = redis
         self._observe = observe or (lambda op, seconds: None)
+        self._last_bucket = ""  # the hour bucket this process last registered in COST_BUCKETS
         self.reservation_ttl_ms = reservation_ttl_s * 1000
         self.index_retention_ms = journal_retention_s * 1000
         self._sources = _load_sources()
@@ -270,13 +271,11 @@ class Ledger:
              "model", tags.model, "assembly", tags.assembly_id),
         ]
         if nanos:
-            commands += [
-                ("HINCRBY", rollup, f"tenant\x1f{tags.tenant}", nanos),
-                ("HINCRBY", rollup, f"session\x1f{tags.session_id}", nanos),
-                ("HINCRBY", rollup, f"model\x1f{tags.model}", nanos),
-                ("HINCRBY", rollup, f"assembly\x1f{tags.assembly_id}", nanos),
-                ("ZADD", keys.COST_BUCKETS, int(bucket), bucket),
-            ]
+            # One field per (tenant, session, model, assembly); reports group at read time.
+            commands.append(("HINCRBY", rollup, keys.cost_field(tags.tenant, tags.session_id, tags.model, tags.assembly_id), nanos))
+            if bucket != self._last_bucket:
+                commands.append(("ZADD", keys.COST_BUCKETS, int(bucket), bucket))
+                self._last_bucket = bucket
         return commands
 
     async def append(self, session_id: str, entry: Entry, *, step: str = "", set_field: tuple[str, str] | None = None) -> int | None:

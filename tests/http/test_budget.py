@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import redis
 
@@ -225,3 +226,18 @@ def test_a_free_model_settles_at_zero(redis_url: str, keyring: Any) -> None:
     finally:
         gw.admin.close()
         gw.server.stop()
+
+
+def test_a_million_dollar_budget_is_exact_integer_money(gateway: Gateway) -> None:
+    # Lua prints numbers >= 1e14 in float notation unless told otherwise; nano-dollars of
+    # a $1M budget are 1e15, so every figure must still come back as an exact integer.
+    plan = {**OPEN_PLAN, "budget": {"usd": 1_000_000}}
+    opened = gateway.open_session(plan)
+    client = openai.OpenAI(base_url=gateway.openai_base, api_key=opened["token"], max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    cost = raw.headers["x-abc-cost-usd"]
+    left = raw.headers["x-abc-budget-remaining-usd"]
+    assert Decimal(cost) + Decimal(left) == Decimal("1000000")
+    shown = gateway.session(opened["session_id"])
+    assert shown["spent_nanos"] == int(Decimal(cost) * 10**9)
+    assert shown["remaining_usd"] == left
