@@ -11,8 +11,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import hiredis
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -47,7 +49,25 @@ def make_redis(url: str, settings: Settings) -> Redis:
         retry=Retry(NoBackoff(), 1),
         decode_responses=False,
     )
+    pool.connection_class = _hiredis_packing(pool.connection_class)
     return Redis(connection_pool=pool)
+
+
+def _hiredis_packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """The pool's connection class, packing commands with hiredis's C encoder.
+
+    redis-py's pure-Python packer re-copies its buffer for every argument; our script
+    calls carry ~40 arguments (journal fields and bodies), and the profile showed it as
+    the single largest cost of a request. hiredis gives the same bytes ~7x faster.
+    """
+
+    class HiredisPacking(base):  # type: ignore[valid-type,misc]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            if isinstance(args[0], str) and " " in args[0]:
+                args = (*args[0].split(), *args[1:])  # "SCRIPT LOAD" is two arguments
+            return [hiredis.pack_command(args)]
+
+    return HiredisPacking
 
 
 def create_app(settings: Settings, *, redis_url: str, keyring: Keyring, run_reaper_task: bool = True) -> web.Application:

@@ -95,7 +95,7 @@ class BudgetSettings(_Frozen):
 
 
 class JournalSettings(_Frozen):
-    compress_over_bytes: Annotated[int, Field(gt=0)] = 4096
+    compress_over_bytes: Annotated[int, Field(gt=0)] = 16384
     # Per-session streams expire this long after the session does (see README: Retention).
     retention_s: Annotated[int, Field(gt=0)] = 30 * 24 * 3600
 

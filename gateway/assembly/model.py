@@ -8,6 +8,7 @@ Money is integer nano-dollars; prices are nano-dollars per million tokens.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -98,8 +99,9 @@ class Assembly(_Frozen):
     def canonical_json(self) -> bytes:
         return canonical_json(self.model_dump(mode="json", by_alias=True))
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
+        # Immutable, so hash once: the id is read on every request's journal entries.
         return assembly_id(self.canonical_json())
 
     def step(self, step_id: str) -> Step | None:

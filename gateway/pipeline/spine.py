@@ -49,10 +49,11 @@ class Call:
     claims: Claims
     started: float = field(default_factory=time.perf_counter)
     idempotency_key: str | None = None
+    # SHA-256 of the canonical body: what replays match on and every entry carries.
+    request_hash: str = field(init=False)
 
-    @property
-    def request_hash(self) -> str:
-        return hashlib.sha256(orjson.dumps(self.body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    def __post_init__(self) -> None:
+        self.request_hash = hashlib.sha256(orjson.dumps(self.body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     @property
     def idempotency_record(self) -> str | None:
