@@ -26,6 +26,7 @@ from gateway.http import admin_routes, cost_routes, journal_routes, openai_route
 from gateway.http.keys import DEPS, deps_of
 from gateway.http.middlewares import auth_middleware, errors_middleware
 from gateway.metrics import Metrics
+from gateway.plugins import load_plugins
 from gateway.pipeline.ledger import REDIS_ERRORS, Ledger
 from gateway.pipeline.reaper import run_reaper
 from gateway.providers.openai_compat import make_client_session
@@ -111,6 +112,7 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             providers=build_providers(settings, http),
             known_models=frozenset(m.name.strip().lower() for m in settings.models),
             metrics=metrics,
+            plugins=load_plugins(settings.plugins),
             tasks=set(),
         )
         app[DEPS] = deps

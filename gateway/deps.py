@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from gateway.assembly.store import AssemblyStore
 from gateway.capability import Keyring, Verifier
 from gateway.metrics import Metrics
+from gateway.plugins import Plugin
 from gateway.pipeline.ledger import Ledger
 from gateway.providers.base import Provider
 from gateway.sessions import SessionStore
@@ -30,5 +31,6 @@ class Deps:
     providers: Mapping[str, Provider]
     known_models: frozenset[str]
     metrics: Metrics
+    plugins: tuple[Plugin, ...]  # in the order the settings list them
     # Settlements and journal writes still running after their request ended.
     tasks: set[asyncio.Future[Any]]

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway import plugins
 from gateway.deps import Deps
 from gateway.errors import GatewayError, UpstreamError
 from gateway.http.keys import REQUEST_ID
@@ -26,6 +27,7 @@ from gateway.pipeline.spine import Admitted, cost_headers, fail, finish, shielde
 from gateway.pipeline.usage import StreamMeter
 
 DONE = b"data: [DONE]\n\n"
+_NULL_USAGE = b',"usage":null'
 CLIENT_GONE = (ConnectionResetError, asyncio.CancelledError)
 
 
@@ -61,7 +63,7 @@ async def relay(request: web.Request, deps: Deps, adm: Admitted) -> web.StreamRe
     try:
         # Inside the try: a client gone before the headers go out is settled like one gone later.
         await response.prepare(request)
-        await _pump(response, adm, meter, first, upstream, payloads, client_wants_usage)
+        await _pump(deps, response, adm, meter, first, upstream, payloads, client_wants_usage)
     except CLIENT_GONE:
         await upstream.aclose()
         adm.upstream_s = time.perf_counter() - adm.upstream_started
@@ -93,11 +95,24 @@ async def relay(request: web.Request, deps: Deps, adm: Admitted) -> web.StreamRe
     return response
 
 
+def _without_usage(payload: bytes, chunk: dict[str, Any]) -> bytes:
+    """The chunk without the `usage` key we asked for, as the client would have had it.
+
+    Upstreams send compact JSON with `"usage":null` on every chunk once asked; cutting
+    those bytes out spares a re-serialisation per chunk. A quote inside a JSON string
+    is escaped, so the pattern can only be a key; anything unusual is re-serialised.
+    """
+    if chunk.get("usage") is None and payload.count(_NULL_USAGE) == 1:
+        return payload.replace(_NULL_USAGE, b"")
+    return orjson.dumps({k: v for k, v in chunk.items() if k != "usage"})
+
+
 async def _pump(
-    response: web.StreamResponse, adm: Admitted, meter: StreamMeter, first: bytes | None,
+    deps: Deps, response: web.StreamResponse, adm: Admitted, meter: StreamMeter, first: bytes | None,
     upstream: AsyncIterator[bytes], payloads: list[bytes], client_wants_usage: bool,
 ) -> None:
     payload = first
+    plugin_states: dict[str, dict[str, Any]] = {}
     while payload is not None:
         try:
             chunk = orjson.loads(payload)
@@ -110,11 +125,15 @@ async def _pump(
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if isinstance(delta, dict):
                 policy.check_output(adm.assembly, adm.grant, policy.tool_call_names(delta))
+        if deps.plugins and not usage_only:
+            rewritten = plugins.run_chunk(deps.plugins, chunk, plugin_states)
+            if rewritten is not None:
+                chunk, payload = rewritten, orjson.dumps(rewritten)
         if usage_only and not client_wants_usage:
             pass  # we asked for it for billing; the client did not
         else:
             if not client_wants_usage and "usage" in chunk:
-                payload = orjson.dumps({k: v for k, v in chunk.items() if k != "usage"})
+                payload = _without_usage(payload, chunk)
             payloads.append(payload)
             await response.write(b"data: " + payload + b"\n\n")
         payload = await anext(upstream, None)

@@ -9,6 +9,7 @@ Settlement runs shielded, so a client that hangs up can't skip it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import Awaitable
@@ -19,6 +20,7 @@ import orjson
 
 from gateway import redis_keys
 from gateway.assembly.model import Assembly
+from gateway import plugins
 from gateway.capability import Claims
 from gateway.deps import Deps
 from gateway.errors import (
@@ -91,6 +93,8 @@ async def admit(deps: Deps, call: Call) -> Admitted | idempotency.Stored:
     assembly = await deps.assemblies.get(call.claims.assembly_id)
     try:
         grant = policy.authorize(assembly, call.endpoint, call.body, known_models=deps.known_models)
+        if deps.plugins:
+            grant = dataclasses.replace(grant, body=plugins.run_request(deps.plugins, grant.body))
     except GatewayError as exc:
         denial: GatewayError = exc
         # A dead session is a 401 before it is anything else; only denials pay for the look-up.
@@ -183,11 +187,13 @@ async def complete(deps: Deps, adm: Admitted) -> Answer:
             message = choice.get("message") if isinstance(choice, dict) else None
             if isinstance(message, dict):
                 policy.check_output(adm.assembly, adm.grant, policy.tool_call_names(message))
+        rewritten = plugins.run_response(deps.plugins, reply.data) if deps.plugins else None
     except CapabilityDenied as exc:
         # The upstream did the work: charge it, journal the violation, answer the denial.
         await shielded(deps, fail(deps, adm, exc, usage))
         raise
-    return await shielded(deps, _settle_answer(deps, adm, usage, reply.body, reply.headers))
+    body = reply.body if rewritten is None else orjson.dumps(rewritten)
+    return await shielded(deps, _settle_answer(deps, adm, usage, body, reply.headers))
 
 
 async def _settle_answer(deps: Deps, adm: Admitted, usage: Usage, body: bytes, headers: dict[str, str]) -> Answer:
