@@ -19,16 +19,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from gateway.assembly.store import AssemblyStore
-from gateway.capability import Keyring, Verifier, constant_time_equals, bearer_token
+from gateway.capability import Keyring, Verifier, bearer_token, constant_time_equals
 from gateway.deps import Deps
 from gateway.errors import Unauthenticated
 from gateway.http import admin_routes, cost_routes, journal_routes, openai_routes
 from gateway.http.keys import DEPS, deps_of
 from gateway.http.middlewares import auth_middleware, errors_middleware
 from gateway.metrics import Metrics
-from gateway.plugins import load_plugins
 from gateway.pipeline.ledger import REDIS_ERRORS, Ledger
 from gateway.pipeline.reaper import run_reaper
+from gateway.plugins import load_plugins
 from gateway.providers.openai_compat import make_client_session
 from gateway.providers.registry import build_providers
 from gateway.sessions import SessionStore

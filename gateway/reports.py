@@ -7,6 +7,7 @@ a report when it overlaps [since, until). Money stays integer nano-dollars.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -88,28 +89,105 @@ def _bucket(moment: datetime) -> int:
     return int(moment.astimezone(UTC).strftime("%Y%m%d%H"))
 
 
+def _hour(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
 def _last_bucket(until: datetime) -> int:
     """The last hour that starts before `until` (the window's end is exclusive)."""
     return _bucket(until - timedelta(microseconds=1))
 
 
-async def cost_report(redis: Redis, group_by: str, since: datetime, until: datetime) -> CostReport:
+MAX_SERIES_HOURS = 24 * 31  # a series is dense, one number per hour and key: keep it bounded
+
+
+@dataclass(frozen=True, slots=True)
+class CostSeries:
+    """Spend per key for every hour that overlaps [since, until), zeros included."""
+
+    group_by: str
+    since: datetime
+    until: datetime
+    hours: tuple[datetime, ...]
+    series: tuple[tuple[str, tuple[int, ...]], ...]  # (key, nanos per hour), biggest first
+
+    @property
+    def total_nanos(self) -> int:
+        return sum(sum(nanos) for _, nanos in self.series)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group_by": self.group_by,
+            "since": _iso(self.since),
+            "until": _iso(self.until),
+            "buckets": [_iso(hour) for hour in self.hours],
+            "series": [
+                {
+                    "key": key,
+                    "nanos": list(nanos),
+                    "usd": [nanos_to_usd_str(n) for n in nanos],
+                    "total_nanos": sum(nanos),
+                    "total_usd": nanos_to_usd_str(sum(nanos)),
+                }
+                for key, nanos in self.series
+            ],
+            "total_nanos": self.total_nanos,
+            "total_usd": nanos_to_usd_str(self.total_nanos),
+        }
+
+
+def _dimension(group_by: str) -> int:
     if group_by not in GROUPS:
         raise InvalidRequest(f"group_by must be one of: {', '.join(GROUPS)}", param="group_by")
-    part = keys.COST_DIMENSIONS.index(group_by)
-    totals: dict[str, int] = {}
+    return GROUPS.index(group_by)
+
+
+async def _rollups(redis: Redis, since: datetime, until: datetime) -> list[tuple[int, dict[bytes, bytes]]]:
+    """(bucket, rollup hash) for every hour bucket that overlaps [since, until)."""
     try:
-        buckets = await redis.zrangebyscore(keys.COST_BUCKETS, _bucket(since), _last_bucket(until))
+        buckets = [int(b) for b in await redis.zrangebyscore(keys.COST_BUCKETS, _bucket(since), _last_bucket(until))]
         async with redis.pipeline(transaction=False) as pipe:
             for bucket in buckets:
-                pipe.hgetall(keys.cost_rollup(bucket.decode() if isinstance(bucket, bytes) else str(bucket)))
+                pipe.hgetall(keys.cost_rollup(str(bucket)))
             rollups = await pipe.execute() if buckets else []
     except REDIS_ERRORS as exc:
         raise ServiceUnavailable("cost store unavailable") from exc
-    for rollup in rollups:
-        for field, value in rollup.items():
-            parts = field.decode().split(_SEPARATOR)
-            if len(parts) == len(keys.COST_DIMENSIONS):
-                totals[parts[part]] = totals.get(parts[part], 0) + int(value)
+    return list(zip(buckets, rollups, strict=True))
+
+
+def _spend(rollup: dict[bytes, bytes], part: int) -> Iterator[tuple[str, int]]:
+    """(key, nanos) of each rollup field, the key being dimension `part` of the field."""
+    for field, value in rollup.items():
+        parts = field.decode().split(_SEPARATOR)
+        if len(parts) == len(keys.COST_DIMENSIONS):
+            yield parts[part], int(value)
+
+
+async def cost_report(redis: Redis, group_by: str, since: datetime, until: datetime) -> CostReport:
+    part = _dimension(group_by)
+    totals: dict[str, int] = {}
+    for _, rollup in await _rollups(redis, since, until):
+        for key, nanos in _spend(rollup, part):
+            totals[key] = totals.get(key, 0) + nanos
     rows = sorted((CostRow(k, v) for k, v in totals.items() if v), key=lambda r: (-r.nanos, r.key))
     return CostReport(group_by, since, until, tuple(rows))
+
+
+async def cost_series(redis: Redis, group_by: str, since: datetime, until: datetime) -> CostSeries:
+    """The same rollups as `cost_report`, kept apart by hour: its per-key sums are the report."""
+    part = _dimension(group_by)
+    first, last = _hour(since), _hour(until - timedelta(microseconds=1))
+    count = (last - first) // timedelta(hours=1) + 1
+    if count > MAX_SERIES_HOURS:
+        raise InvalidRequest(f"a series spans at most {MAX_SERIES_HOURS} hours", param="since")
+    hours = tuple(first + timedelta(hours=i) for i in range(count))
+    slot = {_bucket(hour): i for i, hour in enumerate(hours)}
+    per_key: dict[str, list[int]] = {}
+    for bucket, rollup in await _rollups(redis, since, until):
+        at = slot.get(bucket)
+        for key, nanos in _spend(rollup, part) if at is not None else ():
+            per_key.setdefault(key, [0] * count)[at] += nanos
+    series = sorted(
+        ((k, tuple(v)) for k, v in per_key.items() if any(v)), key=lambda s: (-sum(s[1]), s[0])
+    )
+    return CostSeries(group_by, since, until, hours, tuple(series))

@@ -5,21 +5,17 @@ Every route here sits behind the admin token (see middlewares.auth_middleware).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.assembly.compile import compile_plan
 from gateway.assembly.plan import PlanInvalid, parse_plan
-from gateway.errors import GatewayError, InvalidRequest
-from gateway.http.bodies import read_json_object
+from gateway.errors import GatewayError
+from gateway.http.bodies import json_response, read_json_object, validated
 from gateway.http.keys import deps_of
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 class PlanRejected(GatewayError):
@@ -38,14 +34,6 @@ class OpenSession(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
-def _validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"{where}: {first['msg']}", param=where or None) from None
-
 
 async def compile_route(request: web.Request) -> web.Response:
     deps = deps_of(request)
@@ -57,7 +45,7 @@ async def compile_route(request: web.Request) -> web.Response:
             f"invalid plan: {len(exc.problems)} problem(s)", extra={"problems": [p.to_dict() for p in exc.problems]}
         ) from None
     await deps.assemblies.put(compiled.assembly)
-    return _json(
+    return json_response(
         {
             "assembly_id": compiled.assembly.id,
             "assembly": orjson.Fragment(compiled.assembly.canonical_json()),
@@ -74,19 +62,19 @@ async def get_assembly(request: web.Request) -> web.Response:
 
 async def list_assemblies(request: web.Request) -> web.Response:
     ids = await deps_of(request).assemblies.list()
-    return _json({"object": "list", "data": [{"assembly_id": i} for i in ids]})
+    return json_response({"object": "list", "data": [{"assembly_id": i} for i in ids]})
 
 
 async def open_session(request: web.Request) -> web.Response:
     deps = deps_of(request)
-    spec: OpenSession = _validated(OpenSession, await read_json_object(request))
+    spec: OpenSession = validated(OpenSession, await read_json_object(request))
     assembly = await deps.assemblies.get(spec.assembly_id)
     opened = await deps.sessions.open(
         assembly, tenant=spec.tenant, budget_usd=spec.budget_usd, ttl_s=spec.ttl_s, labels=spec.labels
     )
     from gateway.money import nanos_to_usd_str
 
-    return _json(
+    return json_response(
         {
             "session_id": opened.session_id,
             "token": opened.token,
@@ -99,13 +87,13 @@ async def open_session(request: web.Request) -> web.Response:
 
 
 async def show_session(request: web.Request) -> web.Response:
-    return _json(await deps_of(request).sessions.show(request.match_info["session_id"]))
+    return json_response(await deps_of(request).sessions.show(request.match_info["session_id"]))
 
 
 async def revoke_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     await deps_of(request).sessions.revoke(session_id)
-    return _json({"session_id": session_id, "state": "revoked"})
+    return json_response({"session_id": session_id, "state": "revoked"})
 
 
 def add_routes(app: web.Application) -> None:

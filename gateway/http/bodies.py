@@ -1,4 +1,4 @@
-"""Reading request bodies: size-limited, parsed once with orjson, objects only."""
+"""Request and response bodies: size-limited JSON in (parsed once, objects only), JSON out."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.http.keys import deps_of
@@ -45,3 +46,17 @@ def _too_deep(body: dict[str, Any]) -> bool:
         children = node.values() if isinstance(node, dict) else node
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
+
+
+def validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    """`body` as `model`, or a 400 naming the first field that is wrong."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"{where}: {first['msg']}", param=where or None) from None
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")

@@ -8,14 +8,13 @@ after an export. Behind the admin token like every /admin route.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import InvalidRequest
-from gateway.http.bodies import read_json_object
+from gateway.http.bodies import json_response, read_json_object, validated
 from gateway.http.keys import deps_of
 from gateway.journal import export
 from gateway.journal.live import run_live
@@ -42,17 +41,6 @@ class TrimSpec(BaseModel):
     exported_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-def _spec(model: type[BaseModel], body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"{where}: {first['msg']}", param=where or None) from None
 
 
 def _int_param(request: web.Request, name: str, default: int, high: int) -> int:
@@ -77,7 +65,7 @@ async def journal_page(request: web.Request) -> web.Response:
         raise InvalidRequest("format must be decoded or export", param="format")
     page = await export.read_page(deps.redis, session_id, after=after, limit=limit)
     render = export.export_line if form == "export" else export.decoded
-    return _json({
+    return json_response({
         "object": "list", "session_id": session_id,
         "entries": [render(entry_id, fields) for entry_id, fields in page],
         "next": page[-1][0].decode() if len(page) == limit else None,
@@ -87,25 +75,25 @@ async def journal_page(request: web.Request) -> web.Response:
 async def replay(request: web.Request) -> web.Response:
     deps = deps_of(request)
     source = request.match_info["session_id"]
-    spec: ReplaySpec = _spec(ReplaySpec, await read_json_object(request))
+    spec: ReplaySpec = validated(ReplaySpec, await read_json_object(request))
     if spec.mode != "live" and (spec.offset or spec.limit is not None or spec.into is not None):
         raise InvalidRequest("offset, limit and into apply to live replays only", param="mode")
     await deps.sessions.get(source)
     if spec.mode == "verify":
         report = await verify_session(deps.redis, source)
-        return _json({"mode": "verify", "session_id": source, **report.to_dict()})
+        return json_response({"mode": "verify", "session_id": source, **report.to_dict()})
     if spec.mode == "recorded":
-        return _json(await open_recorded(deps, source), status=201)
-    return _json(await run_live(deps, source, offset=spec.offset, limit=spec.limit, into=spec.into))
+        return json_response(await open_recorded(deps, source), status=201)
+    return json_response(await run_live(deps, source, offset=spec.offset, limit=spec.limit, into=spec.into))
 
 
 async def trim(request: web.Request) -> web.Response:
     deps = deps_of(request)
     session_id = request.match_info["session_id"]
-    spec: TrimSpec = _spec(TrimSpec, await read_json_object(request))
+    spec: TrimSpec = validated(TrimSpec, await read_json_object(request))
     await deps.sessions.get(session_id)
     done = await export.trim_through(deps.redis, session_id, through=spec.through, exported_hash=spec.exported_hash)
-    return _json({"session_id": session_id, **done})
+    return json_response({"session_id": session_id, **done})
 
 
 def add_routes(app: web.Application) -> None:

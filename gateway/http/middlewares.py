@@ -16,7 +16,13 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.capability import bearer_token, constant_time_equals
-from gateway.errors import GatewayError, NotFound, PayloadTooLarge, ServiceUnavailable, Unauthenticated
+from gateway.errors import (
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthenticated,
+)
 from gateway.http.keys import CLAIMS, REQUEST_ID, deps_of
 
 log = logging.getLogger("gateway.http")

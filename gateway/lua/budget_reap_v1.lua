@@ -17,11 +17,5 @@ redis.call('HINCRBY', KEYS[1], 'reserved_tokens', 0 - tonumber(b))
 redis.call('HINCRBY', KEYS[1], 'spent_nanos', tonumber(a))
 redis.call('HINCRBY', KEYS[1], 'spent_tokens', tonumber(b))
 
-local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
-local prev = redis.call('HGET', KEYS[4], 'hash') or ''
-local h = redis.sha1hex(prev .. '|' .. seq .. '|' .. ARGV[3] .. '|' .. step)
-redis.call('HSET', KEYS[4], 'hash', h)
-local xadd = {'XADD', KEYS[3], '*', 'seq', seq, 'prev', prev, 'hash', h, 'digest', ARGV[3], 'step', step}
-for i = 4, #ARGV do xadd[#xadd + 1] = ARGV[i] end
-redis.call(unpack(xadd))
+journal_append(KEYS[3], KEYS[4], ARGV[3], step, 4)
 return 1

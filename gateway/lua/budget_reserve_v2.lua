@@ -110,14 +110,7 @@ if ARGV[11] ~= '' then
   redis.call('PEXPIRE', KEYS[10], tonumber(ARGV[11]))
 end
 
-local head = redis.call('HMGET', KEYS[4], 'seq', 'hash')
-local seq = int(tonumber(head[1] or '0') + 1)
-local prev = head[2] or ''
-local h = redis.sha1hex(prev .. '|' .. seq .. '|' .. ARGV[13] .. '|' .. step)
-redis.call('HSET', KEYS[4], 'seq', seq, 'hash', h)
-local xadd = {'XADD', KEYS[3], '*', 'seq', seq, 'prev', prev, 'hash', h, 'digest', ARGV[13], 'step', step}
-for i = 14, #ARGV do xadd[#xadd + 1] = ARGV[i] end
-local id = redis.call(unpack(xadd))
+local seq, id = journal_append(KEYS[3], KEYS[4], ARGV[13], step, 14)
 
 local budget = tonumber(s[3])
 local left = -1  -- no usd budget

@@ -44,14 +44,7 @@ if tenant_day and tenant_day == string.match(KEYS[5], ':(%d+)$') and redis.call(
   redis.call('INCRBY', KEYS[5], int(actual_nanos - est_nanos))
 end
 
-local head = redis.call('HMGET', KEYS[4], 'seq', 'hash')
-local seq = int(tonumber(head[1] or '0') + 1)
-local prev = head[2] or ''
-local h = redis.sha1hex(prev .. '|' .. seq .. '|' .. ARGV[5] .. '|' .. step)
-redis.call('HSET', KEYS[4], 'seq', seq, 'hash', h)
-local xadd = {'XADD', KEYS[3], '*', 'seq', seq, 'prev', prev, 'hash', h, 'digest', ARGV[5], 'step', step}
-for i = 6, #ARGV do xadd[#xadd + 1] = ARGV[i] end
-local id = redis.call(unpack(xadd))
+local seq, id = journal_append(KEYS[3], KEYS[4], ARGV[5], step, 6)
 
 local left = -1
 if c[1] then left = tonumber(c[1]) - spent - reserved end

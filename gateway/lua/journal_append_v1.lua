@@ -9,11 +9,5 @@ if ARGV[3] ~= '' then
   if redis.call('EXISTS', KEYS[3]) == 0 then return false end
   redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 end
-local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-local prev = redis.call('HGET', KEYS[2], 'hash') or ''
-local h = redis.sha1hex(prev .. '|' .. seq .. '|' .. ARGV[1] .. '|' .. ARGV[2])
-redis.call('HSET', KEYS[2], 'hash', h)
-local xadd = {'XADD', KEYS[1], '*', 'seq', seq, 'prev', prev, 'hash', h, 'digest', ARGV[1], 'step', ARGV[2]}
-for i = 5, #ARGV do xadd[#xadd + 1] = ARGV[i] end
-local id = redis.call(unpack(xadd))
-return {tostring(seq), id}
+local seq, id = journal_append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], 5)
+return {seq, id}

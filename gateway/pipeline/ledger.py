@@ -44,8 +44,10 @@ MAX_PENDING_RELEASES = 10_000
 
 
 def _load_sources() -> dict[str, str]:
+    """Each script with the shared journal prelude in front (Lua scripts can't import)."""
     lua = resources.files("gateway") / "lua"
-    return {name: (lua / f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPT_NAMES}
+    prelude = (lua / "_journal.lua").read_text(encoding="utf-8")
+    return {name: prelude + (lua / f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPT_NAMES}
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,8 @@ from typing import Any, TypeVar
 
 import orjson
 
-from gateway import redis_keys
+from gateway import plugins, redis_keys
 from gateway.assembly.model import Assembly
-from gateway import plugins
 from gateway.capability import Claims
 from gateway.deps import Deps
 from gateway.errors import (
