@@ -97,7 +97,7 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             redis,
             reservation_ttl_s=settings.budget.reservation_ttl_s,
             journal_retention_s=settings.journal.retention_s,
-            observe=lambda op, seconds: metrics.journal_write.labels(op).observe(seconds),
+            observe=metrics.observe_journal_write,
         )
         with contextlib.suppress(Exception):
             await ledger.load_scripts()  # Redis may come up later; scripts load on first use

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -29,18 +29,30 @@ class Metrics:
         self.journal_write = Histogram("abc_journal_write_seconds", "Redis round trip of a budget script and its journal entry", ["op"], buckets=_FAST, registry=r)
         self.upstream_errors = Counter("abc_upstream_errors", "Upstream failures", ["model", "code"], registry=r)
 
+        # labels() hashes and locks on every call; a request touches half a dozen children.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        child = self._children.get((metric, values))
+        if child is None:
+            child = self._children[(metric, values)] = metric.labels(*values)
+        return child
+
+    def observe_journal_write(self, op: str, seconds: float) -> None:
+        self._child(self.journal_write, op).observe(seconds)
+
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.duration.labels(route).observe(seconds)
+        self._child(self.requests, route, str(status)).inc()
+        self._child(self.duration, route).observe(seconds)
 
     def observe_settled(self, adm: Admitted, usage: Usage, cost: int, gateway_s: float) -> None:
         tenant = adm.call.claims.tenant or "default"
         model = adm.grant.model.name
         self.overhead.observe(gateway_s)
-        self.upstream.labels(model).observe(adm.upstream_s)
-        self.tokens.labels(tenant, model, "input").inc(usage.prompt_tokens)
-        self.tokens.labels(tenant, model, "output").inc(usage.completion_tokens)
-        self.cost.labels(tenant, model, adm.assembly.id).inc(cost)
+        self._child(self.upstream, model).observe(adm.upstream_s)
+        self._child(self.tokens, tenant, model, "input").inc(usage.prompt_tokens)
+        self._child(self.tokens, tenant, model, "output").inc(usage.completion_tokens)
+        self._child(self.cost, tenant, model, adm.assembly.id).inc(cost)
 
     def observe_failed(self, adm: Admitted, exc: GatewayError, cost: int) -> None:
         self.upstream_errors.labels(adm.grant.model.name, exc.code).inc()

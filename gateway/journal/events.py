@@ -44,14 +44,11 @@ def _b(value: Any) -> bytes:
 
 
 def digest(fields: Mapping[bytes, bytes]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(fields):
-        if key in CHAIN_FIELDS:
-            continue
-        value = fields[key]
-        h.update(b"%d:%s=%d:" % (len(key), key, len(value)))
-        h.update(value)
-    return h.hexdigest()
+    """SHA-256 over the content fields, sorted, each as `len(key):key=len(value):value`."""
+    return hashlib.sha256(b"".join(
+        b"%d:%s=%d:%s" % (len(key), key, len(fields[key]), fields[key])
+        for key in sorted(fields) if key not in CHAIN_FIELDS
+    )).hexdigest()
 
 
 def link(prev: str, seq: int | str, content_digest: str, step: str) -> str:
