@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from gateway.errors import ConfigError
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    # Until the server installs its own handlers, SIGTERM unwinds like Ctrl-C does, so the
+    # `finally` below still stops an embedded redis-server (it runs in its own session).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     from gateway.server import keyring_for, redis_url_for, serve_forever
     from gateway.settings import load_settings
 
@@ -27,7 +34,10 @@ def _serve(args: argparse.Namespace) -> int:
         if workers > 1:
             return _prefork(args, workers, host, port, redis_url)
         _install_uvloop()
-        serve_forever(settings, redis_url=redis_url, keyring=keyring, host=host, port=port, reuse_port=args.reuse_port)
+        try:
+            serve_forever(settings, redis_url=redis_url, keyring=keyring, host=host, port=port, reuse_port=args.reuse_port)
+        except OSError as exc:  # binding the port is the only OSError that gets out of the server
+            raise ConfigError(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}") from None
         return 0
     finally:
         if embedded is not None:
@@ -35,28 +45,39 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _prefork(args: argparse.Namespace, workers: int, host: str, port: int, redis_url: str) -> int:
-    """N single-worker processes sharing the port with SO_REUSEPORT; the kernel balances."""
+    """N single-worker processes sharing the port with SO_REUSEPORT; the kernel balances.
+
+    Workers get their own process group, so a terminal's Ctrl-C reaches only this parent,
+    which passes it on once: a second signal would cut a worker's graceful shutdown short.
+    """
     env = {**os.environ, "ABC_REDIS_URL": redis_url}
     command = [sys.executable, "-m", "gateway", "serve", "--workers", "1", "--reuse-port", "--host", host, "--port", str(port)]
     if args.config:
         command += ["--config", args.config]
-    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    children: list[subprocess.Popen[bytes]] = []
+    signalled: set[int] = set()
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
             if child.poll() is None:
+                signalled.add(child.pid)
                 child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     try:
-        while all(child.poll() is None for child in children):
+        while len(children) < workers and not signalled:
+            children.append(subprocess.Popen(command, env=env, process_group=0))
+        while not signalled and all(child.poll() is None for child in children):
             time.sleep(0.2)
     finally:
-        forward(signal.SIGTERM, None)
+        for child in children:
+            if child.pid not in signalled and child.poll() is None:
+                child.terminate()
         for child in children:
             child.wait()
-    return max((child.returncode or 0) for child in children)
+    # A worker killed by a signal has a negative returncode; report it the shell's way.
+    return max((128 - code if code < 0 else code for code in (child.returncode for child in children)), default=0)
 
 
 def _install_uvloop() -> None:

@@ -57,6 +57,15 @@ class EmbeddedRedis:
         # start_new_session: a Ctrl-C aimed at the gateway must not kill Redis before
         # the gateway has flushed its last journal writes; we stop it ourselves.
         self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            return self._wait_ready(timeout_s)
+        except BaseException:
+            # Also on Ctrl-C or SIGTERM while waiting: in its own session, it would outlive us.
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> str:
+        assert self._process is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -64,7 +73,6 @@ class EmbeddedRedis:
             if _socket_answers(self.socket_path):
                 return self.url
             time.sleep(0.02)
-        self.stop()
         raise ConfigError(f"redis-server did not start within {timeout_s:.0f}s")
 
     def stop(self) -> None:

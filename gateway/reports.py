@@ -1,7 +1,8 @@
 """Cost reports from the hourly rollups that every settlement writes (`costs:<YYYYMMDDHH>`).
 
 Spend is grouped by tenant, session, model or Assembly over whole UTC hours: an hour is in
-a report when it overlaps [since, until). Money stays integer nano-dollars.
+a report when it overlaps [since, until). Money stays integer nano-dollars. A series
+(`cost_series`, for the dashboard) keeps the same sums apart by hour.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gateway.pipeline.ledger import REDIS_ERRORS
 
 GROUPS = keys.COST_DIMENSIONS
 DEFAULT_SPAN = timedelta(hours=24)
+MAX_SERIES_HOURS = 24 * 31  # a series is dense, one number per hour and key: keep it bounded
 _SEPARATOR = "\x1f"  # between the dimensions of a rollup field, see redis_keys.cost_field
 _EPOCH = re.compile(r"^\d{1,12}(\.\d+)?$")
 
@@ -98,9 +100,6 @@ def _last_bucket(until: datetime) -> int:
     return _bucket(until - timedelta(microseconds=1))
 
 
-MAX_SERIES_HOURS = 24 * 31  # a series is dense, one number per hour and key: keep it bounded
-
-
 @dataclass(frozen=True, slots=True)
 class CostSeries:
     """Spend per key for every hour that overlaps [since, until), zeros included."""
@@ -142,10 +141,13 @@ def _dimension(group_by: str) -> int:
     return GROUPS.index(group_by)
 
 
-async def _rollups(redis: Redis, since: datetime, until: datetime) -> list[tuple[int, dict[bytes, bytes]]]:
-    """(bucket, rollup hash) for every hour bucket that overlaps [since, until)."""
+async def _rollups(
+    redis: Redis, since: datetime, until: datetime
+) -> list[tuple[int, dict[bytes, bytes]]]:
+    """(bucket YYYYMMDDHH, rollup hash) for every hour that overlaps [since, until)."""
     try:
-        buckets = [int(b) for b in await redis.zrangebyscore(keys.COST_BUCKETS, _bucket(since), _last_bucket(until))]
+        found = await redis.zrangebyscore(keys.COST_BUCKETS, _bucket(since), _last_bucket(until))
+        buckets = [int(b) for b in found]
         async with redis.pipeline(transaction=False) as pipe:
             for bucket in buckets:
                 pipe.hgetall(keys.cost_rollup(str(bucket)))
@@ -184,9 +186,8 @@ async def cost_series(redis: Redis, group_by: str, since: datetime, until: datet
     slot = {_bucket(hour): i for i, hour in enumerate(hours)}
     per_key: dict[str, list[int]] = {}
     for bucket, rollup in await _rollups(redis, since, until):
-        at = slot.get(bucket)
-        for key, nanos in _spend(rollup, part) if at is not None else ():
-            per_key.setdefault(key, [0] * count)[at] += nanos
+        for key, nanos in _spend(rollup, part):
+            per_key.setdefault(key, [0] * count)[slot[bucket]] += nanos
     series = sorted(
         ((k, tuple(v)) for k, v in per_key.items() if any(v)), key=lambda s: (-sum(s[1]), s[0])
     )

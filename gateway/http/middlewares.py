@@ -31,6 +31,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Routes reachable without a token. Everything else needs the admin token (/admin/...)
 # or a VCS token; a new route is authenticated unless it is added here.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# The one named exception under /admin, and only for GET/HEAD: the dashboard's HTML shell.
+# A browser can't attach a bearer header to a page load, and the shell holds no data; it
+# asks for the admin token and sends it on each API call (see gateway/http/dashboard.py).
+TOKENLESS_ADMIN_PAGES = frozenset({"/admin/dashboard"})
 ADMIN_PREFIX = "/admin/"
 
 
@@ -92,7 +96,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
-    if path in PUBLIC_PATHS:
+    if path in PUBLIC_PATHS or (
+        path in TOKENLESS_ADMIN_PAGES and request.method in ("GET", "HEAD")
+    ):
         return await handler(request)
     deps = deps_of(request)
     token = bearer_token(request.headers.get("Authorization"))

@@ -1,6 +1,7 @@
 """Authentication on every route, found by enumerating the router of a running gateway, so
 a route added later is covered too: /admin needs the admin token and nothing else opens
-it; every other route but the public few needs a VCS token."""
+it, but for the one named exception (the dashboard's HTML shell, which holds no data);
+every other route but the public few needs a VCS token."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import httpx
 import pytest
 
 from gateway.capability import Keyring
-from gateway.http.middlewares import PUBLIC_PATHS
+from gateway.http.middlewares import PUBLIC_PATHS, TOKENLESS_ADMIN_PAGES
 from tests.conftest import ADMIN_TOKEN, OPEN_PLAN, Gateway, make_settings, start_gateway
-from tests.openai_support import assert_no_server_errors, bearer, openai_error
+from tests.openai_support import assert_no_server_errors, bearer, openai_error, sdk
 
 _PARAM = re.compile(r"\{[^}]+\}")
 
@@ -64,8 +65,9 @@ def test_the_router_has_admin_and_openai_routes(gw: Gateway) -> None:
 
 def test_every_admin_route_needs_the_admin_token(gw: Gateway, call: Caller) -> None:
     vcs_token = gw.token(OPEN_PLAN)
-    admin_routes = [(m, p) for m, p in _routes(gw) if p.startswith("/admin")]
+    admin_routes = [(m, p) for m, p in _routes(gw) if p.startswith("/admin") and p not in TOKENLESS_ADMIN_PAGES]
     assert len(admin_routes) >= 5
+    assert all(p.startswith("/admin/v1/") for _, p in admin_routes)
     for method, path in admin_routes:
         for label, token in (
             ("no token", None),
@@ -86,7 +88,7 @@ def test_every_admin_route_needs_the_admin_token(gw: Gateway, call: Caller) -> N
 
 
 def test_every_non_public_route_needs_a_token(gw: Gateway, call: Caller) -> None:
-    protected = [(m, p) for m, p in _routes(gw) if p not in PUBLIC_PATHS]
+    protected = [(m, p) for m, p in _routes(gw) if p not in PUBLIC_PATHS | TOKENLESS_ADMIN_PAGES]
     assert any(p.startswith("/v1/") for _, p in protected)
     for method, path in protected:
         for token in (None, "garbage"):
@@ -106,6 +108,30 @@ def test_the_admin_token_is_not_a_vcs_token(gw: Gateway, call: Caller) -> None:
 def test_public_routes_answer_without_a_token(gw: Gateway, call: Caller) -> None:
     for path in sorted(PUBLIC_PATHS):
         assert call("GET", path, None).status_code == 200, path
+
+
+def test_the_dashboard_shell_is_the_one_admin_page_open_without_a_token_and_holds_no_data(
+    gw: Gateway, call: Caller
+) -> None:
+    assert TOKENLESS_ADMIN_PAGES == {"/admin/dashboard"}
+    opened = gw.open_session(OPEN_PLAN)
+    assert sdk(gw, opened["token"]).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+    ).choices
+    shown = gw.session(opened["session_id"])
+    assert shown["spent_nanos"] > 0
+    shells = {label: call("GET", "/admin/dashboard", token) for label, token in (("none", None), ("admin", ADMIN_TOKEN))}
+    for label, shell in shells.items():
+        assert shell.status_code == 200, label
+        assert shell.headers["content-type"] == "text/html; charset=utf-8"
+        assert shell.text.startswith("<!doctype html>")
+    assert shells["none"].content == shells["admin"].content  # the same bytes for everyone
+    for data in (opened["session_id"], shown["assembly_id"], "acme", "gpt-4o-mini", str(shown["spent_nanos"])):
+        assert data not in shells["none"].text
+    for method in ("POST", "PUT", "DELETE"):
+        assert call(method, "/admin/dashboard", None).status_code == 401, method
+    for path in ("/admin/dashboard/", "/admin/dashboard/x", "/admin/Dashboard", "/admin/v1/costs/series"):
+        assert call("GET", path, None).status_code == 401, path
 
 
 @pytest.mark.parametrize(
