@@ -111,7 +111,7 @@ class SessionStore:
             await pipe.execute()
 
     async def get(self, session_id: str) -> dict[str, str]:
-        raw = await self.redis.hgetall(keys.session(session_id))
+        raw = await self.redis.hgetall(keys.session(session_id))  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
         if not raw:
             raise NotFound(f"session {session_id!r} not found", code="session_not_found")
         return _decode(raw)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -34,7 +34,8 @@ CLIENT_GONE = (ConnectionResetError, asyncio.CancelledError)
 def _upstream_body(adm: Admitted) -> tuple[dict[str, Any], bool]:
     """The body with include_usage forced on; returns whether the client asked for it."""
     body = adm.grant.body
-    options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+    given = body.get("stream_options")
+    options: dict[str, Any] = given if isinstance(given, dict) else {}
     client_wants_usage = bool(options.get("include_usage"))
     return {**body, "stream_options": {**options, "include_usage": True}}, client_wants_usage
 
@@ -109,7 +110,7 @@ def _without_usage(payload: bytes, chunk: dict[str, Any]) -> bytes:
 
 async def _pump(
     deps: Deps, response: web.StreamResponse, adm: Admitted, meter: StreamMeter, first: bytes | None,
-    upstream: AsyncIterator[bytes], payloads: list[bytes], client_wants_usage: bool,
+    upstream: AsyncGenerator[bytes, None], payloads: list[bytes], client_wants_usage: bool,
 ) -> None:
     payload = first
     plugin_states: dict[str, dict[str, Any]] = {}

@@ -107,7 +107,7 @@ async def trim_through(redis: Redis, session_id: str, *, through: str, exported_
     if fields.get(b"hash", b"").decode() != exported_hash:
         raise StateConflict("exported_hash is not the hash of that entry: export again", code="trim_mismatch")
     seq = int(fields[b"seq"])
-    trimmed = int(await redis.hget(head, "trimmed_seq") or 0)
+    trimmed = int(await redis.hget(head, "trimmed_seq") or 0)  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
     if seq <= trimmed:
         return {"trimmed": 0, "first_seq": trimmed + 1}
     ms, _, n = through.partition("-")

@@ -10,7 +10,7 @@ Live replays re-execute the calls instead: see gateway.journal.live.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,7 @@ MAX_DIFFS = 20
 
 async def verify_session(redis: Redis, session_id: str) -> ChainReport:
     """Check the whole chain, from where an export trimmed it, up to the head."""
-    head = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.journal_head(session_id))).items()}
+    head = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.journal_head(session_id))).items()}  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
     prev, first_seq = head.get("trimmed_hash", ""), int(head.get("trimmed_seq", 0)) + 1
     entries = [item async for item in read_all(redis, session_id)]
     report = verify_chain(entries, prev=prev, first_seq=first_seq)
@@ -194,7 +194,7 @@ class ReplayProvider:
         raw = entry_body(self._outcome) or b""
         return Reply(body=raw, data=orjson.loads(raw))
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncGenerator[bytes, None]:
         if self._kind not in (Kind.STREAM, Kind.ERROR):
             raise self._error()
         assert self._outcome is not None

@@ -78,7 +78,7 @@ async def await_answer(redis: Redis, record: str, request_hash: str, held: dict[
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.2)
         try:
-            raw = await redis.hgetall(record)
+            raw = await redis.hgetall(record)  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
         except REDIS_ERRORS as exc:
             raise ServiceUnavailable("idempotency store unavailable") from exc
         if not raw:

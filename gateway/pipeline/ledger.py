@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -101,7 +101,7 @@ class Ledger:
         except REDIS_ERRORS as exc:
             raise ServiceUnavailable("budget store unavailable") from exc
 
-    async def _run(self, name: str, keys_: list[str], args: list[Any], extra: list[tuple[Any, ...]] = ()) -> Any:  # type: ignore[assignment]
+    async def _run(self, name: str, keys_: list[str], args: list[Any], extra: Sequence[tuple[Any, ...]] = ()) -> Any:
         """EVALSHA `name` and the `extra` commands in one pipeline; returns the script's result."""
         started = time.perf_counter()
         for attempt in (1, 2):
@@ -207,7 +207,7 @@ class Ledger:
         for delay in RELEASE_DELAYS_S:
             await asyncio.sleep(delay)
             try:
-                held = await self.redis.hget(keys.reservations(session_id), rid)
+                held = await self.redis.hget(keys.reservations(session_id), rid)  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
                 if held is None:
                     continue  # not run yet, or never will
                 if held.startswith(b"R"):

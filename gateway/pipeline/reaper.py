@@ -28,7 +28,7 @@ async def reap_due(redis: Redis, ledger: Ledger, *, now: float | None = None) ->
     reaped = 0
     for member in due:
         session_id, _, request_id = member.decode().partition("|")
-        reservation = await redis.hget(keys.reservations(session_id), request_id)
+        reservation = await redis.hget(keys.reservations(session_id), request_id)  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
         if reservation is None or reservation.startswith(b"R"):
             await redis.zrem(keys.RESERVATIONS_DUE, member)
             continue

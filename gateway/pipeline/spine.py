@@ -157,7 +157,7 @@ async def require_live_session(deps: Deps, session_id: str) -> None:
     itself): a request the PEP denies, and routes such as GET /v1/models."""
     try:
         key = redis_keys.session(session_id)
-        status, expires_ms = await deps.redis.hmget(key, ["status", "expires_at_ms"])
+        status, expires_ms = await deps.redis.hmget(key, ["status", "expires_at_ms"])  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
     except REDIS_ERRORS as exc:
         raise ServiceUnavailable("session store unavailable") from exc
     if status is None:

@@ -8,7 +8,7 @@ the upstream's 4xx status) and never put a key or an upstream URL in a message.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,7 +36,7 @@ class Provider(Protocol):
         """One non-streaming call; `request_id` is the gateway's, for the upstream's logs."""
         ...
 
-    def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncIterator[bytes]:
+    def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncGenerator[bytes, None]:
         """A streaming call: yields the JSON payload of each SSE `data:` event, `[DONE]` excluded.
 
         Closing the iterator early (client gone) must cancel the upstream call.

@@ -8,7 +8,7 @@ the installed package, never fetched.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -70,7 +70,7 @@ class LiteLLMProvider:
         raw = orjson.dumps(data)
         return Reply(body=raw, data=data)
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncGenerator[bytes, None]:
         llm = self._litellm
         call = llm.acompletion if endpoint is Endpoint.CHAT else llm.atext_completion
         try:

@@ -14,7 +14,7 @@ import asyncio
 import base64
 import hashlib
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Any, assert_never
 
@@ -341,7 +341,7 @@ class MockProvider:
         data = _answer(endpoint, body)
         return Reply(body=orjson.dumps(data), data=data)
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncGenerator[bytes, None]:
         faults = Faults.of(_model(body))
         await self._before_answer(faults)
         # Built whole up front: answers are small, and it keeps cut points and usage exact.

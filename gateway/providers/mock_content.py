@@ -225,8 +225,9 @@ def fill_schema(
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object" or (kind is None and "properties" in schema):
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        keys = schema.get("required") if isinstance(schema.get("required"), list) else list(props)
+        given_props, given_keys = schema.get("properties"), schema.get("required")
+        props: dict[str, Any] = given_props if isinstance(given_props, dict) else {}
+        keys: list[Any] = given_keys if isinstance(given_keys, list) else list(props)
         return {str(k): inner(props.get(k, {}), str(k)) for k in keys}
     if kind == "array":
         count = max(1, min(int(schema.get("minItems") or 1), 3))

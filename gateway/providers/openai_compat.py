@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -212,7 +212,7 @@ class OpenAICompatProvider:
 
     async def stream(
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         headers = _with_request_id(self._sse_headers, request_id)
         try:
             async with self._post(endpoint, body, headers) as resp:

@@ -24,11 +24,16 @@ SUPPORT_BOT = ROOT / "config" / "plans" / "support-bot.yaml"
 SUPPORT_BOT_ID = "asm_33387b12578f05741d0909a32438fb8b"
 
 
-def run(*args: str, cwd: Path = ROOT, admin_token: str | None = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
+def cli_env(admin_token: str | None = ADMIN_TOKEN) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABC_")}
     if admin_token is not None:
         env["ABC_ADMIN_TOKEN"] = admin_token
-    return subprocess.run([str(ABC_GATEWAY), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    return env
+
+
+def run(*args: str, cwd: Path = ROOT, admin_token: str | None = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(ABC_GATEWAY), *args], cwd=cwd, env=cli_env(admin_token),
+                          capture_output=True, text=True, timeout=60)
 
 
 def ok(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -108,7 +113,8 @@ def test_replay_verify_and_journal_export_against_a_live_gateway(gateway: Gatewa
     opened = gateway.open_session(OPEN_PLAN)
     client = openai.OpenAI(base_url=gateway.openai_base, api_key=opened["token"], max_retries=0)
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "one"}])
-    list(client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "two"}], stream=True))
+    assert list(client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "two"}],
+                                               stream=True))
     session_id = opened["session_id"]
     url = ["--url", gateway.base_url]
 
@@ -119,9 +125,8 @@ def test_replay_verify_and_journal_export_against_a_live_gateway(gateway: Gatewa
 
     exported = tmp_path / "journal.jsonl"
     with exported.open("w", encoding="utf-8") as out:
-        done = subprocess.run([str(ABC_GATEWAY), "journal", "export", session_id, *url], cwd=ROOT, stdout=out,
-                              stderr=subprocess.PIPE, text=True, timeout=60,
-                              env={**{k: v for k, v in os.environ.items() if not k.startswith("ABC_")}, "ABC_ADMIN_TOKEN": ADMIN_TOKEN})
+        done = subprocess.run([str(ABC_GATEWAY), "journal", "export", session_id, *url],
+                              cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.PIPE, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in exported.read_text(encoding="utf-8").splitlines()]
     assert f"exported {len(lines)} entries of {session_id}" in done.stderr
@@ -146,7 +151,9 @@ def test_admin_commands_fail_in_one_line_without_a_traceback(gateway: Gateway) -
     assert missing.returncode == 2 and "HTTP 404" in missing.stderr and "session_not_found" in missing.stderr
 
 
-def test_admin_errors_in_process(gateway: Gateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_admin_errors_in_process(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ABC_ADMIN_TOKEN", ADMIN_TOKEN)
     assert main(["admin", "--url", "http://127.0.0.1:9", "sessions", "show", "sess_x"]) == 2
     assert "cannot reach the gateway at http://127.0.0.1:9" in capsys.readouterr().err
@@ -159,7 +166,7 @@ def test_admin_errors_in_process(gateway: Gateway, capsys: pytest.CaptureFixture
     assert "HTTP 404" in capsys.readouterr().err
 
 
-def test_compile_in_process_uses_the_settings_named_by_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compile_uses_the_settings_named_by_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings: dict[str, Any] = yaml.safe_load((ROOT / "config" / "gateway.yaml").read_text(encoding="utf-8"))
     settings["models"] = [m for m in settings["models"] if m["name"] != "gpt-4o-mini"]
     config = tmp_path / "gateway.yaml"

@@ -34,7 +34,8 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 
 def run_demo(cwd: Path) -> str:
     begin = time.monotonic()
-    done = subprocess.run([str(ABC_GATEWAY), "demo"], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=60)
+    done = subprocess.run([str(ABC_GATEWAY), "demo"], cwd=cwd, env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
     print(f"\ndemo ran in {time.monotonic() - begin:.2f} s")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr

@@ -210,4 +210,4 @@ def test_a_file_error_names_the_file_and_field(tmp_path: Path) -> None:
 def test_settings_are_frozen() -> None:
     settings = settings_from_dict(BASE)
     with pytest.raises(Exception, match="frozen"):
-        settings.server.port = 1  # type: ignore[misc]
+        settings.server.port = 1
