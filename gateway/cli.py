@@ -56,8 +56,11 @@ def _prefork(args: argparse.Namespace, workers: int, host: str, port: int, redis
         command += ["--config", args.config]
     children: list[subprocess.Popen[bytes]] = []
     signalled: set[int] = set()
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 signalled.add(child.pid)
@@ -66,18 +69,19 @@ def _prefork(args: argparse.Namespace, workers: int, host: str, port: int, redis
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     try:
-        while len(children) < workers and not signalled:
+        while len(children) < workers and not stopping:
             children.append(subprocess.Popen(command, env=env, process_group=0))
-        while not signalled and all(child.poll() is None for child in children):
+        while not stopping and all(child.poll() is None for child in children):
             time.sleep(0.2)
     finally:
-        for child in children:
+        for child in children:  # a worker died, or one was started as the signal came in
             if child.pid not in signalled and child.poll() is None:
                 child.terminate()
         for child in children:
             child.wait()
-    # A worker killed by a signal has a negative returncode; report it the shell's way.
-    return max((128 - code if code < 0 else code for code in (child.returncode for child in children)), default=0)
+    # A worker killed by a signal has a negative returncode; report it the way a shell does.
+    codes = [128 - child.returncode if child.returncode < 0 else child.returncode for child in children]
+    return max(codes, default=0)
 
 
 def _install_uvloop() -> None:

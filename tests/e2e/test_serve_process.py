@@ -325,6 +325,17 @@ def test_ctrl_c_in_a_terminal_stops_every_worker_once_and_cleanly(launcher: Laun
     assert "Traceback" not in served.stderr()
 
 
+def test_when_a_worker_dies_the_parent_stops_the_rest_and_reports_it(launcher: Launcher) -> None:
+    served = launcher.serve("--workers", "2")
+    redis_pids = pids_mentioning(str(served.socket_path))
+    workers = sorted(set(children_of(served.process.pid)) - set(redis_pids))
+    assert len(workers) == 2
+
+    os.kill(workers[0], signal.SIGKILL)
+    assert served.process.wait(timeout=STOP_TIMEOUT_S) == 128 + signal.SIGKILL
+    assert not any(alive(pid) for pid in workers + redis_pids)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_a_signal_while_redis_starts_leaves_no_redis_server_behind(
     launcher: Launcher, tmp_path: Path, signum: int
