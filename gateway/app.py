@@ -117,10 +117,14 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             tasks=set(),
         )
         app[DEPS] = deps
-        reaper_task = asyncio.create_task(run_reaper(redis, ledger, settings.budget.reaper_interval_s)) if reaper else None
+        reaper_stop = asyncio.Event()
+        reaper_task = asyncio.create_task(run_reaper(redis, ledger, settings.budget.reaper_interval_s, reaper_stop)) if reaper else None
         yield
         if reaper_task is not None:
-            reaper_task.cancel()
+            # Let a pass in progress finish before Redis goes away under it; never wait long.
+            reaper_stop.set()
+            if not (await asyncio.wait([reaper_task], timeout=2))[0]:
+                reaper_task.cancel()
         if deps.tasks:
             # Settlements and journal writes in flight finish before we let go of Redis.
             await asyncio.wait(list(deps.tasks), timeout=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -48,7 +49,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 async def _start(app: web.Application, host: str, port: int, reuse_port: bool) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024).start()
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024).start()
+    except BaseException:
+        await runner.cleanup()  # the port is taken: release what startup built
+        raise
     return runner
 
 
@@ -88,5 +93,18 @@ class BackgroundServer:
 
 
 def serve_forever(settings: Settings, *, redis_url: str, keyring: Keyring, host: str, port: int, reuse_port: bool = False) -> None:
-    app = create_app(settings, redis_url=redis_url, keyring=keyring)
-    web.run_app(app, host=host, port=port, reuse_port=reuse_port or None, access_log=None, print=None, backlog=1024)
+    """Serve until SIGTERM or SIGINT, then shut down gracefully: stop accepting, let
+    requests in flight finish (their settlements and journal writes included), close."""
+    asyncio.run(_serve_until_signalled(create_app(settings, redis_url=redis_url, keyring=keyring), host, port, reuse_port))
+
+
+async def _serve_until_signalled(app: web.Application, host: str, port: int, reuse_port: bool) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = await _start(app, host, port, reuse_port)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -123,9 +123,12 @@ class Settings(_Frozen):
         providers = [p.name for p in self.providers]
         if len(set(providers)) != len(providers):
             raise ValueError("provider names must be unique")
-        names = [m.name.strip().lower() for m in self.models]
-        if len(set(names)) != len(names):
-            raise ValueError("model names must be unique (case-insensitive)")
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            name = m.name.strip().lower()
+            if name in seen:
+                raise ValueError(f"models.{i}.name: {m.name!r} is declared twice (names are case-insensitive)")
+            seen.add(name)
         for i, m in enumerate(self.models):
             if m.provider not in providers:
                 raise ValueError(f"models.{i}.provider: unknown provider {m.provider!r}")
@@ -180,7 +183,10 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

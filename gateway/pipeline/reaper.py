@@ -7,6 +7,7 @@ the same reservation charge it once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -39,11 +40,15 @@ async def reap_due(redis: Redis, ledger: Ledger, *, now: float | None = None) ->
     return reaped
 
 
-async def run_reaper(redis: Redis, ledger: Ledger, interval_s: float) -> None:
-    while True:
+async def run_reaper(redis: Redis, ledger: Ledger, interval_s: float, stop: asyncio.Event) -> None:
+    """Reap until `stop` is set. A flag rather than cancellation alone: redis-py can turn
+    a cancellation that lands mid-command into a connection error, which we'd retry."""
+    while not stop.is_set():
         try:
-            while await reap_due(redis, ledger) >= BATCH:
+            while await reap_due(redis, ledger) >= BATCH and not stop.is_set():
                 pass
         except (ServiceUnavailable, *REDIS_ERRORS):
-            log.warning("reaper: Redis unavailable; will retry")
-        await asyncio.sleep(interval_s)
+            if not stop.is_set():
+                log.warning("reaper: Redis unavailable; will retry")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)

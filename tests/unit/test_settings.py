@@ -113,7 +113,8 @@ def test_model_names_must_be_unique_ignoring_case_and_spaces() -> None:
     data = copy.deepcopy(BASE)
     data["models"].append({"name": " GPT-4o-Mini", "provider": "local"})
     message = _error(data)
-    assert "model names must be unique" in message
+    duplicate = len(data["models"]) - 1
+    assert f"models.{duplicate}.name" in message and "declared twice" in message
 
 
 def test_provider_names_must_be_unique() -> None:
