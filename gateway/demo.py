@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import yaml
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 from pydantic import SecretStr
 
 from gateway.server import BackgroundServer, keyring_for, redis_url_for
@@ -55,58 +56,92 @@ def _admin(admin: httpx.Client, method: str, path: str, body: Any = None) -> Any
     return response.json()
 
 
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "My order A-1234 has not arrived. Can you check it?"}
+]
+LOOKUP_ORDER: ChatCompletionToolParam = {
+    "type": "function",
+    "function": {
+        "name": "lookup_order",
+        "description": "Find an order by id",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]},
+    },
+}
+
+
 def _drive(base_url: str, admin: httpx.Client) -> None:
     plan = yaml.safe_load(PLAN_PATH.read_text(encoding="utf-8"))
     compiled = _admin(admin, "POST", "/admin/v1/plans/compile", plan)
     _say(f"compiled {PLAN_PATH} -> {compiled['assembly_id']}",
          "\n".join(f"  warning: {w}" for w in compiled["warnings"]) or "  no warnings")
-    opened = _admin(admin, "POST", "/admin/v1/sessions", {"assembly_id": compiled["assembly_id"], "budget_usd": 0.05, "labels": {"source": "demo"}})
+    opened = _admin(admin, "POST", "/admin/v1/sessions",
+                    {"assembly_id": compiled["assembly_id"], "budget_usd": 0.05, "labels": {"source": "demo"}})
     session_id = opened["session_id"]
     _say(f"opened {session_id}", f"  budget ${opened['budget_usd']}; the VCS token is the OpenAI API key")
 
     client = openai.OpenAI(base_url=base_url + "/v1", api_key=opened["token"], max_retries=0)
-    question = [{"role": "user", "content": "My order A-1234 has not arrived. Can you check it?"}]
+    _triage(client)
+    name, arguments = _tool_call(client)
+    _tool_result(client, name, arguments)
+    _denials(client)
 
-    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=question)
+    shown = _admin(admin, "GET", f"/admin/v1/sessions/{session_id}")
+    _say("session", f"  step {shown['current_step']}, {shown['requests']} requests admitted, spent ${shown['spent_usd']}, "
+         f"reserved ${shown['reserved_usd']}, remaining ${shown['remaining_usd']}")
+    _journal(admin, session_id)
+
+
+def _triage(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=QUESTION)
     answer = raw.parse()
     _say("step 'triage': a plain chat completion",
          f"  assistant: {answer.choices[0].message.content}\n  cost ${raw.headers['x-abc-cost-usd']}, "
          f"budget left ${raw.headers['x-abc-budget-remaining-usd']}")
 
-    tools = [{"type": "function", "function": {"name": "lookup_order", "description": "Find an order by id",
-              "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}]
-    stream = client.chat.completions.create(model="gpt-4o-mini", messages=question, tools=tools, stream=True, stream_options={"include_usage": True})
+
+def _tool_call(client: openai.OpenAI) -> tuple[str, str]:
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", messages=QUESTION, tools=[LOOKUP_ORDER], stream=True, stream_options={"include_usage": True}
+    )
     name, arguments, chunks, usage = "", "", 0, None
     for chunk in stream:
         chunks += 1
         usage = chunk.usage or usage
         for choice in chunk.choices:
             for call in choice.delta.tool_calls or []:
-                name += call.function.name or "" if call.function else ""
-                arguments += call.function.arguments or "" if call.function else ""
+                if call.function is not None:
+                    name += call.function.name or ""
+                    arguments += call.function.arguments or ""
     _say("step 'answer': streamed, the model calls a whitelisted tool",
          f"  {chunks} chunks; tool call {name}({arguments}); usage {usage.total_tokens if usage else '?'} tokens")
+    return name, arguments
 
-    follow_up = [*question, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}]},
-                 {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped", "eta": "tomorrow"}'}]
-    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="gpt-4o-mini", messages=follow_up, tools=tools, stream=True) if c.choices)
+
+def _tool_result(client: openai.OpenAI, name: str, arguments: str) -> None:
+    follow_up: list[ChatCompletionMessageParam] = [
+        *QUESTION,
+        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped", "eta": "tomorrow"}'},
+    ]
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=follow_up, tools=[LOOKUP_ORDER], stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     _say("step 'answer' again: streamed text after the tool result", f"  assistant: {text}")
 
-    try:
-        client.chat.completions.create(model="gpt-4o-mini", messages=question, tools=[
-            {"type": "function", "function": {"name": "refund_order", "parameters": {"type": "object", "properties": {}}}}])
-    except openai.PermissionDeniedError as exc:
-        _say("denied: a tool the plan never allowed", f"  HTTP {exc.status_code}: {exc.body.get('message') if isinstance(exc.body, dict) else exc}")
-    try:
-        client.chat.completions.create(model="gpt-4o-mini", messages=question, temperature=1.5)
-    except openai.PermissionDeniedError as exc:
-        _say("denied: overriding a pinned parameter", f"  HTTP {exc.status_code}: {exc.body.get('message') if isinstance(exc.body, dict) else exc}")
 
-    shown = _admin(admin, "GET", f"/admin/v1/sessions/{session_id}")
-    _say("session", f"  step {shown['current_step']}, {shown['requests']} requests admitted, spent ${shown['spent_usd']}, "
-         f"reserved ${shown['reserved_usd']}, remaining ${shown['remaining_usd']}")
-    _journal(admin, session_id)
+def _denials(client: openai.OpenAI) -> None:
+    refund: ChatCompletionToolParam = {
+        "type": "function", "function": {"name": "refund_order", "parameters": {"type": "object", "properties": {}}}
+    }
+    attempts: list[tuple[str, dict[str, Any]]] = [
+        ("denied: a tool the plan never allowed", {"tools": [refund]}),
+        ("denied: overriding a pinned parameter", {"temperature": 1.5}),
+    ]
+    for title, extra in attempts:
+        try:
+            client.chat.completions.create(model="gpt-4o-mini", messages=QUESTION, **extra)
+        except openai.PermissionDeniedError as exc:
+            reason = exc.body.get("message") if isinstance(exc.body, dict) else str(exc)
+            _say(title, f"  HTTP {exc.status_code}: {reason}")
 
 
 def _journal(admin: httpx.Client, session_id: str) -> None:
