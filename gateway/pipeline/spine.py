@@ -90,10 +90,27 @@ def shielded(deps: Deps, work: Awaitable[T]) -> Awaitable[T]:
 async def admit(deps: Deps, call: Call) -> Admitted | idempotency.Stored:
     """Admit `call`, or return the stored answer of the request that first used its Idempotency-Key."""
     assembly = await deps.assemblies.get(call.claims.assembly_id)
+    grant = await _authorize(deps, call, assembly)
+    est = estimate(grant.model, call.endpoint, grant.body, n=grant.n, max_tokens=grant.max_output_tokens)
+    admission = await _reserve(deps, call, assembly, grant, est)
+    if admission.held is not None:
+        record = call.idempotency_record
+        assert record is not None
+        stored = await idempotency.await_answer(deps.redis, record, call.request_hash, admission.held)
+        return stored if stored is not None else await admit(deps, call)  # the first failed: run again
+    adm = Admitted(call, assembly, grant, deps.providers[grant.model.provider], est, admission)
+    if call.claims.replay_of is not None:
+        adm.provider = await _recorded(deps, adm)
+    return adm
+
+
+async def _authorize(deps: Deps, call: Call, assembly: Assembly) -> policy.Grant:
+    """The PEP, then the plugins' request hooks; a denial is journaled before it is raised."""
     try:
         grant = policy.authorize(assembly, call.endpoint, call.body, known_models=deps.known_models)
         if deps.plugins:
             grant = dataclasses.replace(grant, body=plugins.run_request(deps.plugins, grant.body))
+        return grant
     except GatewayError as exc:
         denial: GatewayError = exc
         # A dead session is a 401 before it is anything else; only denials pay for the look-up.
@@ -103,7 +120,10 @@ async def admit(deps: Deps, call: Call) -> Admitted | idempotency.Stored:
             denial = dead
         await _journal_denial(deps, call, assembly, denial)
         raise denial from None
-    est = estimate(grant.model, call.endpoint, grant.body, n=grant.n, max_tokens=grant.max_output_tokens)
+
+
+async def _reserve(deps: Deps, call: Call, assembly: Assembly, grant: policy.Grant, est: Estimate) -> Admission:
+    """Reserve the worst case and journal the request, in one round trip."""
     entry = make_entry(
         Kind.REQUEST, rid=call.request_id, model=grant.model.name, asm=assembly.id,
         req_hash=call.request_hash, est_nanos=est.nanos, est_tokens=est.tokens,
@@ -111,7 +131,7 @@ async def admit(deps: Deps, call: Call) -> Admitted | idempotency.Stored:
         body=orjson.dumps(call.body), compress_over=deps.settings.journal.compress_over_bytes,
     )
     try:
-        admission = await deps.ledger.reserve(
+        return await deps.ledger.reserve(
             session_id=call.claims.session_id, tenant=call.claims.tenant, request_id=call.request_id,
             est_nanos=est.nanos, est_tokens=est.tokens, step_candidates=_candidates(assembly, grant),
             limits=assembly.limits, entry=entry,
@@ -124,18 +144,9 @@ async def admit(deps: Deps, call: Call) -> Admitted | idempotency.Stored:
         await _journal_denial(deps, call, assembly, exc)
         raise
     except GatewayError as denial:
-        if denial.status != 503:
+        if denial.status != 503:  # Redis is what failed: there is nowhere to journal it
             await _journal_denial(deps, call, assembly, denial)
         raise
-    if admission.held is not None:
-        record = call.idempotency_record
-        assert record is not None
-        stored = await idempotency.await_answer(deps.redis, record, call.request_hash, admission.held)
-        return stored if stored is not None else await admit(deps, call)  # the first failed: run again
-    adm = Admitted(call, assembly, grant, deps.providers[grant.model.provider], est, admission)
-    if call.claims.replay_of is not None:
-        adm.provider = await _recorded(deps, adm)
-    return adm
 
 
 async def _recorded(deps: Deps, adm: Admitted) -> Provider:
