@@ -68,6 +68,8 @@ def authorize(
     upstream = dict(body)
     _pin_params(model, body, upstream)
     upstream["model"] = model.upstream_model
+    if functions:
+        _freeze_tool_definitions(assembly, upstream)
     # From here on the upstream body is checked: pinned values count like sent ones.
     max_output = _cap_tokens(model, endpoint, upstream)
     n = _check_sampling(model, endpoint, upstream)
@@ -123,6 +125,28 @@ def _check_tools(assembly: Assembly, functions: frozenset[str], builtins: frozen
                 f"built-in tool '{show(kind)}' is not in this session's VCS",
                 param="tools",
             )
+
+
+def _freeze_tool_definitions(assembly: Assembly, upstream: dict[str, Any]) -> None:
+    """Send the Assembly's frozen description and schema for every function offered.
+
+    The name says which tool; what it does and takes was decided at compile time, so a
+    client can't widen a schema or reword a description the model will read.
+    """
+    def frozen(function: dict[str, Any]) -> dict[str, Any]:
+        grant = assembly.tools[normalise_name(function["name"])]
+        out = {"name": function["name"], "description": grant.description, "parameters": grant.parameters}
+        if "strict" in function:
+            out["strict"] = function["strict"]
+        return out
+
+    if isinstance(upstream.get("tools"), list):
+        upstream["tools"] = [
+            {**t, "function": frozen(t["function"])} if normalise_name(t["type"]) == "function" else t
+            for t in upstream["tools"]
+        ]
+    if isinstance(upstream.get("functions"), list):
+        upstream["functions"] = [frozen(f) for f in upstream["functions"]]
 
 
 def _pin_params(model: ModelGrant, body: dict[str, Any], upstream: dict[str, Any]) -> None:

@@ -328,11 +328,17 @@ def test_ctrl_c_in_a_terminal_stops_every_worker_once_and_cleanly(launcher: Laun
 def test_when_a_worker_dies_the_parent_stops_the_rest_and_reports_it(launcher: Launcher) -> None:
     served = launcher.serve("--workers", "2")
     redis_pids = pids_mentioning(str(served.socket_path))
-    workers = sorted(set(children_of(served.process.pid)) - set(redis_pids))
-    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while True:  # /readyz answered through one worker; the other may still be starting
+        workers = sorted(set(children_of(served.process.pid)) - set(redis_pids))
+        if len(workers) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(workers) == 2, (workers, redis_pids, served.stderr())
 
     os.kill(workers[0], signal.SIGKILL)
-    assert served.process.wait(timeout=STOP_TIMEOUT_S) == 128 + signal.SIGKILL
+    code = served.process.wait(timeout=STOP_TIMEOUT_S)
+    assert code == 128 + signal.SIGKILL, (code, served.stderr())
     assert not any(alive(pid) for pid in workers + redis_pids)
 
 
