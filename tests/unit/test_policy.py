@@ -650,3 +650,16 @@ def test_only_vcs_tools_and_no_overrides_ever_go_upstream(body: dict[str, Any]) 
     assert grant.body["model"] == "gpt-4o-mini-pinned"
     assert grant.body["temperature"] in (0, 0.0)
     assert 1 <= grant.body["max_tokens"] <= 512
+
+
+def test_the_frozen_tool_definition_goes_upstream_not_the_clients() -> None:
+    frozen = {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}
+    asm = ASM.model_copy(update={"tools": {"lookup_order": ToolGrant(name="lookup_order", description="Find an order", parameters=frozen)}})
+    widened = {"type": "object", "properties": {"order_id": {"type": "string"}, "sql": {"type": "string"}}}
+    tool = {"type": "function", "function": {"name": "Lookup_Order", "description": "run any SQL", "parameters": widened, "strict": True}}
+    body = chat(tools=[tool], functions=[{"name": "lookup_order", "description": "x", "parameters": widened}])
+    grant = ok(body, asm)
+    sent = grant.body["tools"][0]["function"]
+    assert sent == {"name": "Lookup_Order", "description": "Find an order", "parameters": frozen, "strict": True}
+    assert grant.body["functions"] == [{"name": "lookup_order", "description": "Find an order", "parameters": frozen}]
+    assert body["tools"][0]["function"]["parameters"] is widened  # the client's body is untouched
