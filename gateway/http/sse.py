@@ -44,7 +44,8 @@ async def relay(request: web.Request, deps: Deps, adm: Admitted) -> web.StreamRe
     body, client_wants_usage = _upstream_body(adm)
     meter = StreamMeter(adm.grant.model, adm.estimate.prompt_tokens)
     adm.upstream_started = time.perf_counter()
-    upstream = adm.provider.stream(adm.call.endpoint, body, request_id=adm.call.request_id)
+    upstream_headers: dict[str, str] = {}
+    upstream = adm.provider.stream(adm.call.endpoint, body, request_id=adm.call.request_id, headers_out=upstream_headers)
     try:
         first = await anext(upstream)
     except StopAsyncIteration:
@@ -56,7 +57,7 @@ async def relay(request: web.Request, deps: Deps, adm: Admitted) -> web.StreamRe
         raise
     ttft_us = int((time.perf_counter() - adm.upstream_started) * 1e6)
     headers = {
-        "content-type": "text/event-stream", "cache-control": "no-cache",
+        **upstream_headers, "content-type": "text/event-stream", "cache-control": "no-cache",
         "x-request-id": request[REQUEST_ID], **cost_headers(adm, None, adm.admission.budget_left_nanos),
     }
     response = web.StreamResponse(headers=headers)

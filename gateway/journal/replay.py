@@ -194,7 +194,10 @@ class ReplayProvider:
         raw = entry_body(self._outcome) or b""
         return Reply(body=raw, data=orjson.loads(raw))
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
+        headers_out: dict[str, str] | None = None,
+    ) -> AsyncGenerator[bytes, None]:
         if self._kind not in (Kind.STREAM, Kind.ERROR):
             raise self._error()
         assert self._outcome is not None

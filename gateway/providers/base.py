@@ -36,8 +36,14 @@ class Provider(Protocol):
         """One non-streaming call; `request_id` is the gateway's, for the upstream's logs."""
         ...
 
-    def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncGenerator[bytes, None]:
+    def stream(
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
+        headers_out: dict[str, str] | None = None,
+    ) -> AsyncGenerator[bytes, None]:
         """A streaming call: yields the JSON payload of each SSE `data:` event, `[DONE]` excluded.
+
+        Before the first payload, allow-listed upstream response headers are put in
+        `headers_out` (when given), so the relay can pass them on with its own.
 
         Closing the iterator early (client gone) must cancel the upstream call.
         """

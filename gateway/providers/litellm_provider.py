@@ -70,7 +70,10 @@ class LiteLLMProvider:
         raw = orjson.dumps(data)
         return Reply(body=raw, data=data)
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
+        headers_out: dict[str, str] | None = None,
+    ) -> AsyncGenerator[bytes, None]:
         llm = self._litellm
         call = llm.acompletion if endpoint is Endpoint.CHAT else llm.atext_completion
         try:

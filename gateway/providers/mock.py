@@ -341,7 +341,10 @@ class MockProvider:
         data = _answer(endpoint, body)
         return Reply(body=orjson.dumps(data), data=data)
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
+        headers_out: dict[str, str] | None = None,
+    ) -> AsyncGenerator[bytes, None]:
         faults = Faults.of(_model(body))
         await self._before_answer(faults)
         # Built whole up front: answers are small, and it keeps cut points and usage exact.

@@ -211,13 +211,16 @@ class OpenAICompatProvider:
         return Reply(body=raw, data=data, headers=passthrough)
 
     async def stream(
-        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
+        headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         headers = _with_request_id(self._sse_headers, request_id)
         try:
             async with self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:
                     raise await self._failure(resp)
+                if headers_out is not None:
+                    headers_out.update(_passthrough_headers(resp))
                 try:
                     parser = SSEParser()
                     done = False

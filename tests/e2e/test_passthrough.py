@@ -231,11 +231,6 @@ async def test_client_headers_stay_behind_and_the_request_id_goes_upstream(up: U
     assert "client-secret-1" not in str(dict(sent))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Provider.stream yields only payloads, so the SSE relay cannot forward upstream "
-    "headers (rate limits, upstream request id) on streams; needs a Protocol change",
-)
 async def test_allow_listed_upstream_headers_pass_through_on_streams(up: Upstreamed) -> None:
     chunks = [_chunk({"role": "assistant", "content": "hi"}), _chunk({}, "stop")]
     up.fake.stream_with(chunks, headers={"x-ratelimit-remaining-requests": "99"})
