@@ -3,6 +3,7 @@ and a real gateway on a background thread that the official openai SDK can call.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,12 +103,31 @@ def start_gateway(settings: Settings, redis_url: str, keyring: Keyring) -> Gatew
     return Gateway(server, admin)
 
 
+_SERVER_ERROR = re.compile(r'^abc_requests_total\{[^}]*status="500"[^}]*\} (\S+)$', re.MULTILINE)
+
+
+def assert_no_server_errors(gw: Gateway) -> None:
+    """The gateway's own request counter shows no 500 (an unhandled exception) at all."""
+    text = httpx.get(gw.base_url + "/metrics", timeout=30).text
+    hits = [float(v) for v in _SERVER_ERROR.findall(text)]
+    assert not any(hits), "the gateway answered 500: " + ", ".join(_SERVER_ERROR.findall(text))
+
+
 @pytest.fixture
 def gateway(settings: Settings, redis_url: str, keyring: Keyring) -> Iterator[Gateway]:
     gw = start_gateway(settings, redis_url, keyring)
-    yield gw
-    gw.admin.close()
-    gw.server.stop()
+    try:
+        yield gw
+    finally:
+        gw.admin.close()
+        gw.server.stop()
+
+
+@pytest.fixture
+def gw(gateway: Gateway) -> Iterator[Gateway]:
+    """The gateway, checked afterwards for any 500 (an unhandled exception) it answered."""
+    yield gateway
+    assert_no_server_errors(gateway)
 
 
 # A plan over the mock models in config/gateway.yaml, open enough for most tests.

@@ -3,7 +3,6 @@ error-shape check, a journal reader, and the check that a gateway never answered
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import httpx
@@ -13,7 +12,7 @@ import redis
 
 from gateway import redis_keys
 from gateway.journal.events import entry_body
-from tests.conftest import Gateway
+from tests.conftest import Gateway, assert_no_server_errors  # noqa: F401  (re-exported)
 
 TIMEOUT_S = 30.0
 
@@ -88,16 +87,6 @@ def all_redis_bytes(redis_url: str) -> bytes:
     finally:
         client.close()
     return bytes(out)
-
-
-_SERVER_ERROR = re.compile(r'^abc_requests_total\{[^}]*status="500"[^}]*\} ([0-9.e+]+)$', re.M)
-
-
-def assert_no_server_errors(gw: Gateway) -> None:
-    """The gateway's own request counter shows no 500 (an unhandled exception) at all."""
-    text = httpx.get(gw.base_url + "/metrics", timeout=TIMEOUT_S).text
-    hits = [float(v) for v in _SERVER_ERROR.findall(text)]
-    assert not any(hits), "the gateway answered 500: " + ", ".join(_SERVER_ERROR.findall(text))
 
 
 def sse_events(lines: list[str]) -> list[str]:

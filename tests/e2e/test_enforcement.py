@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 
 from gateway.capability import Keyring, mint
 from tests.conftest import SIGNING_SECRET, Gateway
-from tests.openai_support import assert_no_server_errors, bearer, journal, openai_error, sdk
+from tests.openai_support import bearer, journal, openai_error, sdk
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -45,11 +44,6 @@ PLAN: dict[str, Any] = {
     "budget": {"usd": 1},
 }
 
-
-@pytest.fixture
-def gw(gateway: Gateway) -> Iterator[Gateway]:
-    yield gateway
-    assert_no_server_errors(gateway)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ chat (plain, streamed, tools, JSON mode, n), completions, embeddings, models, he
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,7 +13,7 @@ from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tests.conftest import OPEN_PLAN, Gateway
-from tests.openai_support import assert_no_server_errors, async_sdk, bearer, sdk, sse_events
+from tests.openai_support import async_sdk, bearer, sdk, sse_events
 
 HELLO = [{"role": "user", "content": "hello there"}]
 LOOKUP_ORDER = {
@@ -30,11 +29,6 @@ LOOKUP_ORDER = {
     },
 }
 
-
-@pytest.fixture
-def gw(gateway: Gateway) -> Iterator[Gateway]:
-    yield gateway
-    assert_no_server_errors(gateway)
 
 
 @pytest.fixture

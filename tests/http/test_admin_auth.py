@@ -14,15 +14,10 @@ import pytest
 from gateway.capability import Keyring
 from gateway.http.middlewares import PUBLIC_PATHS, TOKENLESS_ADMIN_PAGES
 from tests.conftest import ADMIN_TOKEN, OPEN_PLAN, Gateway, make_settings, start_gateway
-from tests.openai_support import assert_no_server_errors, bearer, openai_error, sdk
+from tests.openai_support import bearer, openai_error, sdk
 
 _PARAM = re.compile(r"\{[^}]+\}")
 
-
-@pytest.fixture
-def gw(gateway: Gateway) -> Iterator[Gateway]:
-    yield gateway
-    assert_no_server_errors(gateway)
 
 
 def _routes(gw: Gateway) -> list[tuple[str, str]]:

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,11 @@ from gateway import redis_keys
 from gateway.money import NANOS_PER_USD, nanos_to_usd_str
 from tests.chromium import CHROMIUM, Chromium
 from tests.conftest import ADMIN_TOKEN, OPEN_PLAN, Gateway
-from tests.openai_support import assert_no_server_errors, bearer, openai_error, sdk
+from tests.openai_support import bearer, openai_error, sdk
 
 TENANTS = ("acme", "globex")
 MODELS = ("gpt-4o-mini", "gpt-4o")
 
-
-@pytest.fixture
-def gw(gateway: Gateway) -> Iterator[Gateway]:
-    yield gateway
-    assert_no_server_errors(gateway)
 
 
 def nanos(usd: str) -> int:

@@ -30,11 +30,6 @@ SMALL_PLAN = {
 }
 
 
-@pytest.fixture
-def gw(gateway: Gateway) -> Iterator[Gateway]:
-    yield gateway
-    assert_no_server_errors(gateway)
-
 
 @pytest.fixture
 def token(gw: Gateway) -> str:

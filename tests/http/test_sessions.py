@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -14,16 +13,11 @@ import openai
 import pytest
 
 from tests.conftest import OPEN_PLAN, Gateway
-from tests.openai_support import assert_no_server_errors, openai_error, sdk
+from tests.openai_support import openai_error, sdk
 
 HELLO = [{"role": "user", "content": "hello"}]
 PLAN: dict[str, Any] = {**OPEN_PLAN, "name": "sessions", "budget": {"usd": 1.0}, "ttl_s": 600}
 
-
-@pytest.fixture
-def gw(gateway: Gateway) -> Iterator[Gateway]:
-    yield gateway
-    assert_no_server_errors(gateway)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ request that fits no step allowed next is a 409 naming the allowed steps."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, Gateway
-from tests.openai_support import assert_no_server_errors, bearer, journal, openai_error, sdk
+from tests.openai_support import bearer, journal, openai_error, sdk
 
 PLANS = ROOT / "config" / "plans"
 HELLO = [{"role": "user", "content": "where is my order?"}]
@@ -35,11 +34,6 @@ def _plan(name: str) -> dict[str, Any]:
     plan: dict[str, Any] = yaml.safe_load(Path(PLANS / f"{name}.yaml").read_text())
     return plan
 
-
-@pytest.fixture
-def gw(gateway: Gateway) -> Iterator[Gateway]:
-    yield gateway
-    assert_no_server_errors(gateway)
 
 
 @pytest.fixture
