@@ -25,6 +25,7 @@ RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
  && /opt/venv/bin/pip uninstall -y \
         pytest pytest-aiohttp pytest-asyncio pytest-timeout hypothesis \
         iniconfig pluggy pygments sortedcontainers \
+        mypy mypy-extensions ruff types-PyYAML pathspec librt ast-serialize \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 
