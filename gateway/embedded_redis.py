@@ -37,7 +37,7 @@ class EmbeddedRedis:
             raise ConfigError(INSTALL_HINT)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.socket_path.exists():
-            if _socket_answers(self.socket_path):
+            if socket_answers(self.socket_path):
                 # Another gateway process on this machine already runs it (e.g. a demo
                 # left running); share it rather than fight over the AOF.
                 return self.url
@@ -70,7 +70,7 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise ConfigError(f"redis-server exited at start; see {self.data_dir / 'redis.log'}")
-            if _socket_answers(self.socket_path):
+            if socket_answers(self.socket_path):
                 return self.url
             time.sleep(0.02)
         raise ConfigError(f"redis-server did not start within {timeout_s:.0f}s")
@@ -87,7 +87,8 @@ class EmbeddedRedis:
         self._process = None
 
 
-def _socket_answers(path: Path) -> bool:
+def socket_answers(path: Path) -> bool:
+    """A redis-server answers PING on this unix socket."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(0.5)

@@ -92,9 +92,12 @@ def cost_rollup(bucket: str) -> str:
 COST_DIMENSIONS = ("tenant", "session", "model", "assembly")  # order of a rollup field's parts
 
 
+COST_FIELD_SEPARATOR = "\x1f"  # the ASCII unit separator: never part of a name
+
+
 def cost_field(tenant: str, session_id: str, model: str, assembly_id: str) -> str:
-    """A rollup hash field: the four dimensions joined by the unit separator."""
-    return "\x1f".join((tenant, session_id, model, assembly_id))
+    """A rollup hash field: the four dimensions, in COST_DIMENSIONS order."""
+    return COST_FIELD_SEPARATOR.join((tenant, session_id, model, assembly_id))
 
 
 COST_BUCKETS = "cost_buckets"  # sorted set of hour buckets that have rollups

@@ -23,7 +23,6 @@ from gateway.pipeline.ledger import REDIS_ERRORS
 GROUPS = keys.COST_DIMENSIONS
 DEFAULT_SPAN = timedelta(hours=24)
 MAX_SERIES_HOURS = 24 * 31  # a series is dense, one number per hour and key: keep it bounded
-_SEPARATOR = "\x1f"  # between the dimensions of a rollup field, see redis_keys.cost_field
 _EPOCH = re.compile(r"^\d{1,12}(\.\d+)?$")
 
 
@@ -160,7 +159,7 @@ async def _rollups(
 def _spend(rollup: dict[bytes, bytes], part: int) -> Iterator[tuple[str, int]]:
     """(key, nanos) of each rollup field, the key being dimension `part` of the field."""
     for field, value in rollup.items():
-        parts = field.decode().split(_SEPARATOR)
+        parts = field.decode().split(keys.COST_FIELD_SEPARATOR)
         if len(parts) == len(keys.COST_DIMENSIONS):
             yield parts[part], int(value)
 

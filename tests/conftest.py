@@ -90,6 +90,16 @@ class Gateway:
         token: str = self.open_session(plan, **options)["token"]
         return token
 
+    def close(self) -> None:
+        self.admin.close()
+        self.server.stop()
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def session(self, session_id: str) -> dict[str, Any]:
         response = self.admin.get(f"/admin/v1/sessions/{session_id}")
         assert response.status_code == 200, response.text
@@ -119,8 +129,7 @@ def gateway(settings: Settings, redis_url: str, keyring: Keyring) -> Iterator[Ga
     try:
         yield gw
     finally:
-        gw.admin.close()
-        gw.server.stop()
+        gw.close()
 
 
 @pytest.fixture

@@ -104,6 +104,17 @@ class Assembly(_Frozen):
         # Immutable, so hash once: the id is read on every request's journal entries.
         return assembly_id(self.canonical_json())
 
+    @functools.cached_property
+    def predecessors(self) -> dict[str, tuple[str, ...]]:
+        """For each step, the steps it may follow ("^" is the start), derived once."""
+        preds: dict[str, list[str]] = {s.id: [] for s in self.steps}
+        if self.steps:
+            preds[self.steps[0].id].append("^")
+        for s in self.steps:
+            for nxt in s.next:
+                preds.setdefault(nxt, []).append(s.id)
+        return {sid: tuple(p) for sid, p in preds.items()}
+
     def step(self, step_id: str) -> Step | None:
         for s in self.steps:
             if s.id == step_id:

@@ -17,6 +17,12 @@ MAX_DEPTH = 128
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
+    body, _ = await read_json_request(request)
+    return body
+
+
+async def read_json_request(request: web.Request) -> tuple[dict[str, Any], bytes]:
+    """The body parsed, and the bytes it came as (what the journal keeps)."""
     limit = deps_of(request).settings.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
@@ -34,7 +40,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _too_deep(body):
         message = f"the request body is nested deeper than {MAX_DEPTH} levels"
         raise InvalidRequest(message, code="invalid_json")
-    return body
+    return body, raw
 
 
 def _too_deep(body: dict[str, Any]) -> bool:

@@ -6,7 +6,7 @@ import orjson
 from aiohttp import web
 
 from gateway.http import sse
-from gateway.http.bodies import read_json_object
+from gateway.http.bodies import read_json_request
 from gateway.http.keys import REQUEST_ID, claims_of, deps_of
 from gateway.pipeline import idempotency, spine
 from gateway.providers.base import Endpoint
@@ -14,8 +14,11 @@ from gateway.providers.base import Endpoint
 
 async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     deps = deps_of(request)
-    call = spine.Call(request[REQUEST_ID], endpoint, await read_json_object(request), claims_of(request))
-    call.idempotency_key = idempotency.key_of(request.headers.get(idempotency.HEADER))
+    body, raw = await read_json_request(request)
+    call = spine.Call(
+        request[REQUEST_ID], endpoint, body, claims_of(request),
+        idempotency_key=idempotency.key_of(request.headers.get(idempotency.HEADER)), raw=raw,
+    )
     admitted = await spine.admit(deps, call)
     if isinstance(admitted, idempotency.Stored):
         # The first answer to this Idempotency-Key, as sent then (its x-request-id included).

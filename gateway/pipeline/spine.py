@@ -50,11 +50,16 @@ class Call:
     claims: Claims
     started: float = field(default_factory=time.perf_counter)
     idempotency_key: str | None = None
+    # The body's bytes as the client sent them, journaled as they are; absent (a call
+    # made by the gateway itself, e.g. a live replay), the body is serialised once here.
+    raw: bytes | None = None
     # SHA-256 of the canonical body: what replays match on and every entry carries.
     request_hash: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.request_hash = hashlib.sha256(orjson.dumps(self.body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        if self.raw is None:
+            self.raw = orjson.dumps(self.body)
 
     @property
     def idempotency_record(self) -> str | None:
@@ -128,7 +133,7 @@ async def _reserve(deps: Deps, call: Call, assembly: Assembly, grant: policy.Gra
         Kind.REQUEST, rid=call.request_id, model=grant.model.name, asm=assembly.id,
         req_hash=call.request_hash, est_nanos=est.nanos, est_tokens=est.tokens,
         endpoint=call.endpoint.value, stream=grant.stream, ts=int(time.time() * 1000),
-        body=orjson.dumps(call.body), compress_over=deps.settings.journal.compress_over_bytes,
+        body=call.raw, compress_over=deps.settings.journal.compress_over_bytes,
     )
     try:
         return await deps.ledger.reserve(
@@ -274,7 +279,7 @@ async def _journal_denial(deps: Deps, call: Call, assembly: Assembly, denial: Ga
     entry = make_entry(
         Kind.DENIAL, rid=call.request_id, asm=assembly.id, req_hash=call.request_hash,
         status=denial.status, code=denial.code, rule=denial.extra.get("rule"), message=denial.message,
-        ts=int(time.time() * 1000), body=orjson.dumps(call.body), compress_over=deps.settings.journal.compress_over_bytes,
+        ts=int(time.time() * 1000), body=call.raw, compress_over=deps.settings.journal.compress_over_bytes,
     )
     await deps.ledger.append(call.claims.session_id, entry)
 
@@ -283,11 +288,7 @@ def _candidates(assembly: Assembly, grant: policy.Grant) -> str:
     """Encode, for the reserve script, from which states each candidate step may run."""
     if not assembly.steps:
         return ""
-    preds: dict[str, list[str]] = {s.id: [] for s in assembly.steps}
-    preds[assembly.steps[0].id].append("^")
-    for s in assembly.steps:
-        for nxt in s.next:
-            preds.setdefault(nxt, []).append(s.id)
+    preds = assembly.predecessors
     # A candidate with no predecessors encodes as "id=" and can never match.
     return ";".join(f"{sid}={','.join(preds.get(sid, []))}" for sid in grant.candidate_steps) or "-="
 

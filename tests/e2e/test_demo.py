@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.embedded_redis import socket_answers
 from tests.conftest import ROOT
-from tests.e2e.test_serve_process import answers_ping, clean_env, pids_mentioning
+from tests.e2e.test_serve_process import clean_env, pids_mentioning
 
 ABC_GATEWAY = Path(sys.executable).parent / "abc-gateway"
 
@@ -74,7 +75,7 @@ def test_demo_runs_everything_and_cleans_up(workdir: Path) -> None:
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert key.read_text().startswith("-----BEGIN PRIVATE KEY-----")
     assert (var / "appendonlydir").is_dir()
-    assert not answers_ping(var / "redis.sock")
+    assert not socket_answers(var / "redis.sock")
     assert pids_mentioning(str(var)) == []  # the embedded redis-server is gone
 
     # A second run reuses the key (tokens signed with it stay valid) and the AOF.

@@ -108,8 +108,7 @@ async def up(
             yield Upstreamed(fake, gw, redis_url)
             assert_no_server_errors(gw)
         finally:
-            gw.admin.close()
-            gw.server.stop()
+            gw.close()
 
 
 def _completion(message: dict[str, Any], finish: str = "stop") -> dict[str, Any]:

@@ -22,8 +22,7 @@ def guarded(redis_url: str, keyring: Keyring) -> Iterator[Gateway]:
     ])
     gw = start_gateway(settings, redis_url, keyring)
     yield gw
-    gw.admin.close()
-    gw.server.stop()
+    gw.close()
 
 
 def test_pii_is_redacted_before_the_provider_sees_it(guarded: Gateway) -> None:

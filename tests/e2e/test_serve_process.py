@@ -25,7 +25,7 @@ import openai
 import pytest
 import yaml
 
-from gateway.embedded_redis import INSTALL_HINT
+from gateway.embedded_redis import INSTALL_HINT, socket_answers
 from tests.conftest import ADMIN_TOKEN, SIGNING_SECRET
 from tests.redis_proc import free_port
 
@@ -103,17 +103,6 @@ def listeners(port: int) -> int:
         fields = line.split()
         count += fields[1] == local and fields[3] == "0A"
     return count
-
-
-def answers_ping(socket_path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            sock.connect(str(socket_path))
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 @dataclass
@@ -232,7 +221,7 @@ def test_serve_runs_an_embedded_redis_and_stops_it_on_sigterm(launcher: Launcher
     served = launcher.serve()
     print(f"\nserve start-up, spawn -> first /readyz 200 (embedded redis): {served.startup_s * 1000:.0f} ms")
 
-    assert served.socket_path.is_socket() and answers_ping(served.socket_path)
+    assert served.socket_path.is_socket() and socket_answers(served.socket_path)
     redis_pids = pids_mentioning(str(served.socket_path))
     assert len(redis_pids) == 1, redis_pids
     assert "redis-server" in Path(f"/proc/{redis_pids[0]}/cmdline").read_text(errors="replace")
@@ -245,7 +234,7 @@ def test_serve_runs_an_embedded_redis_and_stops_it_on_sigterm(launcher: Launcher
 
     assert served.stop(signal.SIGTERM) == 0
     assert not alive(redis_pids[0])
-    assert not answers_ping(served.socket_path)
+    assert not socket_answers(served.socket_path)
     assert pids_mentioning(str(served.socket_path)) == []
     assert "Traceback" not in served.stderr()
     increments = list((served.data_dir / "appendonlydir").glob("*.incr.aof"))
@@ -258,12 +247,12 @@ def test_sessions_survive_a_restart_and_sigint_also_stops_everything(launcher: L
     chat(first.base_url, session["token"])
     redis_pid = pids_mentioning(str(first.socket_path))[0]
     assert first.stop(signal.SIGINT) == 0
-    assert not alive(redis_pid) and not answers_ping(first.socket_path)
+    assert not alive(redis_pid) and not socket_answers(first.socket_path)
 
     # A socket file left by a crash answers nothing: it is replaced, not shared.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
         stale.bind(str(first.socket_path))
-    assert first.socket_path.is_socket() and not answers_ping(first.socket_path)
+    assert first.socket_path.is_socket() and not socket_answers(first.socket_path)
 
     second = launcher.serve()  # same data dir: Redis reloads the AOF
     with admin(second.base_url) as client:

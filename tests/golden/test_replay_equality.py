@@ -127,8 +127,7 @@ def _regenerate() -> None:
             page = gw.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal", params={"format": "export", "limit": 1000}).json()
             GOLDEN.parent.mkdir(exist_ok=True)
             GOLDEN.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in page["entries"]))
-            gw.admin.close()
-            gw.server.stop()
+            gw.close()
         finally:
             server.stop()
     print(f"wrote {GOLDEN}", file=sys.stderr)

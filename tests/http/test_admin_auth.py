@@ -178,5 +178,4 @@ def test_admin_routes_are_closed_when_no_admin_token_is_configured(
         assert call("GET", "/admin/v1/assemblies", "").status_code == 401
     finally:
         call.client.close()
-        gw.admin.close()
-        gw.server.stop()
+        gw.close()

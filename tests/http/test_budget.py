@@ -206,8 +206,7 @@ def test_cost_report_groups_spend_and_adds_up_to_the_sessions(redis_url: str, ke
         table = {line.split()[0]: line.split()[1] for line in out[3:]}
         assert table == {**{t: nanos_to_usd_str(v) for t, v in by_tenant.items()}, "TOTAL": nanos_to_usd_str(sum(spent.values()))}
     finally:
-        gw.admin.close()
-        gw.server.stop()
+        gw.close()
 
 
 def test_a_free_model_settles_at_zero(redis_url: str, keyring: Any) -> None:
@@ -224,8 +223,7 @@ def test_a_free_model_settles_at_zero(redis_url: str, keyring: Any) -> None:
         shown = gw.session(opened["session_id"])
         assert (shown["spent_nanos"], shown["reserved_nanos"], shown["requests"]) == (0, 0, 2)
     finally:
-        gw.admin.close()
-        gw.server.stop()
+        gw.close()
 
 
 def test_a_million_dollar_budget_is_exact_integer_money(gateway: Gateway) -> None:

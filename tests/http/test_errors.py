@@ -78,8 +78,7 @@ def test_body_over_the_limit_is_413(redis_url: str, keyring: Keyring) -> None:
         assert _post(gw, token, "/chat/completions", json=small).status_code == 200
         assert_no_server_errors(gw)
     finally:
-        gw.admin.close()
-        gw.server.stop()
+        gw.close()
 
 
 def test_unknown_model_is_404(gw: Gateway, token: str) -> None:
@@ -141,8 +140,7 @@ def test_slow_upstream_past_the_provider_timeout_is_504(redis_url: str, keyring:
         assert gw.session(opened["session_id"])["reserved_nanos"] == 0
         assert_no_server_errors(gw)
     finally:
-        gw.admin.close()
-        gw.server.stop()
+        gw.close()
 
 
 def test_stream_cut_midway_ends_with_an_error_event_then_done(gw: Gateway, token: str) -> None:

@@ -72,8 +72,7 @@ async def rig(tmp_path: Path, keyring: Keyring) -> AsyncIterator[Rig]:
         try:
             yield Rig(server, gw, fake)
         finally:
-            gw.admin.close()
-            await asyncio.to_thread(gw.server.stop)
+            await asyncio.to_thread(gw.close)
             server.stop()
 
 

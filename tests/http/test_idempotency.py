@@ -58,8 +58,7 @@ async def setup(redis_url: str, keyring: Keyring) -> AsyncIterator[Setup]:
             yield Setup(fake, gw, redis_url)
             assert_no_server_errors(gw)
         finally:
-            gw.admin.close()
-            gw.server.stop()
+            gw.close()
 
 
 def _kinds(redis_url: str, session_id: str) -> list[str]:

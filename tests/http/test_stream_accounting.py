@@ -82,8 +82,7 @@ async def env(redis_url: str, keyring: Keyring) -> AsyncIterator[Env]:
         try:
             yield Env(gw, fake, redis_url)
         finally:
-            gw.admin.close()
-            await asyncio.to_thread(gw.server.stop)
+            await asyncio.to_thread(gw.close)
 
 
 async def stream(gw: Gateway, token: str, model: str, *, include_usage: bool | None) -> tuple[list[dict[str, Any]], list[str]]:

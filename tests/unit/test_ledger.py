@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -40,13 +39,6 @@ STALL = (
 
 def assembly_of(plan: dict[str, Any]) -> Assembly:
     return compile_plan(parse_plan(plan), make_settings()).assembly
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aredis.Redis]:
-    r = aredis.Redis.from_url(redis_url)
-    yield r
-    await r.aclose()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aredis
@@ -17,13 +16,6 @@ from gateway.pipeline.reaper import reap_due
 from tests.unit.test_ledger import open_session, reserve, session_hash, settle
 
 TTL_S = 1
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aredis.Redis]:
-    r = aredis.Redis.from_url(redis_url)
-    yield r
-    await r.aclose()
 
 
 @pytest.fixture
