@@ -119,6 +119,26 @@ def _nested_override(value: dict[str, Any] | list[Any]) -> str | None:
     return None
 
 
+REDACTED = "[redacted]"
+
+
+def redact_overrides(body: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `body` with the value of every override field replaced, wherever
+    `reject_overrides` looks: such fields carry keys and URLs, which are never stored."""
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: REDACTED if is_override_key(k) else clean(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return node
+
+    return {
+        k: REDACTED if is_override_key(k) else (v if k in CONTENT_FIELDS else clean(v))
+        for k, v in body.items()
+    }
+
+
 def reject_unknown_fields(endpoint: Endpoint, body: dict[str, Any]) -> None:
     """Explicit rather than silently forwarded: an upstream may act on a field nobody checked."""
     allowed = ALLOWED_FIELDS[endpoint]

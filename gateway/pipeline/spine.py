@@ -34,6 +34,7 @@ from gateway.journal.replay import recorded_provider
 from gateway.money import nanos_to_usd_str
 from gateway.pipeline import idempotency, policy
 from gateway.pipeline.ledger import REDIS_ERRORS, Admission, CostTags
+from gateway.pipeline.request_fields import redact_overrides
 from gateway.pipeline.usage import Estimate, Usage, estimate, price, reply_usage
 from gateway.providers.base import Endpoint, Provider
 
@@ -276,10 +277,13 @@ def _tags(adm: Admitted) -> CostTags:
 
 async def _journal_denial(deps: Deps, call: Call, assembly: Assembly, denial: GatewayError) -> None:
     deps.metrics.observe_denial(denial)
+    # Override fields (api_key, base_url, ...) are always denied, and may carry secrets.
+    redacted = redact_overrides(call.body)
+    body = call.raw if redacted == call.body else orjson.dumps(redacted)
     entry = make_entry(
         Kind.DENIAL, rid=call.request_id, asm=assembly.id, req_hash=call.request_hash,
         status=denial.status, code=denial.code, rule=denial.extra.get("rule"), message=denial.message,
-        ts=int(time.time() * 1000), body=call.raw, compress_over=deps.settings.journal.compress_over_bytes,
+        ts=int(time.time() * 1000), body=body, compress_over=deps.settings.journal.compress_over_bytes,
     )
     await deps.ledger.append(call.claims.session_id, entry)
 

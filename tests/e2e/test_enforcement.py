@@ -13,6 +13,7 @@ import httpx
 import jwt
 import openai
 import pytest
+import redis
 
 from gateway.capability import Keyring, mint
 from tests.conftest import SIGNING_SECRET, Gateway
@@ -220,6 +221,17 @@ def test_denials_are_journaled_and_not_charged(
     denials = [e for e in journal(redis_url, opened["session_id"]) if e["kind"] == "denial"]
     assert [e["rule"] for e in denials] == ["tool_not_allowed", "max_tokens_cap"]
     assert all(e["status"] == "403" for e in denials)
+
+
+def test_a_secret_in_a_refused_override_field_never_reaches_the_journal(
+    client: openai.OpenAI, opened: dict[str, Any], redis_url: str
+) -> None:
+    secret = "sk-client-SECRET-0123456789"
+    _denied(client, extra_body={"api_key": secret, "metadata": {"api_base": "http://evil", "note": "kept"}})
+    raw = b"".join(v for _, f in redis.Redis.from_url(redis_url).xrange(f"journal:{{sess:{opened['session_id']}}}") for v in f.values())
+    assert secret.encode() not in raw and b"http://evil" not in raw
+    denial = [e for e in journal(redis_url, opened["session_id"]) if e["kind"] == "denial"][-1]
+    assert denial["rule"] == "upstream_override" and b"kept" in raw
 
 
 # --- tokens ---------------------------------------------------------------------------------

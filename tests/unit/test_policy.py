@@ -25,6 +25,7 @@ from gateway.errors import (
     StateConflict,
 )
 from gateway.pipeline.policy import Grant, authorize, check_output, tool_call_names
+from gateway.pipeline.request_fields import redact_overrides
 from gateway.providers.base import Endpoint
 
 PRICE = FrozenPrice(input_nanos_per_mtok=150_000, output_nanos_per_mtok=600_000, source="settings")
@@ -177,6 +178,16 @@ def test_an_override_is_named_but_its_secret_value_never_echoed() -> None:
         error = refused(CapabilityDenied, body)
         assert "api_key" in error.message
         assert b"sk-SECRET" not in error.to_json()
+
+
+def test_override_values_are_redacted_for_the_journal_and_content_is_kept() -> None:
+    body = chat(api_key="sk-SECRET", metadata={"trace": {"Base-URL": "http://evil"}, "team": "a"},
+                tools=[fn_tool("lookup_order", {"type": "object", "properties": {"api_key": {}}})])
+    clean = redact_overrides(body)
+    assert clean["api_key"] == "[redacted]"
+    assert clean["metadata"] == {"trace": {"Base-URL": "[redacted]"}, "team": "a"}
+    assert clean["tools"] == body["tools"]  # schemas are content: left alone
+    assert body["api_key"] == "sk-SECRET"  # a copy; the request itself is untouched
 
 
 def test_content_and_schemas_may_mention_override_words() -> None:
