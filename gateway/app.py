@@ -26,13 +26,13 @@ from gateway.http import admin_routes, cost_routes, dashboard, journal_routes, o
 from gateway.http.keys import DEPS, deps_of
 from gateway.http.middlewares import auth_middleware, errors_middleware
 from gateway.metrics import Metrics
-from gateway.pipeline.ledger import REDIS_ERRORS, Ledger
-from gateway.pipeline.reaper import run_reaper
 from gateway.plugins import load_plugins
 from gateway.providers.openai_compat import make_client_session
 from gateway.providers.registry import build_providers
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
+from gateway.state.ledger import REDIS_ERRORS, Ledger
+from gateway.state.reaper import run_reaper
 
 
 def make_redis(url: str, settings: Settings) -> Redis:

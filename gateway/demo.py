@@ -149,7 +149,7 @@ def _journal(admin: httpx.Client, session_id: str) -> None:
     lines = []
     for entry in journal["entries"]:
         detail = entry.get("code") or entry.get("event") or ""
-        cost = entry.get("cost")
+        cost = entry.get("cost_nanos", entry.get("cost"))
         lines.append(f"  #{entry['seq']:<3} {entry['kind']:<9} step={entry.get('step') or '-':<7} "
                      f"{('cost=' + str(cost) + 'n$') if cost is not None else '':<14} {detail}  hash={entry['hash'][:12]}")
     _say("journal excerpt (hash-chained, nano-dollars)", "\n".join(lines))

@@ -12,11 +12,11 @@ from redis.asyncio import Redis
 from gateway.assembly.store import AssemblyStore
 from gateway.capability import Keyring, Verifier
 from gateway.metrics import Metrics
-from gateway.pipeline.ledger import Ledger
 from gateway.plugins import Plugin
 from gateway.providers.base import Provider
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
+from gateway.state.ledger import Ledger
 
 
 @dataclass(frozen=True)

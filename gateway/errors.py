@@ -4,7 +4,8 @@
     ├── ConfigError                 operator mistakes: bad settings, bad plans; never a request's fault
     └── GatewayError                one request failed; status/type/code say how
         ├── InvalidRequest          400  malformed JSON, bad fields
-        │   └── PayloadTooLarge     413  body over `server.max_body_bytes`
+        │   ├── PayloadTooLarge     413  body over `server.max_body_bytes`
+        │   └── MethodNotAllowed    405  a route asked with the wrong method
         ├── Unauthenticated         401  missing, bad, expired or revoked token
         ├── CapabilityDenied        403  not in the VCS (model, tool, parameter, upstream override)
         ├── NotFound                404  unknown model or route
@@ -13,7 +14,10 @@
         ├── RateLimited             429  RPM/TPM limit
         ├── ServiceUnavailable      503  Redis down or slow: we fail closed
         ├── UpstreamError           502  provider failed or answered garbage
-        └── UpstreamTimeout         504  provider too slow
+        ├── UpstreamTimeout         504  provider too slow
+        ├── ClientGone              499  the client hung up; logged at info, never a traceback
+        ├── RequestCancelled        499  the gateway stopped the work (shutdown, cancellation)
+        └── InternalError           500  a bug; journaled by class name, answered without text
 
 Budget exhaustion is 429 (not 402) everywhere: the OpenAI SDK maps 429 to
 RateLimitError, which clients already handle, and 402 has no SDK class.
@@ -29,12 +33,16 @@ import orjson
 __all__ = [
     "BudgetExceeded",
     "CapabilityDenied",
+    "ClientGone",
     "ConfigError",
     "GatewayError",
+    "InternalError",
     "InvalidRequest",
+    "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "RateLimited",
+    "RequestCancelled",
     "ServiceUnavailable",
     "StateConflict",
     "Unauthenticated",
@@ -96,6 +104,11 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
+
+
 class Unauthenticated(GatewayError):
     status = 401
     type = "authentication_error"
@@ -148,3 +161,21 @@ class UpstreamTimeout(GatewayError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
+
+
+class ClientGone(GatewayError):
+    status = 499  # nginx's "client closed request": nobody reads it, the journal does
+    type = "client_error"
+    code = "client_disconnected"
+
+
+class RequestCancelled(GatewayError):
+    status = 499
+    type = "server_error"
+    code = "cancelled"
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"

@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from gateway.admin_cli import AdminClient, client_from, print_table
-from gateway.journal.events import Kind, entry_body
-from gateway.journal.export import PAGE, lines_to_entries
-from gateway.journal.replay import RecordedCall, group_calls
+from gateway.journal.recorded import RecordedCall, group_calls
 from gateway.money import nanos_to_usd_str
+from gateway.state.entries import Kind, entry_body, entry_cost_nanos
+from gateway.state.export import PAGE, lines_to_entries
 
 BAR_WIDTH = 30
 
@@ -132,7 +132,7 @@ def expected_bytes(outcome: dict[bytes, bytes] | Any) -> bytes | None:
         return raw
     if kind == Kind.STREAM:
         events = b"".join(b"data: " + p + b"\n\n" for p in raw.split(b"\n")) if raw else b""
-        cost = nanos_to_usd_str(int(outcome.get(b"cost", b"0"))).encode()
+        cost = nanos_to_usd_str(entry_cost_nanos(outcome)).encode()
         return events + b": abc-cost-usd " + cost + b"\n\ndata: [DONE]\n\n"
     return None
 

@@ -8,8 +8,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 if TYPE_CHECKING:
     from gateway.errors import GatewayError
-    from gateway.pipeline.spine import Admitted
-    from gateway.pipeline.usage import Usage
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -45,19 +43,20 @@ class Metrics:
         self._child(self.requests, route, str(status)).inc()
         self._child(self.duration, route).observe(seconds)
 
-    def observe_settled(self, adm: Admitted, usage: Usage, cost: int, gateway_s: float) -> None:
-        tenant = adm.call.claims.tenant or "default"
-        model = adm.grant.model.name
+    def observe_settled(
+        self, *, tenant: str, model: str, assembly_id: str, prompt_tokens: int, completion_tokens: int,
+        cost_nanos: int, gateway_s: float, upstream_s: float,
+    ) -> None:
         self.overhead.observe(gateway_s)
-        self._child(self.upstream, model).observe(adm.upstream_s)
-        self._child(self.tokens, tenant, model, "input").inc(usage.prompt_tokens)
-        self._child(self.tokens, tenant, model, "output").inc(usage.completion_tokens)
-        self._child(self.cost, tenant, model, adm.assembly.id).inc(cost)
+        self._child(self.upstream, model).observe(upstream_s)
+        self._child(self.tokens, tenant, model, "input").inc(prompt_tokens)
+        self._child(self.tokens, tenant, model, "output").inc(completion_tokens)
+        self._child(self.cost, tenant, model, assembly_id).inc(cost_nanos)
 
-    def observe_failed(self, adm: Admitted, exc: GatewayError, cost: int) -> None:
-        self.upstream_errors.labels(adm.grant.model.name, exc.code).inc()
-        if cost:
-            self.cost.labels(adm.call.claims.tenant or "default", adm.grant.model.name, adm.assembly.id).inc(cost)
+    def observe_failed(self, *, tenant: str, model: str, assembly_id: str, code: str, cost_nanos: int) -> None:
+        self._child(self.upstream_errors, model, code).inc()
+        if cost_nanos:
+            self._child(self.cost, tenant, model, assembly_id).inc(cost_nanos)
 
     def observe_denial(self, exc: GatewayError) -> None:
         self.denials.labels(str(exc.extra.get("rule") or exc.code)).inc()

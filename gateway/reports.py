@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from gateway import redis_keys as keys
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.money import nanos_to_usd_str
-from gateway.pipeline.ledger import REDIS_ERRORS
+from gateway.state.ledger import REDIS_ERRORS
 
 GROUPS = keys.COST_DIMENSIONS
 DEFAULT_SPAN = timedelta(hours=24)

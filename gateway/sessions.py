@@ -18,9 +18,9 @@ from gateway import redis_keys as keys
 from gateway.assembly.model import Assembly
 from gateway.capability import Keyring, mint
 from gateway.errors import InvalidRequest, NotFound
-from gateway.journal.events import Kind, make_entry
-from gateway.money import nanos_to_usd_str, usd_to_nanos
-from gateway.pipeline.ledger import REDIS_ERRORS, Ledger
+from gateway.money import nanos_to_usd_str
+from gateway.state.entries import Kind, make_entry
+from gateway.state.ledger import REDIS_ERRORS, Ledger
 
 MAX_TTL_S = 30 * 24 * 3600
 
@@ -33,8 +33,44 @@ class Opened:
     budget_nanos: int | None
 
 
-def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in raw.items()}
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A session's hash, parsed in this one place."""
+
+    session_id: str
+    assembly_id: str
+    tenant: str
+    status: str
+    created_at_ms: int
+    expires_at_ms: int
+    labels: dict[str, str]
+    replay_of: str | None
+    step: str | None
+    requests: int
+    spent_nanos: int
+    reserved_nanos: int
+    spent_tokens: int
+    reserved_tokens: int
+    budget_nanos: int | None
+
+    @classmethod
+    def parse(cls, session_id: str, raw: dict[bytes, bytes]) -> SessionRecord:
+        s = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(
+            session_id=session_id, assembly_id=s["assembly_id"], tenant=s["tenant"], status=s["status"],
+            created_at_ms=int(s["created_at_ms"]), expires_at_ms=int(s["expires_at_ms"]),
+            labels=orjson.loads(s.get("labels", "{}")), replay_of=s.get("replay_of"), step=s.get("step") or None,
+            requests=int(s.get("requests", 0)),
+            spent_nanos=int(s.get("spent_nanos", 0)), reserved_nanos=int(s.get("reserved_nanos", 0)),
+            spent_tokens=int(s.get("spent_tokens", 0)), reserved_tokens=int(s.get("reserved_tokens", 0)),
+            budget_nanos=int(s["budget_nanos"]) if "budget_nanos" in s else None,
+        )
+
+    @property
+    def state(self) -> str:
+        if self.status == "revoked":
+            return "revoked"
+        return "expired" if self.expires_at_ms <= time.time() * 1000 else "active"
 
 
 class SessionStore:
@@ -49,14 +85,14 @@ class SessionStore:
         assembly: Assembly,
         *,
         tenant: str | None,
-        budget_usd: float | None,
+        budget_nanos: int | None,
         ttl_s: int | None,
         labels: dict[str, str],
         replay_of: str | None = None,
     ) -> Opened:
         budget = assembly.budget.usd_nanos
-        if budget_usd is not None:
-            wanted = usd_to_nanos(budget_usd)
+        if budget_nanos is not None:
+            wanted = budget_nanos
             if wanted < 0 or (budget is not None and wanted > budget):
                 raise InvalidRequest("budget_usd may be lower than the Assembly's budget, never higher", param="budget_usd")
             budget = wanted
@@ -110,36 +146,34 @@ class SessionStore:
                 pipe.expireat(key, keep_until)
             await pipe.execute()
 
-    async def get(self, session_id: str) -> dict[str, str]:
+    async def get(self, session_id: str) -> SessionRecord:
         raw = await self.redis.hgetall(keys.session(session_id))  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
         if not raw:
             raise NotFound(f"session {session_id!r} not found", code="session_not_found")
-        return _decode(raw)
+        return SessionRecord.parse(session_id, raw)
 
     async def show(self, session_id: str) -> dict[str, Any]:
         s = await self.get(session_id)
-        spent, reserved = int(s.get("spent_nanos", 0)), int(s.get("reserved_nanos", 0))
-        budget = int(s["budget_nanos"]) if "budget_nanos" in s else None
-        expired = int(s["expires_at_ms"]) <= time.time() * 1000
+        budget = s.budget_nanos
         return {
             "session_id": session_id,
-            "assembly_id": s["assembly_id"],
-            "tenant": s["tenant"],
-            "state": "revoked" if s["status"] == "revoked" else ("expired" if expired else "active"),
-            "current_step": s.get("step") or None,
-            "created_at": int(s["created_at_ms"]) // 1000,
-            "expires_at": int(s["expires_at_ms"]) // 1000,
-            "labels": orjson.loads(s.get("labels", "{}")),
-            "replay_of": s.get("replay_of"),
-            "requests": int(s.get("requests", 0)),
-            "spent_usd": nanos_to_usd_str(spent),
-            "reserved_usd": nanos_to_usd_str(reserved),
+            "assembly_id": s.assembly_id,
+            "tenant": s.tenant,
+            "state": s.state,
+            "current_step": s.step,
+            "created_at": s.created_at_ms // 1000,
+            "expires_at": s.expires_at_ms // 1000,
+            "labels": s.labels,
+            "replay_of": s.replay_of,
+            "requests": s.requests,
+            "spent_usd": nanos_to_usd_str(s.spent_nanos),
+            "reserved_usd": nanos_to_usd_str(s.reserved_nanos),
             "budget_usd": None if budget is None else nanos_to_usd_str(budget),
-            "remaining_usd": None if budget is None else nanos_to_usd_str(budget - spent - reserved),
-            "spent_nanos": spent,
-            "reserved_nanos": reserved,
-            "spent_tokens": int(s.get("spent_tokens", 0)),
-            "reserved_tokens": int(s.get("reserved_tokens", 0)),
+            "remaining_usd": None if budget is None else nanos_to_usd_str(budget - s.spent_nanos - s.reserved_nanos),
+            "spent_nanos": s.spent_nanos,
+            "reserved_nanos": s.reserved_nanos,
+            "spent_tokens": s.spent_tokens,
+            "reserved_tokens": s.reserved_tokens,
         }
 
     async def revoke(self, session_id: str) -> None:

@@ -11,7 +11,7 @@ import orjson
 import redis
 
 from gateway import redis_keys
-from gateway.journal.events import entry_body
+from gateway.state.entries import entry_body
 from tests.conftest import Gateway, assert_no_server_errors  # noqa: F401  (re-exported)
 
 TIMEOUT_S = 30.0

@@ -16,6 +16,7 @@ from gateway.assembly.plan import PlanInvalid, parse_plan
 from gateway.errors import GatewayError
 from gateway.http.bodies import json_response, read_json_object, validated
 from gateway.http.keys import deps_of
+from gateway.money import usd_to_nanos
 
 
 class PlanRejected(GatewayError):
@@ -70,7 +71,7 @@ async def open_session(request: web.Request) -> web.Response:
     spec: OpenSession = validated(OpenSession, await read_json_object(request))
     assembly = await deps.assemblies.get(spec.assembly_id)
     opened = await deps.sessions.open(
-        assembly, tenant=spec.tenant, budget_usd=spec.budget_usd, ttl_s=spec.ttl_s, labels=spec.labels
+        assembly, tenant=spec.tenant, budget_nanos=None if spec.budget_usd is None else usd_to_nanos(spec.budget_usd), ttl_s=spec.ttl_s, labels=spec.labels
     )
     from gateway.money import nanos_to_usd_str
 

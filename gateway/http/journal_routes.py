@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.errors import InvalidRequest
 from gateway.http.bodies import json_response, read_json_object, validated
 from gateway.http.keys import deps_of
-from gateway.journal import export
 from gateway.journal.live import run_live
-from gateway.journal.replay import open_recorded, verify_session
+from gateway.journal.recorded import open_recorded, verify_session
+from gateway.state import export
 
 DEFAULT_LIMIT = 100
 SESSION_ID = r"^sess_[0-9a-f]{8,64}$"

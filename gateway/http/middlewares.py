@@ -17,7 +17,11 @@ from redis.exceptions import RedisError
 
 from gateway.capability import bearer_token, constant_time_equals
 from gateway.errors import (
+    ClientGone,
     GatewayError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -51,10 +55,10 @@ def _http_error(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound("unknown route", code="unknown_route")
     if exc.status == 405:
-        return GatewayError("method not allowed", code="method_not_allowed", status=405)
-    err = GatewayError(exc.reason or "request failed", code="http_error", status=exc.status)
-    err.type = "invalid_request_error" if exc.status < 500 else "server_error"
-    return err
+        return MethodNotAllowed("method not allowed")
+    if exc.status < 500:
+        return InvalidRequest(exc.reason or "request failed", code="http_error", status=exc.status)
+    return InternalError(exc.reason or "request failed", code="http_error", status=exc.status)
 
 
 @web.middleware
@@ -72,6 +76,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             # setdefault: a stored idempotent answer keeps the id of the request that made it.
             response.headers.setdefault("x-request-id", request_id)
         return response
+    except ClientGone:
+        # An ordinary event, settled by the exchange; nobody is left to read an answer.
+        status = ClientGone.status
+        log.info("client hung up on request %s", request_id)
+        return web.Response(status=status)
     except GatewayError as exc:
         status = exc.status
         return error_response(exc, request_id)

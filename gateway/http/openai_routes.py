@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: thin wrappers around the request spine."""
+"""The OpenAI-compatible routes: thin wrappers around the Exchange."""
 
 from __future__ import annotations
 
@@ -8,26 +8,29 @@ from aiohttp import web
 from gateway.http import sse
 from gateway.http.bodies import read_json_request
 from gateway.http.keys import REQUEST_ID, claims_of, deps_of
-from gateway.pipeline import idempotency, spine
+from gateway.pipeline.exchange import Call, exchange, require_live_session
 from gateway.providers.base import Endpoint
+from gateway.state import idempotency
 
 
 async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     deps = deps_of(request)
     body, raw = await read_json_request(request)
-    call = spine.Call(
+    call = Call(
         request[REQUEST_ID], endpoint, body, claims_of(request),
         idempotency_key=idempotency.key_of(request.headers.get(idempotency.HEADER)), raw=raw,
     )
-    admitted = await spine.admit(deps, call)
-    if isinstance(admitted, idempotency.Stored):
-        # The first answer to this Idempotency-Key, as sent then (its x-request-id included).
-        headers = {**admitted.headers, "idempotent-replayed": "true"}
-        return web.Response(status=admitted.status, body=admitted.body, headers=headers)
-    if admitted.grant.stream:
-        return await sse.relay(request, deps, admitted)
-    answer = await spine.complete(deps, admitted)
-    return web.Response(body=answer.body, content_type="application/json", headers=answer.headers)
+    async with exchange(deps, call) as ex:
+        if ex.stored is not None:
+            # The first answer to this Idempotency-Key, as sent then (its x-request-id included).
+            headers = {**ex.stored.headers, "idempotent-replayed": "true"}
+            return web.Response(status=ex.stored.status, body=ex.stored.body, headers=headers)
+        if ex.grant.stream:
+            return await sse.relay(request, ex)
+        answer = await ex.send()
+    assert ex.settled is not None
+    headers = ex.answer_headers(ex.settled.cost_nanos, ex.settled.budget_left_nanos)
+    return web.Response(body=answer, content_type="application/json", headers=headers)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -46,7 +49,7 @@ async def list_models(request: web.Request) -> web.Response:
     """Only the models this token's VCS allows."""
     deps = deps_of(request)
     claims = claims_of(request)
-    await spine.require_live_session(deps, claims.session_id)
+    await require_live_session(deps, claims.session_id)
     assembly = await deps.assemblies.get(claims.assembly_id)
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": assembly.models[name].provider}

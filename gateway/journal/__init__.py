@@ -1,9 +1,9 @@
-"""The hash-chained, per-session journal in Redis Streams.
+"""Replaying the hash-chained, per-session journal (Redis Streams), above the state layer.
 
-events.py   entries, their SHA-256 content digest and the chain link; verify_chain
-export.py   reading pages, lossless export lines, trimming after an export
-replay.py   verify_session, recorded replays (ReplayProvider)
-live.py     live replays through the spine
+recorded.py   verify_session, recorded replays (ReplayProvider)
+live.py       live replays through the Exchange
+The entry format and chain live in gateway/state/entries.py, paging and export in
+gateway/state/export.py.
 
 Retention, explicitly: nothing is ever trimmed by a bare MAXLEN.
 - A session's journal stream, its head and its replay keys get EXPIREAT at the session's

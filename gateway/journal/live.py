@@ -1,6 +1,6 @@
 """Live replay: re-execute a journal's calls against the providers and compare the answers.
 
-The calls run through the normal spine (PEP, budget, journal) in a new session on the
+The calls run through the one Exchange (PEP, plugins, budget, journal) in a new session on the
 source's Assembly, in recorded order. An answer matches when its body is byte-equal to
 the recorded one, for a stream when its assembled text (content and tool calls) is equal,
 and for an error when its status and code are. Pages (`offset`, `limit`, `into`) let a
@@ -10,7 +10,6 @@ caller show progress and continue in the same session, so steps keep their order
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,12 +18,10 @@ import orjson
 from gateway.capability import Claims
 from gateway.deps import Deps
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.journal.events import Kind, entry_body
-from gateway.journal.replay import RecordedCall, recorded_calls
-from gateway.money import NANOS_PER_USD
-from gateway.pipeline import policy
-from gateway.pipeline.spine import Admitted, Call, admit, complete, fail, finish, shielded
+from gateway.journal.recorded import RecordedCall, recorded_calls
+from gateway.pipeline.exchange import Call, exchange
 from gateway.pipeline.usage import StreamMeter
+from gateway.state.entries import Kind, entry_body
 
 LIVE_LABEL = "live_replay_of"
 
@@ -48,20 +45,18 @@ async def _session_claims(deps: Deps, source: str, into: str | None) -> Claims:
     """Claims for the live session: a new one, or `into` from an earlier page of this replay."""
     if into is None:
         shown = await deps.sessions.get(source)
-        assembly = await deps.assemblies.get(shown["assembly_id"])
-        budget = int(shown["budget_nanos"]) if "budget_nanos" in shown else None
+        assembly = await deps.assemblies.get(shown.assembly_id)
         opened = await deps.sessions.open(
-            assembly, tenant=shown["tenant"], budget_usd=None if budget is None else budget / NANOS_PER_USD,
-            ttl_s=None, labels={LIVE_LABEL: source},
+            assembly, tenant=shown.tenant, budget_nanos=shown.budget_nanos, ttl_s=None, labels={LIVE_LABEL: source},
         )
         into = opened.session_id
     session = await deps.sessions.get(into)
-    if orjson.loads(session.get("labels", "{}")).get(LIVE_LABEL) != source:
+    if session.labels.get(LIVE_LABEL) != source:
         raise InvalidRequest(f"session {into} is not a live replay of {source}", param="into")
     # Admin-driven: the claims a token for this session would carry, without minting one.
     return Claims(
-        session_id=into, assembly_id=session["assembly_id"], tenant=session["tenant"], jti="live-replay",
-        issued_at=int(session["created_at_ms"]) // 1000, expires_at=int(session["expires_at_ms"]) // 1000,
+        session_id=into, assembly_id=session.assembly_id, tenant=session.tenant, jti="live-replay",
+        issued_at=session.created_at_ms // 1000, expires_at=session.expires_at_ms // 1000,
     )
 
 
@@ -73,12 +68,15 @@ async def _rerun(deps: Deps, claims: Claims, recorded: RecordedCall) -> dict[str
     }
     got: bytes | str
     try:
-        adm = await admit(deps, call)
-        assert isinstance(adm, Admitted)  # no Idempotency-Key here
-        if adm.grant.stream:
-            result["answer"], got = Kind.STREAM, await _stream_text(deps, adm)
-        else:
-            result["answer"], got = Kind.RESPONSE, (await complete(deps, adm)).body
+        # The same Exchange a client's call runs through: PEP, plugins, budget, journal.
+        async with exchange(deps, call) as ex:
+            if ex.grant.stream:
+                meter = StreamMeter(model=ex.grant.model, prompt_estimate=0)
+                async for payload in ex.stream():
+                    meter.observe(orjson.loads(payload))
+                result["answer"], got = Kind.STREAM, meter.text
+            else:
+                result["answer"], got = Kind.RESPONSE, await ex.send()
     except GatewayError as exc:
         result["answer"], got = Kind.ERROR, f"{exc.status} {exc.code}"
         result["error"] = {"status": exc.status, "code": exc.code, "message": exc.message}
@@ -107,35 +105,4 @@ def recorded_text(outcome: Mapping[bytes, bytes]) -> str:
         chunk = orjson.loads(payload)
         if isinstance(chunk, dict):
             meter.observe(chunk)
-    return meter.text
-
-
-async def _stream_text(deps: Deps, adm: Admitted) -> str:
-    """Run a streamed call to the end, settled and journaled like a relayed one; its text."""
-    options = adm.grant.body.get("stream_options")
-    options = options if isinstance(options, dict) else {}
-    body = {**adm.grant.body, "stream_options": {**options, "include_usage": True}}
-    meter = StreamMeter(adm.grant.model, adm.estimate.prompt_tokens)
-    payloads: list[bytes] = []
-    adm.upstream_started = time.perf_counter()
-    try:
-        async for payload in adm.provider.stream(adm.call.endpoint, body, request_id=adm.call.request_id):
-            chunk = orjson.loads(payload)
-            if not isinstance(chunk, dict):
-                continue
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                if isinstance(delta, dict):
-                    policy.check_output(adm.assembly, adm.grant, policy.tool_call_names(delta))
-            if not meter.observe(chunk) or options.get("include_usage"):
-                payloads.append(payload)
-    except GatewayError as exc:
-        adm.upstream_s = time.perf_counter() - adm.upstream_started
-        await shielded(deps, fail(deps, adm, exc, meter.final_usage(), chunks=meter.chunks, body=b"\n".join(payloads)))
-        raise
-    adm.upstream_s = time.perf_counter() - adm.upstream_started
-    await shielded(deps, finish(
-        deps, adm, meter.final_usage(), Kind.STREAM, b"\n".join(payloads),
-        chunks=len(payloads), usage_from="upstream" if meter.usage else "counted",
-    ))
     return meter.text

@@ -1,1 +1,1 @@
-"""The request spine: authenticate, authorize (PEP), budget, usage."""
+"""The lifecycle of a call (exchange.py) and the pure checks it runs: PEP, usage, request fields."""

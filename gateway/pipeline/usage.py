@@ -82,20 +82,28 @@ def estimate(model: ModelGrant, endpoint: Endpoint, body: dict[str, Any], *, n: 
 
 
 def reply_usage(data: dict[str, Any], fallback_prompt: int, model: ModelGrant) -> Usage:
-    """Usage from a non-streamed answer; counted from its text when the provider gave none."""
+    """Usage from a non-streamed answer; counted from its text when the provider gave none.
+    An answer of the wrong shape counts what it holds; it never raises."""
     usage = data.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
         completion = usage.get("completion_tokens")
         return Usage(usage["prompt_tokens"], completion if isinstance(completion, int) else 0)
-    text = []
-    for choice in data.get("choices") or []:
+    text: list[str] = []
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
         if isinstance(choice, dict):
-            message = choice.get("message") or {}
+            message = choice.get("message")
+            message = message if isinstance(message, dict) else {}
             text.append(str(message.get("content") or choice.get("text") or ""))
-            for call in message.get("tool_calls") or []:
-                fn = call.get("function") or {}
-                text.append(str(fn.get("name", "")) + str(fn.get("arguments", "")))
+            _tool_call_text(message.get("tool_calls"), text)
     return Usage(fallback_prompt, count_text("".join(text), model.encoding))
+
+
+def _tool_call_text(calls: Any, out: list[str]) -> None:
+    for call in calls if isinstance(calls, list) else ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            out.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
 
 
 @dataclass(slots=True)
@@ -116,20 +124,19 @@ class StreamMeter:
             completion = usage.get("completion_tokens")
             self.usage = Usage(usage["prompt_tokens"], completion if isinstance(completion, int) else 0)
         choices = chunk.get("choices")
-        if not choices:
+        if not choices or not isinstance(choices, list):
             return usage is not None
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            delta = choice.get("delta") or {}
-            content = delta.get("content") if isinstance(delta, dict) else None
+            delta = choice.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
+            content = delta.get("content")
             if isinstance(content, str):
                 self._text.append(content)
             elif isinstance(choice.get("text"), str):
                 self._text.append(choice["text"])
-            for call in (delta.get("tool_calls") or []) if isinstance(delta, dict) else []:
-                fn = call.get("function") or {}
-                self._text.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
+            _tool_call_text(delta.get("tool_calls"), self._text)
         return False
 
     @property

@@ -33,9 +33,9 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway import redis_keys
-from gateway.journal.replay import verify_session
-from gateway.pipeline.ledger import Ledger
-from gateway.pipeline.reaper import reap_due
+from gateway.journal.recorded import verify_session
+from gateway.state.ledger import Ledger
+from gateway.state.reaper import reap_due
 from tests.conftest import ADMIN_TOKEN, ROOT, SIGNING_SECRET
 from tests.fakes.upstream import FakeUpstream, StreamAnswer, default_answer
 from tests.redis_proc import free_port
@@ -181,7 +181,7 @@ async def test_sigkill_under_load_loses_nothing_the_journal_promises(
         assert seen[0] == b"request" and len(seen) == 2 and seen[1] in TERMINAL, (rid, seen)
 
     session = {k.decode(): v.decode() for k, v in (await redis.hgetall(redis_keys.session(session_id))).items()}
-    journaled = sum(int(f.get(b"cost", 0)) for _, f in entries if f[b"kind"] in TERMINAL)
+    journaled = sum(int(f.get(b"cost_nanos", 0)) for _, f in entries if f[b"kind"] in TERMINAL)
     assert journaled == int(session["spent_nanos"]) > 0
     assert int(session["reserved_nanos"]) == 0
     # What is left are reaped reservations ("R..."), kept so a late settle could still correct them.

@@ -314,10 +314,10 @@ def test_an_expired_token_is_401(gw: Gateway, opened: dict[str, Any], keyring: K
 
 
 def test_an_expired_session_is_401_even_within_token_leeway(gw: Gateway) -> None:
-    opened = gw.open_session(PLAN, ttl_s=1)
+    opened = gw.open_session(PLAN, ttl_s=3)
     client = sdk(gw, opened["token"])
     assert client.chat.completions.create(model="gpt-4o-mini", messages=HELLO).choices
-    time.sleep(1.2)
+    time.sleep(3.2)
     _unauthenticated(gw, opened["token"])
 
 

@@ -503,7 +503,8 @@ async def test_streamed_tool_call_outside_the_vcs_raises_in_the_sdk(up: Upstream
     }
     up.fake.stream_with(
         [
-            _chunk({"role": "assistant", "content": None, "tool_calls": [call]}),
+            _chunk({"role": "assistant", "content": ""}),
+            _chunk({"tool_calls": [call]}),
             _chunk({}, "tool_calls"),
         ]
     )
@@ -514,4 +515,20 @@ async def test_streamed_tool_call_outside_the_vcs_raises_in_the_sdk(up: Upstream
     with pytest.raises(openai.APIError) as caught:
         async for _ in stream:
             pass
+    assert "delete_user" in caught.value.message
+
+
+async def test_a_denied_first_chunk_is_a_403_before_any_byte(up: Upstreamed) -> None:
+    call = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "delete_user", "arguments": "{}"},
+    }
+    up.fake.stream_with([_chunk({"role": "assistant", "content": None, "tool_calls": [call]}), _chunk({}, "tool_calls")])
+    _, client = up.session()
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await client.chat.completions.create(
+            model="up-model", messages=HELLO, stream=True, tools=[_offered("lookup_order")]
+        )
     assert "delete_user" in caught.value.message

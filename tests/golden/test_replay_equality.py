@@ -19,10 +19,10 @@ import httpx
 import redis
 
 from gateway import redis_keys
-from gateway.journal.events import entry_body, verify_chain
-from gateway.journal.export import lines_to_entries
-from gateway.journal.replay import group_calls
+from gateway.journal.recorded import group_calls
 from gateway.journal_cli import error_code, expected_bytes
+from gateway.state.entries import entry_body, verify_chain
+from gateway.state.export import lines_to_entries
 from tests.conftest import Gateway
 
 GOLDEN = Path(__file__).resolve().parent / "journals" / "support-session.jsonl"

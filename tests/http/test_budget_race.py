@@ -28,8 +28,8 @@ import yaml
 
 from gateway import redis_keys
 from gateway.money import NANOS_PER_USD, cost_nanos, nanos_to_usd_str
-from gateway.pipeline.ledger import Ledger
-from gateway.pipeline.reaper import reap_due
+from gateway.state.ledger import Ledger
+from gateway.state.reaper import reap_due
 from gateway.tokenizer import count_chat_prompt
 from tests.conftest import ADMIN_TOKEN, ROOT, SIGNING_SECRET
 from tests.openai_support import bearer
@@ -240,4 +240,4 @@ def test_a_replica_killed_mid_request_leaves_a_reservation_the_reaper_charges_on
     assert (first, second) == (1, 0)
     assert (session["spent_nanos"], session["reserved_nanos"]) == (estimate, 0)
     last = journal(redis_url, opened["session_id"])[-1]
-    assert (last[b"kind"], int(last[b"cost"])) == (b"aborted", estimate)
+    assert (last[b"kind"], int(last[b"cost_nanos"])) == (b"aborted", estimate)

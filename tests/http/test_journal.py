@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from gateway import redis_keys
-from gateway.journal.events import verify_chain
-from gateway.journal.export import lines_to_entries
+from gateway.state.entries import verify_chain
+from gateway.state.export import lines_to_entries
 from tests.conftest import ADMIN_TOKEN, OPEN_PLAN, ROOT, Gateway
 
 HI = [{"role": "user", "content": "hi"}]
@@ -80,7 +80,7 @@ def test_mixed_calls_are_journaled_in_order_and_the_chain_verifies(gateway: Gate
         if entry["kind"] == "request":
             assert isinstance(entry["body"], dict) and entry["req_hash"] and entry["est_nanos"] > 0
         if entry["kind"] in TERMINAL:
-            assert isinstance(entry["cost"], int)
+            assert isinstance(entry["cost_nanos"], int)
     cut = next(e for e in entries if e["kind"] == "error" and e["rid"] == request_ids[5])
     assert cut["chunks"] > 0 and isinstance(cut["body"], str)  # what reached the client before the cut
 
@@ -110,7 +110,7 @@ def _rewrite(redis_url: str, session_id: str, seq: int, field: bytes, change: An
 @pytest.mark.parametrize(
     ("field", "change", "why"),
     [
-        (b"cost", lambda v: b"1", "content does not match its digest"),
+        (b"cost_nanos", lambda v: b"1", "content does not match its digest"),
         (b"body", lambda v: v.replace(b"hi", b"ho"), "content does not match its digest"),
         (b"step", lambda v: b"answer", "hash does not match"),
         (b"prev", lambda v: b"0" * 40, "prev does not match"),

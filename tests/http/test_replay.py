@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from gateway import redis_keys
-from gateway.journal.events import entry_body
+from gateway.state.entries import entry_body
 from tests.conftest import ADMIN_TOKEN, OPEN_PLAN, ROOT, Gateway
 
 TOOLS = [{"type": "function", "function": {

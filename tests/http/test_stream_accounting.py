@@ -17,11 +17,11 @@ import redis
 
 from gateway import redis_keys
 from gateway.capability import Keyring
-from gateway.journal.events import entry_body
 from gateway.money import NANOS_PER_USD, cost_nanos
 from gateway.providers.mock import answer_text, chat_completion
 from gateway.providers.mock_content import text_pieces
-from gateway.settings import ModelSettings, Price, ProviderSettings
+from gateway.settings import ModelSettings, Price, ProviderSettings, Settings
+from gateway.state.entries import entry_body
 from gateway.tokenizer import count_chat_prompt, count_text
 from tests.conftest import OPEN_PLAN, Gateway, make_settings, start_gateway
 from tests.fakes.upstream import FakeUpstream
@@ -66,19 +66,24 @@ class Env:
         return [e for e in self.entries(session_id) if e[b"kind"] in (b"stream", b"response", b"error")][-1]
 
 
+def env_settings(fake: FakeUpstream, **overrides: Any) -> Settings:
+    """The test settings plus the fake upstream as provider `fake` and model `fake-chat`."""
+    base = make_settings()
+    return make_settings(
+        providers=[*base.providers, ProviderSettings(name="fake", kind="openai", api_base=fake.base_url)],
+        models=[
+            *base.models,
+            ModelSettings(name="mock-nousage", provider="mock", price=PRICE, encoding=ENCODING),
+            ModelSettings(name="fake-chat", provider="fake", price=PRICE, encoding=ENCODING),
+        ],
+        **overrides,
+    )
+
+
 @pytest.fixture
 async def env(redis_url: str, keyring: Keyring) -> AsyncIterator[Env]:
     async with FakeUpstream() as fake:
-        base = make_settings()
-        settings = make_settings(
-            providers=[*base.providers, ProviderSettings(name="fake", kind="openai", api_base=fake.base_url)],
-            models=[
-                *base.models,
-                ModelSettings(name="mock-nousage", provider="mock", price=PRICE, encoding=ENCODING),
-                ModelSettings(name="fake-chat", provider="fake", price=PRICE, encoding=ENCODING),
-            ],
-        )
-        gw = start_gateway(settings, redis_url, keyring)
+        gw = start_gateway(env_settings(fake), redis_url, keyring)
         try:
             yield Env(gw, fake, redis_url)
         finally:
@@ -127,7 +132,7 @@ async def test_the_upstream_usage_chunk_is_what_a_stream_costs(env: Env) -> None
     assert (shown["spent_nanos"], shown["reserved_nanos"]) == (expected, 0)
     assert comments == [f": abc-cost-usd {Decimal(expected) / NANOS_PER_USD:.9f}"]
     entry = env.settled(opened["session_id"])
-    assert (entry[b"kind"], entry[b"usage_from"], int(entry[b"cost"])) == (b"stream", b"upstream", expected)
+    assert (entry[b"kind"], entry[b"usage_from"], int(entry[b"cost_nanos"])) == (b"stream", b"upstream", expected)
 
 
 @pytest.mark.parametrize("include_usage", [None, False])
@@ -141,7 +146,7 @@ async def test_the_usage_chunk_is_asked_for_but_hidden_when_the_client_did_not_a
     upstream = {"model": "gpt-4o-mini-2024-07-18", "messages": HELLO, "max_tokens": 256}
     usage = chat_completion(upstream)["usage"]
     assert (int(entry[b"tok_in"]), int(entry[b"tok_out"])) == (usage["prompt_tokens"], usage["completion_tokens"])
-    assert env.shown(opened["session_id"])["spent_nanos"] == int(entry[b"cost"]) > 0
+    assert env.shown(opened["session_id"])["spent_nanos"] == int(entry[b"cost_nanos"]) > 0
 
 
 async def test_a_stream_without_usage_is_charged_by_counting_its_text(env: Env) -> None:
@@ -210,7 +215,7 @@ async def test_a_client_disconnect_mid_stream_is_charged_exactly_what_was_genera
 
     shown = env.shown(opened["session_id"])
     expected = cost_nanos(count_chat_prompt(HELLO, ENCODING), IN_NANOS) + cost_nanos(tok_out, OUT_NANOS)
-    assert (shown["spent_nanos"], shown["reserved_nanos"], int(entry[b"cost"])) == (expected, 0, expected)
+    assert (shown["spent_nanos"], shown["reserved_nanos"], int(entry[b"cost_nanos"])) == (expected, 0, expected)
     print(f"\ndisconnect: client read {len(received)} tokens, gateway relayed {tok_out} of {full}, charged {expected} nanos")
 
 

@@ -23,10 +23,10 @@ from gateway.assembly.model import Assembly, Limits
 from gateway.assembly.plan import parse_plan
 from gateway.capability import Keyring
 from gateway.errors import BudgetExceeded
-from gateway.journal.events import Kind, make_entry, verify_chain
-from gateway.pipeline.ledger import CostTags, Ledger
-from gateway.pipeline.reaper import reap_due
 from gateway.sessions import SessionStore
+from gateway.state.entries import Kind, make_entry, verify_chain
+from gateway.state.ledger import CostTags, Ledger
+from gateway.state.reaper import reap_due
 from tests.conftest import SIGNING_SECRET, make_settings
 
 ASSEMBLY: Assembly = compile_plan(
@@ -86,10 +86,8 @@ class World:
 
     async def open(self) -> None:
         store = SessionStore(self.redis, self.ledger, Keyring.from_sources(SIGNING_SECRET), retention_s=3600)
-        opened = await store.open(ASSEMBLY, tenant=self.tenant, budget_usd=self.budget / 1e9, ttl_s=None, labels={})
+        opened = await store.open(ASSEMBLY, tenant=self.tenant, budget_nanos=self.budget, ttl_s=None, labels={})
         self.session_id = opened.session_id
-        # budget_usd is a float on the way in; pin the exact nanos under test.
-        await self.redis.hset(keys.session(self.session_id), "budget_nanos", self.budget)
 
     async def state(self) -> dict[str, int]:
         raw = await self.redis.hgetall(keys.session(self.session_id))

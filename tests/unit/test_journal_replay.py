@@ -4,9 +4,9 @@ answered again as themselves, and export lines that keep every stored byte."""
 from __future__ import annotations
 
 from gateway.errors import BudgetExceeded, InvalidRequest, UpstreamError, UpstreamTimeout
-from gateway.journal.events import Kind, link, make_entry, verify_chain
-from gateway.journal.export import decoded, export_line, lines_to_entries
-from gateway.journal.replay import MAX_DIFFS, group_calls, json_diff, recorded_error
+from gateway.journal.recorded import MAX_DIFFS, group_calls, json_diff, recorded_error
+from gateway.state.entries import Kind, link, make_entry, verify_chain
+from gateway.state.export import decoded, export_line, lines_to_entries
 
 
 def test_the_diff_names_each_differing_path() -> None:

@@ -18,9 +18,10 @@ from gateway.assembly.model import Assembly, Limits
 from gateway.assembly.plan import parse_plan
 from gateway.capability import Keyring
 from gateway.errors import BudgetExceeded, InvalidRequest, RateLimited, ServiceUnavailable
-from gateway.journal.events import Kind, make_entry, verify_chain
-from gateway.pipeline.ledger import CostTags, Ledger
+from gateway.money import usd_to_nanos
 from gateway.sessions import SessionStore
+from gateway.state.entries import Kind, make_entry, verify_chain
+from gateway.state.ledger import CostTags, Ledger
 from tests.conftest import SIGNING_SECRET, make_settings
 
 PLAN: dict[str, Any] = {
@@ -48,7 +49,7 @@ async def ledger(client: aredis.Redis) -> Ledger:
 
 async def open_session(ledger: Ledger, budget_usd: float | None = 1.0, plan: dict[str, Any] = PLAN) -> str:
     store = SessionStore(ledger.redis, ledger, Keyring.from_sources(SIGNING_SECRET), retention_s=3600)
-    opened = await store.open(assembly_of(plan), tenant=None, budget_usd=budget_usd, ttl_s=None, labels={})
+    opened = await store.open(assembly_of(plan), tenant=None, budget_nanos=None if budget_usd is None else usd_to_nanos(budget_usd), ttl_s=None, labels={})
     return opened.session_id
 
 

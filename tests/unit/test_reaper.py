@@ -10,9 +10,9 @@ import pytest
 import redis.asyncio as aredis
 
 from gateway import redis_keys as keys
-from gateway.journal.events import Kind, make_entry, verify_chain
-from gateway.pipeline.ledger import Ledger
-from gateway.pipeline.reaper import reap_due
+from gateway.state.entries import Kind, make_entry, verify_chain
+from gateway.state.ledger import Ledger
+from gateway.state.reaper import reap_due
 from tests.unit.test_ledger import open_session, reserve, session_hash, settle
 
 TTL_S = 1
@@ -38,7 +38,7 @@ async def test_an_orphaned_reservation_is_charged_in_full_once(ledger: Ledger, c
     assert (s["reserved_nanos"], s["spent_nanos"], s["reserved_tokens"], s["spent_tokens"]) == (0, 42_000, 0, 77)
     entries = await client.xrange(keys.journal(sid))
     last = entries[-1][1]
-    assert (last[b"kind"], last[b"rid"], last[b"cost"], last[b"tokens"]) == (b"aborted", b"orphan", b"42000", b"77")
+    assert (last[b"kind"], last[b"rid"], last[b"cost_nanos"], last[b"tokens"]) == (b"aborted", b"orphan", b"42000", b"77")
     assert verify_chain(entries).ok
     assert await client.zcard(keys.RESERVATIONS_DUE) == 0
 

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.errors import InvalidRequest, ServiceUnavailable, StateConflict
-from gateway.pipeline.ledger import REDIS_ERRORS
+from gateway.state.ledger import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from gateway.capability import Claims

@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.errors import ServiceUnavailable
-from gateway.journal.events import Kind, make_entry
-from gateway.pipeline.ledger import REDIS_ERRORS, Ledger
+from gateway.state.entries import Kind, make_entry
+from gateway.state.ledger import REDIS_ERRORS, Ledger
 
 log = logging.getLogger("gateway.reaper")
 BATCH = 100
@@ -34,7 +34,7 @@ async def reap_due(redis: Redis, ledger: Ledger, *, now: float | None = None) ->
             await redis.zrem(keys.RESERVATIONS_DUE, member)
             continue
         nanos, tokens, _, _ = reservation.decode().split(":", 3)
-        entry = make_entry(Kind.ABORTED, rid=request_id, cost=int(nanos), tokens=int(tokens), reason="reservation expired unsettled", ts=int(now * 1000))
+        entry = make_entry(Kind.ABORTED, rid=request_id, cost_nanos=int(nanos), tokens=int(tokens), reason="reservation expired unsettled", ts=int(now * 1000))
         if await ledger.reap(session_id, request_id, reservation, entry):
             reaped += 1
     return reaped

@@ -32,11 +32,10 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.journal.events import ChainReport, Kind, entry_body, verify_chain
-from gateway.journal.export import read_all
-from gateway.money import NANOS_PER_USD
-from gateway.pipeline.ledger import REDIS_ERRORS, Ledger
 from gateway.providers.base import Endpoint, Reply
+from gateway.state.entries import ChainReport, Kind, entry_body, verify_chain
+from gateway.state.export import read_all
+from gateway.state.ledger import REDIS_ERRORS, Ledger
 
 OUTCOMES = frozenset({Kind.RESPONSE, Kind.STREAM, Kind.ERROR, Kind.ABORTED})
 MAX_DIFFS = 20
@@ -117,12 +116,10 @@ def group_calls(entries: Iterable[tuple[bytes, dict[bytes, bytes]]]) -> list[Rec
 async def open_recorded(deps: Deps, source: str) -> dict[str, Any]:
     """A new session on the source's Assembly (same tenant and budget) answered from its journal."""
     shown = await deps.sessions.get(source)
-    assembly = await deps.assemblies.get(shown["assembly_id"])
+    assembly = await deps.assemblies.get(shown.assembly_id)
     calls = await recorded_calls(deps.redis, source)
-    budget = int(shown["budget_nanos"]) if "budget_nanos" in shown else None
     opened = await deps.sessions.open(
-        assembly, tenant=shown["tenant"], budget_usd=None if budget is None else budget / NANOS_PER_USD,
-        ttl_s=None, labels={"replay_of": source}, replay_of=source,
+        assembly, tenant=shown.tenant, budget_nanos=shown.budget_nanos, ttl_s=None, labels={"replay_of": source}, replay_of=source,
     )
     await bind_recording(deps.redis, opened.session_id, calls, opened.expires_at + deps.sessions.retention_s)
     return {

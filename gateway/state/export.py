@@ -16,11 +16,11 @@ from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.errors import InvalidRequest, StateConflict
-from gateway.journal.events import entry_body
+from gateway.state.entries import entry_body
 
 PAGE = 1000
 INT_FIELDS = frozenset({
-    "seq", "est_nanos", "est_tokens", "tok_in", "tok_out", "cost", "gw_us", "up_us", "status",
+    "seq", "est_nanos", "est_tokens", "tok_in", "tok_out", "cost", "cost_nanos", "gw_us", "up_us", "status",
     "ts", "chunks", "ttft_us", "tokens", "budget", "ttl_s",
 })
 BOOL_FIELDS = frozenset({"stream"})

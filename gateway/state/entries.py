@@ -85,6 +85,11 @@ def make_entry(kind: str, *, body: bytes | None = None, compress_over: int = 409
     return Entry(fields=out, digest=digest(out))
 
 
+def entry_cost_nanos(fields: Mapping[bytes, bytes]) -> int:
+    """What an entry charged; entries written before the unit was named say `cost`."""
+    return int(fields.get(b"cost_nanos") or fields.get(b"cost") or 0)
+
+
 def entry_body(fields: Mapping[bytes, bytes]) -> bytes | None:
     body = fields.get(b"body")
     if body is None:

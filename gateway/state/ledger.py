@@ -27,8 +27,8 @@ from gateway.errors import (
     StateConflict,
     Unauthenticated,
 )
-from gateway.journal.events import Entry, Kind, make_entry
 from gateway.money import nanos_to_usd_str
+from gateway.state.entries import Entry, Kind, make_entry
 
 SCRIPT_NAMES = (
     keys.RESERVE_SCRIPT,
@@ -215,7 +215,7 @@ class Ledger:
                 field = request.fields.get
                 entry = make_entry(
                     Kind.ERROR, rid=rid, model=field(b"model"), asm=field(b"asm"), req_hash=field(b"req_hash"),
-                    tok_in=0, tok_out=0, cost=0, status=503, code="service_unavailable",
+                    tok_in=0, tok_out=0, cost_nanos=0, status=503, code="service_unavailable",
                     message="budget store timed out; request not forwarded", ts=int(time.time() * 1000),
                 )
                 tags = CostTags(
@@ -269,7 +269,7 @@ class Ledger:
         commands: list[tuple[Any, ...]] = [
             ("ZREM", keys.RESERVATIONS_DUE, f"{tags.session_id}|{request_id_of(entry)}"),
             ("XADD", keys.JOURNAL_INDEX, "MINID", "~", min_id, "*",
-             "session", tags.session_id, "kind", kind, "cost", nanos, "tenant", tags.tenant,
+             "session", tags.session_id, "kind", kind, "cost_nanos", nanos, "tenant", tags.tenant,
              "model", tags.model, "assembly", tags.assembly_id),
         ]
         if nanos:

@@ -1,0 +1,478 @@
+"""The one lifecycle of a call: admit it, run it, settle it exactly once.
+
+    async with exchange(deps, call) as ex:   # admit: Assembly, PEP, plugins, estimate,
+        if ex.stored is None:                #   reserve + journal the request (one round trip)
+            await ex.send()                  # or: async for payload in ex.stream(): ...
+    ex.settled                               # leaving settled it: cost, budget left
+
+Leaving the block settles under shield, whatever happened: the answer is journaled and
+charged on success; on any exception (a GatewayError, a bug, a cancellation, a client
+that hung up) the failure is journaled and charged what the meter counted, the rest of
+the reservation refunded at once. Only a dead process leaves a reservation to the reaper.
+Every caller (the HTTP routes, the SSE framer, live replay) drives this one object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import time
+from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+import orjson
+
+from gateway import plugins, redis_keys
+from gateway.assembly.model import Assembly
+from gateway.capability import Claims
+from gateway.deps import Deps
+from gateway.errors import (
+    ClientGone,
+    GatewayError,
+    InternalError,
+    RequestCancelled,
+    ServiceUnavailable,
+    StateConflict,
+    Unauthenticated,
+    UpstreamError,
+)
+from gateway.journal.recorded import recorded_provider
+from gateway.money import nanos_to_usd_str
+from gateway.pipeline import policy
+from gateway.pipeline.request_fields import redact_overrides
+from gateway.pipeline.usage import Estimate, StreamMeter, Usage, estimate, price, reply_usage
+from gateway.providers.base import Endpoint, Provider
+from gateway.state import idempotency
+from gateway.state.entries import Kind, make_entry
+from gateway.state.ledger import REDIS_ERRORS, Admission, CostTags
+
+__all__ = ["Call", "Exchange", "Settled", "exchange", "require_live_session", "shielded"]
+
+T = TypeVar("T")
+# A client's socket closing under a write, or its handler task being cancelled.
+CLIENT_GONE = (ConnectionResetError, asyncio.CancelledError)
+
+
+@dataclass(slots=True)
+class Call:
+    """One client request as the HTTP layer hands it over."""
+
+    request_id: str
+    endpoint: Endpoint
+    body: dict[str, Any]
+    claims: Claims
+    started: float = field(default_factory=time.perf_counter)
+    idempotency_key: str | None = None
+    # The body's bytes as the client sent them, journaled as they are; absent (a call
+    # made by the gateway itself, e.g. a live replay), the body is serialised once here.
+    raw: bytes | None = None
+    # SHA-256 of the canonical body: what replays match on and every entry carries.
+    request_hash: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.request_hash = hashlib.sha256(orjson.dumps(self.body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        if self.raw is None:
+            self.raw = orjson.dumps(self.body)
+
+    @property
+    def idempotency_record(self) -> str | None:
+        return None if self.idempotency_key is None else idempotency.record_key(self.claims, self.idempotency_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """How a call ended: what it cost, the budget left (-1: no usd budget), and the error if any."""
+
+    cost_nanos: int
+    budget_left_nanos: int
+    error: GatewayError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """A complete answer, waiting for settlement."""
+
+    kind: str
+    usage: Usage
+    body: bytes
+    extra: dict[str, Any]
+
+
+def shielded(deps: Deps, work: Awaitable[T]) -> Awaitable[T]:
+    """Run `work` to the end even if our caller is cancelled (client gone, shutdown)."""
+    task = asyncio.ensure_future(work)
+    deps.tasks.add(task)
+    task.add_done_callback(deps.tasks.discard)
+    return asyncio.shield(task)
+
+
+def exchange(deps: Deps, call: Call) -> Exchange:
+    return Exchange(deps, call)
+
+
+class Exchange:
+    """One call's life. Admitted on entry, settled once on exit (or by `close`)."""
+
+    def __init__(self, deps: Deps, call: Call) -> None:
+        self.deps = deps
+        self.call = call
+        # The first answer to this call's Idempotency-Key: nothing was admitted or reserved.
+        self.stored: idempotency.Stored | None = None
+        self.settled: Settled | None = None
+        self.upstream_headers: dict[str, str] = {}
+        self.upstream_s = 0.0
+        self.ttft_s: float | None = None
+        self._reserved = False
+        self._outcome: _Outcome | None = None
+        self._answer_usage: Usage | None = None  # a complete answer's, before its checks
+        self._meter: StreamMeter | None = None
+        self._payloads: list[bytes] = []
+        self._closing: asyncio.Future[Settled] | None = None
+
+    # -- admission ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Exchange:
+        deps, call = self.deps, self.call
+        self.assembly: Assembly = await deps.assemblies.get(call.claims.assembly_id)
+        self.grant: policy.Grant = await self._authorize()
+        self.estimate: Estimate = estimate(
+            self.grant.model, call.endpoint, self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
+        )
+        while True:
+            admission = await self._reserve()
+            if admission.held is None:
+                break
+            record = call.idempotency_record
+            assert record is not None
+            self.stored = await idempotency.await_answer(deps.redis, record, call.request_hash, admission.held)
+            if self.stored is not None:
+                return self
+            # The first attempt failed and freed its key: this one runs the request.
+        self._reserved = True
+        self.admission: Admission = admission
+        self.provider: Provider = deps.providers[self.grant.model.provider]
+        if call.claims.replay_of is not None:
+            try:
+                self.provider = await recorded_provider(
+                    deps.redis, deps.ledger, session_id=call.claims.session_id, source=call.claims.replay_of,
+                    request_hash=call.request_hash, body=call.body,
+                )
+            except BaseException as exc:
+                await self.close(exc)  # a divergence is settled at zero
+                raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None,
+    ) -> None:
+        if self._reserved:
+            await self.close(exc)
+
+    async def _authorize(self) -> policy.Grant:
+        """The PEP, then the plugins' request hooks; a denial is journaled before it is raised."""
+        deps, call = self.deps, self.call
+        try:
+            grant = policy.authorize(self.assembly, call.endpoint, call.body, known_models=deps.known_models)
+            if deps.plugins:
+                grant = dataclasses.replace(grant, body=plugins.run_request(deps.plugins, grant.body))
+            return grant
+        except GatewayError as exc:
+            denial: GatewayError = exc
+            # A dead session is a 401 before it is anything else; only denials pay for the look-up.
+            try:
+                await require_live_session(deps, call.claims.session_id)
+            except Unauthenticated as dead:
+                denial = dead
+            await self._journal_denial(denial)
+            raise denial from None
+
+    async def _reserve(self) -> Admission:
+        """Reserve the worst case and journal the request, in one round trip."""
+        deps, call, grant, est = self.deps, self.call, self.grant, self.estimate
+        entry = make_entry(
+            Kind.REQUEST, rid=call.request_id, model=grant.model.name, asm=self.assembly.id,
+            req_hash=call.request_hash, est_nanos=est.nanos, est_tokens=est.tokens,
+            endpoint=call.endpoint.value, stream=grant.stream, ts=int(time.time() * 1000),
+            body=call.raw, compress_over=deps.settings.journal.compress_over_bytes,
+        )
+        try:
+            return await deps.ledger.reserve(
+                session_id=call.claims.session_id, tenant=call.claims.tenant, request_id=call.request_id,
+                est_nanos=est.nanos, est_tokens=est.tokens, step_candidates=self._candidates(),
+                limits=self.assembly.limits, entry=entry,
+                idempotency_key=call.idempotency_record, request_hash=call.request_hash,
+            )
+        except StateConflict as exc:
+            allowed = self._allowed_next(exc.extra.get("current_step"))
+            denial = StateConflict(
+                f"request fits no step allowed next; allowed: {', '.join(allowed) or 'none'}",
+                code=exc.code, extra={**exc.extra, "allowed_steps": allowed},
+            )
+            await self._journal_denial(denial)
+            raise denial from None
+        except GatewayError as denial:
+            if denial.status != 503:  # Redis is what failed: there is nowhere to journal it
+                await self._journal_denial(denial)
+            raise
+
+    # -- running ------------------------------------------------------------------------
+
+    async def send(self) -> bytes:
+        """One complete answer, checked by the output PEP and the plugins; its body."""
+        started = time.perf_counter()
+        try:
+            reply = await self.provider.send(self.call.endpoint, self.grant.body, request_id=self.call.request_id)
+        finally:
+            self.upstream_s = time.perf_counter() - started
+        self.upstream_headers = reply.headers
+        data = reply.data
+        choices = data.get("choices")
+        if choices is not None and not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
+            raise UpstreamError("upstream answered with malformed choices")
+        for choice in choices or []:
+            if not isinstance(choice.get("message", {}), dict):
+                raise UpstreamError("upstream answered with a malformed message")
+        usage = self._answer_usage = reply_usage(data, self.estimate.prompt_tokens, self.grant.model)
+        for choice in choices or []:
+            message = choice.get("message")
+            if message:
+                policy.check_output(self.assembly, self.grant, policy.tool_call_names(message))
+        rewritten = plugins.run_response(self.deps.plugins, data) if self.deps.plugins else None
+        body = reply.body if rewritten is None else orjson.dumps(rewritten)
+        self._outcome = _Outcome(Kind.RESPONSE, usage, body, {})
+        return body
+
+    async def stream(self) -> AsyncGenerator[bytes, None]:
+        """The answer's payloads as the client should see them (one per SSE `data:` event).
+
+        The upstream is asked for usage even when the client did not ask; that chunk is
+        metered and dropped. Closing this iterator early closes the upstream call.
+        """
+        body, client_wants_usage = _with_usage(self.grant.body)
+        meter = self._meter = StreamMeter(self.grant.model, self.estimate.prompt_tokens)
+        states: dict[str, dict[str, Any]] = {}
+        started = time.perf_counter()
+        upstream = self.provider.stream(
+            self.call.endpoint, body, request_id=self.call.request_id, headers_out=self.upstream_headers,
+        )
+        try:
+            async for payload in upstream:
+                if self.ttft_s is None:
+                    self.ttft_s = time.perf_counter() - started
+                chunk = _chunk(payload)
+                usage_only = meter.observe(chunk)
+                choices = chunk.get("choices")
+                for choice in choices if isinstance(choices, list) else ():
+                    delta = choice.get("delta") if isinstance(choice, dict) else None
+                    if isinstance(delta, dict):
+                        policy.check_output(self.assembly, self.grant, policy.tool_call_names(delta))
+                if usage_only:
+                    if not client_wants_usage:
+                        continue  # asked for billing; the client did not ask
+                elif self.deps.plugins:
+                    rewritten = plugins.run_chunk(self.deps.plugins, chunk, states)
+                    if rewritten is not None:
+                        chunk, payload = rewritten, orjson.dumps(rewritten)
+                if not client_wants_usage and "usage" in chunk:
+                    payload = _without_usage(payload, chunk)
+                self._payloads.append(payload)
+                yield payload
+        finally:
+            self.upstream_s = time.perf_counter() - started
+            await upstream.aclose()
+        ttft_us = None if self.ttft_s is None else int(self.ttft_s * 1e6)
+        self._outcome = _Outcome(
+            Kind.STREAM, meter.final_usage(), b"\n".join(self._payloads),
+            {"chunks": len(self._payloads), "ttft_us": ttft_us, "usage_from": "upstream" if meter.usage else "counted"},
+        )
+
+    # -- settlement ---------------------------------------------------------------------
+
+    async def close(self, exc: BaseException | None = None) -> Settled:
+        """Settle once: the answer when there is one and nothing failed, else the failure.
+        Later calls return the first settlement. Runs shielded from cancellation."""
+        if self._closing is None:
+            work = self._settle_answer() if exc is None and self._outcome is not None else self._settle_failure(exc)
+            self._closing = asyncio.ensure_future(work)
+            self.deps.tasks.add(self._closing)
+            self._closing.add_done_callback(self.deps.tasks.discard)
+        self.settled = await asyncio.shield(self._closing)
+        return self.settled
+
+    async def _settle_answer(self) -> Settled:
+        outcome = self._outcome
+        assert outcome is not None
+        cost, left = await self._settle(outcome.kind, outcome.usage, advance=True, body=outcome.body, status=200, **outcome.extra)
+        self.deps.metrics.observe_settled(
+            tenant=self.tenant, model=self.grant.model.name, assembly_id=self.assembly.id,
+            prompt_tokens=outcome.usage.prompt_tokens, completion_tokens=outcome.usage.completion_tokens,
+            cost_nanos=cost, gateway_s=self.gateway_s, upstream_s=self.upstream_s,
+        )
+        record = self.call.idempotency_record
+        if record is not None and outcome.kind == Kind.RESPONSE:
+            sent = {"content-type": "application/json", "x-request-id": self.call.request_id, **self.answer_headers(cost, left)}
+            await idempotency.remember(self.deps.redis, record, idempotency.Stored(200, sent, outcome.body))
+        return Settled(cost, left)
+
+    async def _settle_failure(self, exc: BaseException | None) -> Settled:
+        error = as_gateway_error(exc)
+        usage = self._usage_so_far()
+        extra: dict[str, Any] = {}
+        if self._meter is not None:
+            extra = {"chunks": self._meter.chunks, "body": b"\n".join(self._payloads)}
+        cost, left = await self._settle(
+            Kind.ERROR, usage, advance=False, status=error.status, code=error.code, message=error.message, **extra,
+        )
+        self.deps.metrics.observe_failed(
+            tenant=self.tenant, model=self.grant.model.name, assembly_id=self.assembly.id, code=error.code, cost_nanos=cost,
+        )
+        record = self.call.idempotency_record
+        if record is not None:
+            await idempotency.forget(self.deps.redis, record)  # so a retry runs again
+        return Settled(cost, left, error)
+
+    async def _settle(self, kind: str, usage: Usage, *, advance: bool, body: bytes | None = None, **fields: Any) -> tuple[int, int]:
+        cost = price(self.grant.model, usage)
+        entry = make_entry(
+            kind, rid=self.call.request_id, model=self.grant.model.name, asm=self.assembly.id,
+            req_hash=self.call.request_hash, tok_in=usage.prompt_tokens, tok_out=usage.completion_tokens,
+            cost_nanos=cost, gw_us=int(self.gateway_s * 1e6), up_us=int(self.upstream_s * 1e6),
+            ts=int(time.time() * 1000), body=body, compress_over=self.deps.settings.journal.compress_over_bytes, **fields,
+        )
+        settlement = await self.deps.ledger.settle(
+            session_id=self.call.claims.session_id, request_id=self.call.request_id, actual_nanos=cost,
+            actual_tokens=usage.total, advance=advance, entry=entry, tags=self._tags(),
+        )
+        return cost, settlement.budget_left_nanos
+
+    def _usage_so_far(self) -> Usage:
+        """What the upstream generated before the call failed: metered, or nothing."""
+        if self._meter is not None:
+            return self._meter.final_usage()
+        return self._answer_usage or Usage(0, 0)
+
+    # -- what callers read ---------------------------------------------------------------
+
+    @property
+    def tenant(self) -> str:
+        return self.call.claims.tenant or "default"
+
+    @property
+    def gateway_s(self) -> float:
+        return time.perf_counter() - self.call.started - self.upstream_s
+
+    @property
+    def budget_left_at_admission(self) -> int:
+        return self.admission.budget_left_nanos
+
+    def answer_headers(self, cost: int | None, left: int) -> dict[str, str]:
+        """The allow-listed upstream headers and ours: session, this call's cost, budget left."""
+        headers = {**self.upstream_headers, "x-abc-session": self.call.claims.session_id}
+        if cost is not None:
+            headers["x-abc-cost-usd"] = nanos_to_usd_str(cost)
+        if left >= 0:
+            headers["x-abc-budget-remaining-usd"] = nanos_to_usd_str(left)
+        return headers
+
+    async def remember(self, stored: idempotency.Stored) -> None:
+        """Keep a streamed answer, as the client received it, for retries with its key."""
+        record = self.call.idempotency_record
+        if record is not None:
+            await shielded(self.deps, idempotency.remember(self.deps.redis, record, stored))
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _tags(self) -> CostTags:
+        return CostTags(tenant=self.tenant, session_id=self.call.claims.session_id, model=self.grant.model.name, assembly_id=self.assembly.id)
+
+    async def _journal_denial(self, denial: GatewayError) -> None:
+        deps, call = self.deps, self.call
+        deps.metrics.observe_denial(denial)
+        # Override fields (api_key, base_url, ...) are always denied, and may carry secrets.
+        redacted = redact_overrides(call.body)
+        body = call.raw if redacted == call.body else orjson.dumps(redacted)
+        entry = make_entry(
+            Kind.DENIAL, rid=call.request_id, asm=self.assembly.id, req_hash=call.request_hash,
+            status=denial.status, code=denial.code, rule=denial.extra.get("rule"), message=denial.message,
+            ts=int(time.time() * 1000), body=body, compress_over=deps.settings.journal.compress_over_bytes,
+        )
+        await deps.ledger.append(call.claims.session_id, entry)
+
+    def _candidates(self) -> str:
+        """Encode, for the reserve script, from which states each candidate step may run."""
+        if not self.assembly.steps:
+            return ""
+        preds = self.assembly.predecessors
+        # A candidate with no predecessors encodes as "id=" and can never match.
+        return ";".join(f"{sid}={','.join(preds.get(sid, []))}" for sid in self.grant.candidate_steps) or "-="
+
+    def _allowed_next(self, current: str | None) -> list[str]:
+        if not current:
+            return [self.assembly.steps[0].id] if self.assembly.steps else []
+        step = self.assembly.step(current)
+        return list(step.next) if step else []
+
+
+def as_gateway_error(exc: BaseException | None) -> GatewayError:
+    """The error a failed call is journaled and answered with."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, ConnectionResetError):
+        return ClientGone("client disconnected")
+    if isinstance(exc, asyncio.CancelledError):
+        return RequestCancelled("request cancelled")
+    if exc is None:
+        return RequestCancelled("request ended without an answer")
+    # A bug (ours or a plugin's): journaled by class name only, never its text.
+    return InternalError(f"internal error ({type(exc).__name__})")
+
+
+async def require_live_session(deps: Deps, session_id: str) -> None:
+    """Revocation and expiry for paths that reserve nothing (the reserve script checks them
+    itself): a request the PEP denies, and routes such as GET /v1/models."""
+    try:
+        key = redis_keys.session(session_id)
+        status, expires_ms = await deps.redis.hmget(key, ["status", "expires_at_ms"])  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
+    except REDIS_ERRORS as exc:
+        raise ServiceUnavailable("session store unavailable") from exc
+    if status is None:
+        raise Unauthenticated("session not found", code="session_not_found")
+    if status == b"revoked":
+        raise Unauthenticated("session revoked", code="session_revoked")
+    if expires_ms is None or int(expires_ms) <= time.time() * 1000:
+        raise Unauthenticated("session expired", code="session_expired")
+
+
+_NULL_USAGE = b',"usage":null'
+
+
+def _with_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The body with include_usage forced on; and whether the client asked for it."""
+    given = body.get("stream_options")
+    options: dict[str, Any] = given if isinstance(given, dict) else {}
+    return {**body, "stream_options": {**options, "include_usage": True}}, bool(options.get("include_usage"))
+
+
+def _chunk(payload: bytes) -> dict[str, Any]:
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("upstream sent a malformed stream chunk") from None
+    if not isinstance(chunk, dict):
+        raise UpstreamError("upstream sent a malformed stream chunk")
+    return chunk
+
+
+def _without_usage(payload: bytes, chunk: dict[str, Any]) -> bytes:
+    """The chunk without the `usage` key we asked for, as the client would have had it.
+
+    Upstreams send compact JSON with `"usage":null` on every chunk once asked; cutting
+    those bytes out spares a re-serialisation per chunk. A quote inside a JSON string
+    is escaped, so the pattern can only be a key; anything unusual is re-serialised.
+    """
+    if chunk.get("usage") is None and payload.count(_NULL_USAGE) == 1:
+        return payload.replace(_NULL_USAGE, b"")
+    return orjson.dumps({k: v for k, v in chunk.items() if k != "usage"})
