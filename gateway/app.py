@@ -28,7 +28,7 @@ from gateway.http.middlewares import auth_middleware, errors_middleware
 from gateway.metrics import Metrics
 from gateway.plugins import load_plugins
 from gateway.providers.openai_compat import make_client_session
-from gateway.providers.registry import build_providers
+from gateway.providers.registry import breaker_states, build_providers
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
 from gateway.state.ledger import REDIS_ERRORS, Ledger
@@ -110,7 +110,7 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             sessions=SessionStore(redis, ledger, keyring, retention_s=settings.journal.retention_s),
             keyring=keyring,
             verifier=Verifier(keyring),
-            providers=build_providers(settings, http),
+            providers=build_providers(settings, http, observe=metrics.observe_attempt),
             known_models=frozenset(m.name.strip().lower() for m in settings.models),
             metrics=metrics,
             plugins=load_plugins(settings.plugins),
@@ -153,7 +153,9 @@ async def readyz(request: web.Request) -> web.Response:
         await deps.redis.ping()  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
     except REDIS_ERRORS:
         return web.json_response({"status": "unavailable", "redis": "down"}, status=503)
-    return web.json_response({"status": "ready", "redis": "ok", "providers": sorted(deps.providers)})
+    return web.json_response({
+        "status": "ready", "redis": "ok", "providers": sorted(deps.providers), "breakers": breaker_states(dict(deps.providers)),
+    })
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -12,8 +12,10 @@
         ├── StateConflict           409  step out of order, replay divergence
         ├── BudgetExceeded          429  session/tenant budget would be exceeded
         ├── RateLimited             429  RPM/TPM limit
+        │   └── UpstreamRateLimited 429  the upstream throttles the gateway's key
         ├── ServiceUnavailable      503  Redis down or slow: we fail closed
         ├── UpstreamError           502  provider failed or answered garbage
+        │   └── UpstreamUnavailable 502  unreachable, reset, or 500/502/503/504: worth a retry
         ├── UpstreamTimeout         504  provider too slow
         ├── ClientGone              499  the client hung up; logged at info, never a traceback
         ├── RequestCancelled        499  the gateway stopped the work (shutdown, cancellation)
@@ -47,7 +49,9 @@ __all__ = [
     "StateConflict",
     "Unauthenticated",
     "UpstreamError",
+    "UpstreamRateLimited",
     "UpstreamTimeout",
+    "UpstreamUnavailable",
 ]
 
 
@@ -155,6 +159,25 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """A failure another attempt may cure; `retry_after_s` is the upstream's Retry-After.
+    Clients see it as any upstream error: the class only tells the gateway it may retry."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamRateLimited(RateLimited):
+    """The upstream answered 429: the gateway's key is throttled, not the client."""
+
+    code = "upstream_rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
 
 
 class UpstreamTimeout(GatewayError):

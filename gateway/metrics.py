@@ -26,6 +26,9 @@ class Metrics:
         self.denials = Counter("abc_denials", "Denied requests", ["reason"], registry=r)
         self.journal_write = Histogram("abc_journal_write_seconds", "Redis round trip of a budget script and its journal entry", ["op"], buckets=_FAST, registry=r)
         self.upstream_errors = Counter("abc_upstream_errors", "Upstream failures", ["model", "code"], registry=r)
+        self.upstream_attempts = Counter(
+            "abc_upstream_attempts", "Upstream attempts by outcome: ok, retried, failed, refused", ["provider", "outcome"], registry=r,
+        )
 
         # labels() hashes and locks on every call; a request touches half a dozen children.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -57,6 +60,9 @@ class Metrics:
         self._child(self.upstream_errors, model, code).inc()
         if cost_nanos:
             self._child(self.cost, tenant, model, assembly_id).inc(cost_nanos)
+
+    def observe_attempt(self, provider: str, outcome: str) -> None:
+        self._child(self.upstream_attempts, provider, outcome).inc()
 
     def observe_denial(self, exc: GatewayError) -> None:
         self.denials.labels(str(exc.extra.get("rule") or exc.code)).inc()

@@ -29,6 +29,29 @@ class Price(_Frozen):
     output_per_mtok: Annotated[float, Field(ge=0)]
 
 
+class TimeoutSettings(_Frozen):
+    connect_s: Annotated[float, Field(gt=0)] = 10.0
+    # Until the upstream's response headers (and a stream's first event) arrive.
+    first_byte_s: Annotated[float, Field(gt=0)] = 600.0
+    # Between two reads of the body: a stream that stalls mid-answer.
+    idle_s: Annotated[float, Field(gt=0)] = 600.0
+    total_s: Annotated[float, Field(gt=0)] | None = None
+
+
+class RetrySettings(_Frozen):
+    # Further attempts after the first; 0: no retry. Only before any byte reached the client.
+    max: Annotated[int, Field(ge=0, le=10)] = 0
+    backoff_s: Annotated[float, Field(ge=0)] = 0.25
+    # The longest single wait, an upstream's Retry-After included.
+    max_backoff_s: Annotated[float, Field(ge=0)] = 5.0
+
+
+class BreakerSettings(_Frozen):
+    # Consecutive failed attempts that open the breaker; 0: no breaker.
+    failures: Annotated[int, Field(ge=0)] = 0
+    cooldown_s: Annotated[float, Field(gt=0)] = 30.0
+
+
 class ProviderSettings(_Frozen):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     kind: Literal["openai", "litellm", "mock"]
@@ -36,8 +59,9 @@ class ProviderSettings(_Frozen):
     api_base: str | None = None
     # Name of the environment variable holding the upstream key (never the key itself).
     api_key_env: str | None = None
-    timeout_s: Annotated[float, Field(gt=0)] = 600.0
-    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    timeouts: TimeoutSettings = TimeoutSettings()
+    retries: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
     # litellm only: the provider prefix litellm routes on ("anthropic", "bedrock", ...).
     litellm_provider: str | None = None
 

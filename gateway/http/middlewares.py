@@ -46,6 +46,9 @@ def error_response(exc: GatewayError, request_id: str) -> web.Response:
     headers = {"x-request-id": request_id}
     if exc.status == 401:
         headers["www-authenticate"] = "Bearer"
+    retry_after = exc.extra.get("retry_after_s")
+    if isinstance(retry_after, int):
+        headers["retry-after"] = str(retry_after)
     return web.Response(status=exc.status, body=exc.to_json(), content_type="application/json", headers=headers)
 
 

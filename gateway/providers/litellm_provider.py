@@ -43,7 +43,7 @@ class LiteLLMProvider:
         kwargs["api_key"] = self._settings.api_key()
         if self._settings.api_base:
             kwargs["api_base"] = self._settings.api_base
-        kwargs["timeout"] = self._settings.timeout_s
+        kwargs["timeout"] = self._settings.timeouts.total_s or self._settings.timeouts.idle_s
         kwargs["num_retries"] = 0
         return kwargs
 

@@ -330,7 +330,7 @@ class MockProvider:
 
     def __init__(self, settings: ProviderSettings, *, slow_delay_s: float = 2.0) -> None:
         self.name = settings.name
-        self._timeout_s = settings.timeout_s
+        self._timeout_s = settings.timeouts.first_byte_s
         self._slow_delay_s = slow_delay_s
 
     async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:

@@ -17,7 +17,14 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.providers.base import Endpoint, Reply
 from gateway.settings import ProviderSettings
 
@@ -47,6 +54,8 @@ UPSTREAM_REQUEST_ID_HEADER: Final = "x-upstream-request-id"
 
 # 4xx answers that are the request's fault: passed through to the client with their status.
 _CLIENT_FAULT_STATUSES: Final = frozenset({400, 404, 409, 413, 422})
+# Failures another attempt may cure (see gateway.providers.resilience).
+_RETRYABLE_STATUSES: Final = frozenset({500, 502, 503, 504})
 _MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 _MAX_MESSAGE_CHARS: Final = 2000
 # A single SSE event bigger than this is a broken or hostile upstream, not a token.
@@ -167,9 +176,11 @@ class OpenAICompatProvider:
         base = settings.api_base.rstrip("/")
         # Fixed here, once: nothing in a request body is ever read to build a URL.
         self._urls: dict[Endpoint, URL] = {ep: URL(f"{base}/{ep.value}") for ep in Endpoint}
+        timeouts = settings.timeouts
         self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=settings.connect_timeout_s, sock_read=settings.timeout_s
+            total=timeouts.total_s, connect=timeouts.connect_s, sock_read=timeouts.idle_s
         )
+        self._first_byte_s = timeouts.first_byte_s
         key = settings.api_key()
         parts = urlsplit(base)
         self._secrets: tuple[str | None, ...] = (key, base, parts.netloc, parts.password)
@@ -195,7 +206,7 @@ class OpenAICompatProvider:
     ) -> Reply:
         headers = _with_request_id(self._json_headers, request_id)
         try:
-            async with self._post(endpoint, body, headers) as resp:
+            async with await self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:
                     raise await self._failure(resp)
                 raw = await resp.read()
@@ -216,7 +227,7 @@ class OpenAICompatProvider:
     ) -> AsyncGenerator[bytes, None]:
         headers = _with_request_id(self._sse_headers, request_id)
         try:
-            async with self._post(endpoint, body, headers) as resp:
+            async with await self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:
                     raise await self._failure(resp)
                 if headers_out is not None:
@@ -250,17 +261,19 @@ class OpenAICompatProvider:
     async def close(self) -> None:
         """Nothing to do: the shared session belongs to the app, which closes it."""
 
-    def _post(
+    async def _post(
         self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]
-    ) -> aiohttp.client._RequestContextManager:
-        return self._session.post(
-            self._urls[endpoint],
-            data=orjson.dumps(body),
-            headers=headers,
-            timeout=self._timeout,
-            # A redirect would take the key and the request somewhere other than api_base.
-            allow_redirects=False,
-        )
+    ) -> aiohttp.ClientResponse:
+        """The response, once its status and headers are in: within `first_byte_s`."""
+        async with asyncio.timeout(self._first_byte_s):
+            return await self._session.post(
+                self._urls[endpoint],
+                data=orjson.dumps(body),
+                headers=headers,
+                timeout=self._timeout,
+                # A redirect would take the key and the request somewhere other than api_base.
+                allow_redirects=False,
+            )
 
     async def _failure(self, resp: aiohttp.ClientResponse) -> GatewayError:
         raw = await _read_limited(resp, _MAX_ERROR_BODY_BYTES)
@@ -280,13 +293,15 @@ class OpenAICompatProvider:
             return UpstreamError(
                 "upstream rejected the gateway's credentials", code="upstream_auth_failed"
             )
+        retry_after = _retry_after(resp.headers.get("retry-after"))
         if status == 429:
             log.warning("provider %s: upstream rate limited the gateway", self.name)
-            return RateLimited(
-                "the upstream provider is rate limiting the gateway; retry later",
-                code="upstream_rate_limited",
+            return UpstreamRateLimited(
+                "the upstream provider is rate limiting the gateway; retry later", retry_after_s=retry_after,
             )
         log.warning("provider %s: upstream failed (status %d)", self.name, status)
+        if status in _RETRYABLE_STATUSES:
+            return UpstreamUnavailable(f"upstream error (status {status})", retry_after_s=retry_after)
         return UpstreamError(f"upstream error (status {status})")
 
     def _raise_if_error_event(self, payload: bytes) -> None:
@@ -326,8 +341,19 @@ def _transport_error(exc: TimeoutError | aiohttp.ClientError) -> GatewayError:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamError("upstream stream ended early")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError("upstream unreachable")
+        return UpstreamUnavailable("upstream unreachable")
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        return UpstreamUnavailable("upstream connection failed")
     return UpstreamError("upstream connection failed")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds; the HTTP-date form is rare from model APIs and is ignored."""
+    try:
+        seconds = float(value) if value else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and seconds >= 0 else None
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -1,4 +1,7 @@
-"""Builds one provider per configured provider; litellm is imported only if configured."""
+"""Builds one provider per configured provider; litellm is imported only if configured.
+
+A provider with retries or a breaker configured is wrapped in a `ResilientProvider`.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +10,30 @@ import aiohttp
 from gateway.providers.base import Provider
 from gateway.providers.mock import MockProvider
 from gateway.providers.openai_compat import OpenAICompatProvider
-from gateway.settings import Settings
+from gateway.providers.resilience import Observe, ResilientProvider
+from gateway.settings import ProviderSettings, Settings
 
 
-def build_providers(settings: Settings, http: aiohttp.ClientSession) -> dict[str, Provider]:
+def build_providers(settings: Settings, http: aiohttp.ClientSession, *, observe: Observe | None = None) -> dict[str, Provider]:
     providers: dict[str, Provider] = {}
     for spec in settings.providers:
-        if spec.kind == "mock":
-            providers[spec.name] = MockProvider(spec)
-        elif spec.kind == "openai":
-            providers[spec.name] = OpenAICompatProvider(spec, http)
-        else:
-            from gateway.providers.litellm_provider import LiteLLMProvider
-
-            providers[spec.name] = LiteLLMProvider(spec)
+        provider = _build(spec, http)
+        if spec.retries.max or spec.breaker.failures:
+            provider = ResilientProvider(provider, spec.retries, spec.breaker, observe=observe)
+        providers[spec.name] = provider
     return providers
+
+
+def _build(spec: ProviderSettings, http: aiohttp.ClientSession) -> Provider:
+    if spec.kind == "mock":
+        return MockProvider(spec)
+    if spec.kind == "openai":
+        return OpenAICompatProvider(spec, http)
+    from gateway.providers.litellm_provider import LiteLLMProvider
+
+    return LiteLLMProvider(spec)
+
+
+def breaker_states(providers: dict[str, Provider]) -> dict[str, str]:
+    """Each breaker's state, for /readyz."""
+    return {name: p.breaker.state for name, p in providers.items() if isinstance(p, ResilientProvider)}

@@ -41,6 +41,7 @@ class JsonAnswer:
     body: bytes | None = None  # raw bytes win over `json`, for garbage answers
     headers: Mapping[str, str] = field(default_factory=dict)
     delay_s: float = 0.0  # before the status line: what a slow upstream looks like
+    reset: bool = False  # close the connection instead of answering
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +110,9 @@ class FakeUpstream:
         headers: Mapping[str, str] | None = None,
         delay_s: float = 0.0,
         times: int = 1,
+        reset: bool = False,
     ) -> None:
-        answer = JsonAnswer(status, json, body, dict(headers or {}), delay_s)
+        answer = JsonAnswer(status, json, body, dict(headers or {}), delay_s, reset)
         self._script.extend([answer] * times)
 
     def stream_with(
@@ -166,6 +168,9 @@ class FakeUpstream:
             return await self._stream(request, answer)
         if answer.delay_s:
             await asyncio.sleep(answer.delay_s)
+        if answer.reset:
+            _drop(request)
+            return web.Response()
         if answer.body is not None:
             return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
         return _json(answer.status, answer.json, answer.headers)

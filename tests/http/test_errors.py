@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from gateway.capability import Keyring
-from gateway.settings import ProviderSettings, ServerSettings, load_settings
+from gateway.settings import ProviderSettings, ServerSettings, TimeoutSettings, load_settings
 from tests.conftest import OPEN_PLAN, ROOT, Gateway, make_settings, start_gateway
 from tests.openai_support import (
     assert_no_server_errors,
@@ -118,7 +118,7 @@ def test_slow_upstream_past_the_provider_timeout_is_504(redis_url: str, keyring:
     # The mock honours its provider's timeout_s: slower than it, it times out (see mock.py).
     base = load_settings(ROOT / "config" / "gateway.yaml")
     providers = [
-        ProviderSettings(name="mock", kind="mock", timeout_s=0.2) if p.name == "mock" else p
+        ProviderSettings(name="mock", kind="mock", timeouts=TimeoutSettings(first_byte_s=0.2)) if p.name == "mock" else p
         for p in base.providers
     ]
     gw = start_gateway(make_settings(providers=providers), redis_url, keyring)

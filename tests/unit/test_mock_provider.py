@@ -28,7 +28,7 @@ from gateway.providers.mock import (
     answer_text,
 )
 from gateway.providers.mock_content import text_pieces
-from gateway.settings import ProviderSettings
+from gateway.settings import ProviderSettings, TimeoutSettings
 from gateway.tokenizer import count_chat_prompt, count_text
 
 SLOW_S = 0.05
@@ -582,7 +582,7 @@ async def test_slow_model_waits_before_answering(provider: MockProvider) -> None
 
 
 async def test_slow_model_beyond_the_provider_timeout_times_out() -> None:
-    settings = ProviderSettings(name="mock", kind="mock", timeout_s=0.01)
+    settings = ProviderSettings(name="mock", kind="mock", timeouts=TimeoutSettings(first_byte_s=0.01))
     provider = MockProvider(settings, slow_delay_s=5.0)
     with pytest.raises(UpstreamTimeout):
         await asyncio.wait_for(provider.send(Endpoint.CHAT, {**chat(), "model": "mock-slow"}), 1.0)

@@ -323,7 +323,7 @@ async def test_stream_error_status_is_raised_before_anything_is_yielded(
 
 
 async def test_slow_upstream_is_a_504(upstream: FakeUpstream, make_provider: MakeProvider) -> None:
-    provider = make_provider(upstream.base_url, timeout_s=0.2)
+    provider = make_provider(upstream.base_url, timeouts={"first_byte_s": 0.2, "idle_s": 0.2})
     upstream.respond_with(json={}, delay_s=2.0)
     with pytest.raises(UpstreamTimeout) as info:
         await provider.send(Endpoint.CHAT, CHAT_BODY)
@@ -333,7 +333,7 @@ async def test_slow_upstream_is_a_504(upstream: FakeUpstream, make_provider: Mak
 async def test_stream_stalling_between_chunks_is_a_504(
     upstream: FakeUpstream, make_provider: MakeProvider
 ) -> None:
-    provider = make_provider(upstream.base_url, timeout_s=0.2)
+    provider = make_provider(upstream.base_url, timeouts={"first_byte_s": 0.2, "idle_s": 0.2})
     upstream.stream_with([chunk("a"), chunk("b")], delay_s=1.0)
     with pytest.raises(UpstreamTimeout):
         await collect(provider)
