@@ -5,19 +5,23 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+from gateway.errors import InvalidRequest
 from gateway.http import sse
 from gateway.http.bodies import read_json_request
 from gateway.http.keys import REQUEST_ID, claims_of, deps_of
-from gateway.pipeline.exchange import Call, exchange, require_live_session
+from gateway.pipeline.exchange import Call, exchange, journal_refusal, require_live_session
 from gateway.providers.base import Endpoint
 from gateway.state import idempotency
 
 
 async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    deps = deps_of(request)
-    body, raw = await read_json_request(request)
+    deps, claims = deps_of(request), claims_of(request)
+    try:
+        body, raw = await read_json_request(request)
+    except InvalidRequest as refused:
+        raise await journal_refusal(deps, claims, request[REQUEST_ID], refused) from None
     call = Call(
-        request[REQUEST_ID], endpoint, body, claims_of(request),
+        request[REQUEST_ID], endpoint, body, claims,
         idempotency_key=idempotency.key_of(request.headers.get(idempotency.HEADER)), raw=raw,
     )
     async with exchange(deps, call) as ex:

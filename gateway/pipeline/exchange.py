@@ -49,7 +49,7 @@ from gateway.state import idempotency
 from gateway.state.entries import Kind, make_entry
 from gateway.state.ledger import REDIS_ERRORS, Admission, CostTags
 
-__all__ = ["Call", "Exchange", "Settled", "exchange", "require_live_session", "shielded"]
+__all__ = ["Call", "Exchange", "Settled", "exchange", "journal_refusal", "require_live_session", "shielded"]
 
 T = TypeVar("T")
 # A client's socket closing under a write, or its handler task being cancelled.
@@ -428,6 +428,24 @@ def as_gateway_error(exc: BaseException | None) -> GatewayError:
         return RequestCancelled("request ended without an answer")
     # A bug (ours or a plugin's): journaled by class name only, never its text.
     return InternalError(f"internal error ({type(exc).__name__})")
+
+
+async def journal_refusal(deps: Deps, claims: Claims, request_id: str, refusal: GatewayError) -> GatewayError:
+    """A request refused before it became a call (a body that is not JSON, has duplicate
+    keys, is too large or of another media type): journaled as a denial in the token's
+    session. Nothing was reserved or sent. Returns the error to answer with: a dead
+    session is a 401 before it is anything else."""
+    try:
+        await require_live_session(deps, claims.session_id)
+    except Unauthenticated as dead:
+        return dead
+    deps.metrics.observe_denial(refusal)
+    entry = make_entry(
+        Kind.DENIAL, rid=request_id, asm=claims.assembly_id, status=refusal.status, code=refusal.code,
+        param=refusal.param, message=refusal.message, ts=int(time.time() * 1000),
+    )
+    await deps.ledger.append(claims.session_id, entry)
+    return refusal
 
 
 async def require_live_session(deps: Deps, session_id: str) -> None:

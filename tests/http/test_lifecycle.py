@@ -148,3 +148,20 @@ async def test_clients_that_hang_up_leave_no_traceback(env: Env, caplog: pytest.
     assert env.shown(opened["session_id"])["reserved_nanos"] == 0
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert sum("client hung up" in r.getMessage() for r in caplog.records) == hangups
+
+
+async def test_a_body_refused_before_parsing_is_journaled_as_a_denial(env: Env) -> None:
+    opened = env.session()
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(
+            env.gw.openai_base + "/chat/completions", content=b'{"model": "fake-chat", "messages": [',
+            headers={**bearer(opened["token"]), "Content-Type": "application/json"},
+        )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    denial = env.entries(opened["session_id"])[-1]
+    assert (denial[b"kind"], denial[b"status"], denial[b"code"]) == (b"denial", b"400", b"invalid_json")
+    assert env.fake.requests == [] and env.shown(opened["session_id"])["reserved_nanos"] == 0
+    env.gw.admin.post(f"/admin/v1/sessions/{opened['session_id']}/revoke")
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(env.gw.openai_base + "/chat/completions", content=b"not json", headers=bearer(opened["token"]))
+    assert response.status_code == 401  # a dead session is a 401 before anything else
