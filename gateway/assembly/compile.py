@@ -82,6 +82,12 @@ def worst_case_nanos(grant: ModelGrant, prompt_tokens: int) -> int:
     )
 
 
+def _chain_worst_case(grant: ModelGrant, models: dict[str, ModelGrant], prompt_tokens: int) -> int:
+    """A call may be served by any model of its fallback chain: the dearest bounds it."""
+    chain = [grant, *(models[name] for name in grant.fallbacks if name in models)]
+    return max(worst_case_nanos(g, prompt_tokens) for g in chain)
+
+
 def compile_plan(plan: Plan, settings: Settings) -> Compiled:
     """Freeze `plan` into an Assembly, or raise PlanInvalid listing every problem."""
     report = _Report()
@@ -126,7 +132,23 @@ def _grant_models(
         grant = _grant_model(wanted, path, settings, report)
         if grant is not None:
             grants[grant.name] = grant
+    _check_fallbacks(plan_models, grants, report)
     return grants
+
+
+def _check_fallbacks(plan_models: Iterable[PlanModel], grants: dict[str, ModelGrant], report: _Report) -> None:
+    """A fallback is another model of this plan, of the same kind, named once."""
+    for i, wanted in enumerate(plan_models):
+        grant = grants.get(wanted.name)
+        for j, name in enumerate(wanted.fallbacks):
+            path = f"models.{i}.fallbacks.{j}"
+            other = grants.get(name)
+            if name == wanted.name or name in wanted.fallbacks[:j]:
+                report.problem(path, f"{name!r} is the model itself or already in its fallbacks")
+            elif other is None:
+                report.problem(path, f"fallback {name!r} is not a model of this plan")
+            elif grant is not None and other.kind != grant.kind:
+                report.problem(path, f"fallback {name!r} is a {other.kind} model, {wanted.name!r} a {grant.kind} model")
 
 
 def _grant_model(
@@ -167,6 +189,7 @@ def _grant_model(
         max_n=wanted.max_n,
         allow_logprobs=wanted.allow_logprobs,
         allow_logit_bias=wanted.allow_logit_bias,
+        fallbacks=tuple(wanted.fallbacks),
         encoding=known.encoding
         or encoding_name_for(known.target)
         or encoding_name_for(wanted.name),
@@ -295,7 +318,7 @@ def _compile_step(
         model=step.model,
         tools=tuple(sorted(set(step.tools))),
         next=tuple(sorted(set(step.next))),
-        worst_case_nanos=0 if grant is None else worst_case_nanos(grant, plan.max_prompt_tokens),
+        worst_case_nanos=0 if grant is None else _chain_worst_case(grant, models, plan.max_prompt_tokens),
     )
 
 
@@ -355,7 +378,7 @@ def _check_budget(
     if budget.usd_nanos is None:
         report.warnings.append("budget.usd: absent, spend is bounded only by tenant limits")
     for label, grant in calls:
-        worst = worst_case_nanos(grant, plan.max_prompt_tokens)
+        worst = _chain_worst_case(grant, models, plan.max_prompt_tokens)
         if budget.usd_nanos is not None and worst > budget.usd_nanos:
             report.warnings.append(
                 f"budget.usd: {nanos_to_usd_str(budget.usd_nanos)} cannot cover one worst-case call"

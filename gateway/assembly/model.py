@@ -13,7 +13,7 @@ import hashlib
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 SCHEMA_VERSION = 1
 
@@ -41,6 +41,16 @@ class ModelGrant(_Frozen):
     allow_logit_bias: bool = False
     encoding: str | None = None  # tiktoken encoding for estimates; None: conservative bound
     price: FrozenPrice
+    # Models of the same Assembly tried in order when this one's upstream fails first.
+    fallbacks: tuple[str, ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_empty_fallbacks(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than empty: Assemblies compiled before fallbacks existed keep their ids.
+        data: dict[str, Any] = handler(self)
+        if not data.get("fallbacks"):
+            data.pop("fallbacks", None)
+        return data
 
 
 class ToolGrant(_Frozen):
@@ -114,6 +124,10 @@ class Assembly(_Frozen):
             for nxt in s.next:
                 preds.setdefault(nxt, []).append(s.id)
         return {sid: tuple(p) for sid, p in preds.items()}
+
+    def chain(self, model: ModelGrant) -> tuple[ModelGrant, ...]:
+        """The model and its frozen fallbacks, in the order they are tried."""
+        return (model, *(self.models[name] for name in model.fallbacks))
 
     def step(self, step_id: str) -> Step | None:
         for s in self.steps:

@@ -129,6 +129,8 @@ class PlanModel(_Strict):
     max_n: Annotated[int, Field(ge=1, le=128)] = 1
     allow_logprobs: bool = False
     allow_logit_bias: bool = False
+    # Models of this plan to try, in order, when this one's upstream fails before answering.
+    fallbacks: list[ModelName] = Field(default_factory=list)
 
 
 class PlanTool(_Strict):

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway import plugins, redis_keys
-from gateway.assembly.model import Assembly
+from gateway.assembly.model import Assembly, ModelGrant
 from gateway.capability import Claims
 from gateway.deps import Deps
 from gateway.errors import (
@@ -39,9 +39,10 @@ from gateway.errors import (
     Unauthenticated,
     UpstreamError,
 )
-from gateway.journal.recorded import recorded_provider
+from gateway.journal.recorded import ReplayProvider, recorded_provider
 from gateway.money import nanos_to_usd_str
 from gateway.pipeline import policy
+from gateway.pipeline.fallbacks import FallbackChain
 from gateway.pipeline.request_fields import redact_overrides
 from gateway.pipeline.usage import Estimate, StreamMeter, Usage, estimate, price, reply_usage
 from gateway.providers.base import Endpoint, Provider
@@ -141,6 +142,10 @@ class Exchange:
         self.estimate: Estimate = estimate(
             self.grant.model, call.endpoint, self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
         )
+        chain = self.assembly.chain(self.grant.model)
+        if len(chain) > 1:  # the reservation covers the dearest model that may serve
+            est, worst = self.estimate, Usage(self.estimate.prompt_tokens, self.estimate.max_output_tokens)
+            self.estimate = Estimate(est.prompt_tokens, est.max_output_tokens, max(price(m, worst) for m in chain))
         while True:
             admission = await self._reserve()
             if admission.held is None:
@@ -154,6 +159,8 @@ class Exchange:
         self._reserved = True
         self.admission: Admission = admission
         self.provider: Provider = deps.providers[self.grant.model.provider]
+        if len(chain) > 1:
+            self.provider = FallbackChain(chain, deps.providers)
         if call.claims.replay_of is not None:
             try:
                 self.provider = await recorded_provider(
@@ -307,7 +314,7 @@ class Exchange:
         assert outcome is not None
         cost, left = await self._settle(outcome.kind, outcome.usage, advance=True, body=outcome.body, status=200, **outcome.extra)
         self.deps.metrics.observe_settled(
-            tenant=self.tenant, model=self.grant.model.name, assembly_id=self.assembly.id,
+            tenant=self.tenant, model=self.served.name, assembly_id=self.assembly.id,
             prompt_tokens=outcome.usage.prompt_tokens, completion_tokens=outcome.usage.completion_tokens,
             cost_nanos=cost, gateway_s=self.gateway_s, upstream_s=self.upstream_s,
         )
@@ -335,7 +342,12 @@ class Exchange:
         return Settled(cost, left, error)
 
     async def _settle(self, kind: str, usage: Usage, *, advance: bool, body: bytes | None = None, **fields: Any) -> tuple[int, int]:
-        cost = price(self.grant.model, usage)
+        served = self.served
+        if served is not self.grant.model:
+            fields["served_by"] = served.name
+        if isinstance(self.provider, FallbackChain) and self.provider.attempts:
+            fields["fallbacks_failed"] = ",".join(f"{m}:{code}" for m, code in self.provider.attempts)
+        cost = price(served, usage)
         entry = make_entry(
             kind, rid=self.call.request_id, model=self.grant.model.name, asm=self.assembly.id,
             req_hash=self.call.request_hash, tok_in=usage.prompt_tokens, tok_out=usage.completion_tokens,
@@ -357,6 +369,15 @@ class Exchange:
     # -- what callers read ---------------------------------------------------------------
 
     @property
+    def served(self) -> ModelGrant:
+        """The model that answered: the requested one, or a fallback of its frozen chain."""
+        if isinstance(self.provider, FallbackChain):
+            return self.provider.served
+        if isinstance(self.provider, ReplayProvider) and self.provider.served_by:
+            return self.assembly.models.get(self.provider.served_by, self.grant.model)
+        return self.grant.model
+
+    @property
     def tenant(self) -> str:
         return self.call.claims.tenant or "default"
 
@@ -370,7 +391,7 @@ class Exchange:
 
     def answer_headers(self, cost: int | None, left: int) -> dict[str, str]:
         """The allow-listed upstream headers and ours: session, this call's cost, budget left."""
-        headers = {**self.upstream_headers, "x-abc-session": self.call.claims.session_id}
+        headers = {**self.upstream_headers, "x-abc-session": self.call.claims.session_id, "x-abc-served-by": self.served.name}
         if cost is not None:
             headers["x-abc-cost-usd"] = nanos_to_usd_str(cost)
         if left >= 0:
@@ -386,7 +407,7 @@ class Exchange:
     # -- helpers ------------------------------------------------------------------------
 
     def _tags(self) -> CostTags:
-        return CostTags(tenant=self.tenant, session_id=self.call.claims.session_id, model=self.grant.model.name, assembly_id=self.assembly.id)
+        return CostTags(tenant=self.tenant, session_id=self.call.claims.session_id, model=self.served.name, assembly_id=self.assembly.id)
 
     async def _journal_denial(self, denial: GatewayError) -> None:
         deps, call = self.deps, self.call
