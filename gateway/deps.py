@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from gateway.assembly.store import AssemblyStore
 from gateway.capability import Keyring, Verifier
 from gateway.metrics import Metrics
+from gateway.pipeline.deployments import Balancer
 from gateway.plugins import Plugin
 from gateway.providers.base import Provider
 from gateway.sessions import SessionStore
@@ -34,3 +35,5 @@ class Deps:
     plugins: tuple[Plugin, ...]  # in the order the settings list them
     # Settlements and journal writes still running after their request ended.
     tasks: set[asyncio.Future[Any]]
+    # In-flight counts per deployment, for the least-in-flight choice.
+    balancer: Balancer = field(default_factory=Balancer)

@@ -80,6 +80,14 @@ class ProviderSettings(_Frozen):
         return os.environ.get(self.api_key_env) or None
 
 
+class DeploymentSettings(_Frozen):
+    """One more upstream serving a model, at the model's price."""
+
+    provider: str
+    upstream_model: str | None = None  # absent: the model's
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+
+
 class ModelSettings(_Frozen):
     name: Annotated[str, Field(min_length=1)]
     provider: str
@@ -88,6 +96,23 @@ class ModelSettings(_Frozen):
     # tiktoken encoding used for estimates; absent: guessed from the name, else a conservative bound.
     encoding: str | None = None
     kind: Literal["chat", "embedding", "completion"] = "chat"
+    # More upstreams for this model, sharing its price; the first deployment is the model's
+    # own provider and upstream_model, with `weight`.
+    deployments: list[DeploymentSettings] = Field(default_factory=list)
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    balance: Literal["weighted", "least_in_flight"] = "weighted"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_deployment_is_the_model(cls, data: Any) -> Any:
+        """`deployments: [...]` without a `provider`: the first deployment is the model's own."""
+        if isinstance(data, dict) and "provider" not in data and isinstance(data.get("deployments"), list) and data["deployments"]:
+            first, *rest = data["deployments"]
+            if isinstance(first, dict):
+                data = {**data, "provider": first.get("provider"), "deployments": rest, "weight": first.get("weight", 1)}
+                if first.get("upstream_model"):
+                    data["upstream_model"] = first["upstream_model"]
+        return data
 
     @property
     def target(self) -> str:
@@ -156,6 +181,9 @@ class Settings(_Frozen):
         for i, m in enumerate(self.models):
             if m.provider not in providers:
                 raise ValueError(f"models.{i}.provider: unknown provider {m.provider!r}")
+            for j, d in enumerate(m.deployments):
+                if d.provider not in providers:
+                    raise ValueError(f"models.{i}.deployments.{j}.provider: unknown provider {d.provider!r}")
         return self
 
     def provider(self, name: str) -> ProviderSettings:

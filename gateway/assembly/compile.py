@@ -14,6 +14,7 @@ from typing import Any
 from gateway.assembly.model import (
     Assembly,
     Budget,
+    Deployment,
     Limits,
     ModelGrant,
     Step,
@@ -23,7 +24,7 @@ from gateway.assembly.model import (
 from gateway.assembly.plan import Plan, PlanInvalid, PlanModel, PlanStep, PlanTool, Problem
 from gateway.assembly.prices import MAX_NANOS_PER_MTOK, freeze_price
 from gateway.money import cost_nanos, nanos_to_usd_str, usd_to_nanos
-from gateway.settings import Settings
+from gateway.settings import ModelSettings, Settings
 from gateway.tokenizer import encoding_name_for
 
 __all__ = ["Compiled", "compile_plan", "tokens_per_call", "worst_case_nanos"]
@@ -136,6 +137,16 @@ def _grant_models(
     return grants
 
 
+def _deployments(known: ModelSettings) -> tuple[Deployment, ...]:
+    if not known.deployments:
+        return ()
+    first = Deployment(provider=known.provider, upstream_model=known.target, weight=known.weight)
+    return (first, *(
+        Deployment(provider=d.provider, upstream_model=d.upstream_model or known.target, weight=d.weight)
+        for d in known.deployments
+    ))
+
+
 def _check_fallbacks(plan_models: Iterable[PlanModel], grants: dict[str, ModelGrant], report: _Report) -> None:
     """A fallback is another model of this plan, of the same kind, named once."""
     for i, wanted in enumerate(plan_models):
@@ -190,6 +201,8 @@ def _grant_model(
         allow_logprobs=wanted.allow_logprobs,
         allow_logit_bias=wanted.allow_logit_bias,
         fallbacks=tuple(wanted.fallbacks),
+        deployments=_deployments(known),
+        balance=known.balance,
         encoding=known.encoding
         or encoding_name_for(known.target)
         or encoding_name_for(wanted.name),

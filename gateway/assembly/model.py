@@ -28,6 +28,12 @@ class FrozenPrice(_Frozen):
     source: str  # "settings" or "litellm:<version>"
 
 
+class Deployment(_Frozen):
+    provider: str
+    upstream_model: str
+    weight: int = 1
+
+
 class ModelGrant(_Frozen):
     name: str  # what clients send as "model" (normalised)
     provider: str
@@ -43,13 +49,18 @@ class ModelGrant(_Frozen):
     price: FrozenPrice
     # Models of the same Assembly tried in order when this one's upstream fails first.
     fallbacks: tuple[str, ...] = ()
+    # Upstreams sharing this model and its price, the first being `provider`/`upstream_model`;
+    # empty: that one alone. `balance` is "weighted" or "least_in_flight".
+    deployments: tuple[Deployment, ...] = ()
+    balance: str = "weighted"
 
     @model_serializer(mode="wrap")
-    def _without_empty_fallbacks(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Absent rather than empty: Assemblies compiled before fallbacks existed keep their ids.
+    def _without_unset_routing(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than empty: Assemblies compiled before these existed keep their ids.
         data: dict[str, Any] = handler(self)
-        if not data.get("fallbacks"):
-            data.pop("fallbacks", None)
+        for key, unset in (("fallbacks", []), ("deployments", []), ("balance", "weighted")):
+            if data.get(key) in (unset, ()):
+                data.pop(key, None)
         return data
 
 

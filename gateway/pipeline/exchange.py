@@ -42,6 +42,7 @@ from gateway.errors import (
 from gateway.journal.recorded import ReplayProvider, recorded_provider
 from gateway.money import nanos_to_usd_str
 from gateway.pipeline import policy
+from gateway.pipeline.deployments import Deployments
 from gateway.pipeline.fallbacks import FallbackChain
 from gateway.pipeline.request_fields import redact_overrides
 from gateway.pipeline.usage import Estimate, StreamMeter, Usage, estimate, price, reply_usage
@@ -158,9 +159,9 @@ class Exchange:
             # The first attempt failed and freed its key: this one runs the request.
         self._reserved = True
         self.admission: Admission = admission
-        self.provider: Provider = deps.providers[self.grant.model.provider]
+        self.provider: Provider = self._provider_for(self.grant.model)
         if len(chain) > 1:
-            self.provider = FallbackChain(chain, deps.providers)
+            self.provider = FallbackChain(chain, self._provider_for)
         if call.claims.replay_of is not None:
             try:
                 self.provider = await recorded_provider(
@@ -345,8 +346,13 @@ class Exchange:
         served = self.served
         if served is not self.grant.model:
             fields["served_by"] = served.name
-        if isinstance(self.provider, FallbackChain) and self.provider.attempts:
-            fields["fallbacks_failed"] = ",".join(f"{m}:{code}" for m, code in self.provider.attempts)
+        answered = self.provider
+        if isinstance(answered, FallbackChain):
+            if answered.attempts:
+                fields["fallbacks_failed"] = ",".join(f"{m}:{code}" for m, code in answered.attempts)
+            answered = answered.served_provider or answered
+        if isinstance(answered, Deployments) and answered.served is not None:
+            fields["deployment"] = f"{answered.served.provider}:{answered.served.upstream_model}"
         cost = price(served, usage)
         entry = make_entry(
             kind, rid=self.call.request_id, model=self.grant.model.name, asm=self.assembly.id,
@@ -405,6 +411,11 @@ class Exchange:
             await shielded(self.deps, idempotency.remember(self.deps.redis, record, stored))
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _provider_for(self, model: ModelGrant) -> Provider:
+        if model.deployments:
+            return Deployments(model, self.deps.providers, self.deps.balancer)
+        return self.deps.providers[model.provider]
 
     def _tags(self) -> CostTags:
         return CostTags(tenant=self.tenant, session_id=self.call.claims.session_id, model=self.served.name, assembly_id=self.assembly.id)

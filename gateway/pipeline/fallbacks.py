@@ -8,7 +8,7 @@ its first payload: after that, a failure belongs to the client's stream.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from gateway.assembly.model import ModelGrant
@@ -38,20 +38,22 @@ class FallbackChain:
 
     name = "fallbacks"
 
-    def __init__(self, chain: Sequence[ModelGrant], providers: Mapping[str, Provider]) -> None:
+    def __init__(self, chain: Sequence[ModelGrant], provider_for: Callable[[ModelGrant], Provider]) -> None:
         self._chain = tuple(chain)
-        self._providers = providers
+        self._provider_for = provider_for
         self.served: ModelGrant = self._chain[0]
+        self.served_provider: Provider | None = None
         self.attempts: list[tuple[str, str]] = []  # (model, error code) of each one that failed
 
     async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
         for model, asked, last in self._attempts(body):
+            provider = self._provider_for(model)
             try:
-                reply = await self._providers[model.provider].send(endpoint, asked, request_id=request_id)
+                reply = await provider.send(endpoint, asked, request_id=request_id)
             except GatewayError as exc:
                 self._failed(model, exc, last)
                 continue
-            self.served = model
+            self.served, self.served_provider = model, provider
             return reply
         raise AssertionError("unreachable: the last attempt raises")
 
@@ -60,14 +62,15 @@ class FallbackChain:
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         for model, asked, last in self._attempts(body):
-            upstream = self._providers[model.provider].stream(endpoint, asked, request_id=request_id, headers_out=headers_out)
+            provider = self._provider_for(model)
+            upstream = provider.stream(endpoint, asked, request_id=request_id, headers_out=headers_out)
             try:
                 first = await anext(upstream, None)
             except GatewayError as exc:
                 await upstream.aclose()
                 self._failed(model, exc, last)
                 continue
-            self.served = model
+            self.served, self.served_provider = model, provider
             try:
                 if first is not None:
                     yield first

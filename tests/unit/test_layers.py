@@ -17,6 +17,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "gateway.providers.base", "gateway.assembly.model", "gateway.capability")),
     (1, ("gateway.state",)),
     (2, ("gateway.pipeline.policy", "gateway.pipeline.usage", "gateway.pipeline.request_fields", "gateway.plugins",
+         "gateway.pipeline.fallbacks", "gateway.pipeline.deployments",
          "gateway.providers", "gateway.assembly", "gateway.sessions", "gateway.metrics", "gateway.reports",
          "gateway.embedded_redis", "gateway.deps")),
     (3, ("gateway.pipeline.exchange", "gateway.journal.recorded")),
