@@ -64,6 +64,8 @@ class ProviderSettings(_Frozen):
     breaker: BreakerSettings = BreakerSettings()
     # litellm only: the provider prefix litellm routes on ("anthropic", "bedrock", ...).
     litellm_provider: str | None = None
+    # litellm only: the API version some providers want in the URL (Azure OpenAI).
+    api_version: str | None = None
 
     @model_validator(mode="after")
     def _api_base_for_openai(self) -> ProviderSettings:

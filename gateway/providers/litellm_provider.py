@@ -13,7 +13,14 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.providers.base import Endpoint, Reply
 from gateway.providers.openai_compat import scrub
 from gateway.settings import ProviderSettings
@@ -43,6 +50,8 @@ class LiteLLMProvider:
         kwargs["api_key"] = self._settings.api_key()
         if self._settings.api_base:
             kwargs["api_base"] = self._settings.api_base
+        if self._settings.api_version:
+            kwargs["api_version"] = self._settings.api_version
         kwargs["timeout"] = self._settings.timeouts.total_s or self._settings.timeouts.idle_s
         kwargs["num_retries"] = 0
         return kwargs
@@ -55,7 +64,9 @@ class LiteLLMProvider:
         if status in (400, 404, 422):
             return InvalidRequest(message, status=status)
         if status == 429:
-            return RateLimited("upstream rate limit", code="upstream_rate_limited")
+            return UpstreamRateLimited("upstream rate limit")
+        if status in (500, 502, 503, 504) or type(exc).__name__ in ("APIConnectionError", "ServiceUnavailableError"):
+            return UpstreamUnavailable(f"upstream error (status {status or 'unknown'})")
         return UpstreamError(f"upstream error (status {status or 'unknown'})")
 
     async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:

@@ -32,6 +32,7 @@ class RecordedRequest:
     body: bytes
     json: Any  # None when the body is not JSON
     peer: tuple[str, int] | None = None  # client address: the same port twice means keep-alive
+    query: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,7 @@ class FakeUpstream:
                 raw,
                 parsed,
                 tuple(peername[:2]) if peername else None,
+                request.query_string,
             )
         )
         if self.api_key is not None and request.headers.get("Authorization") != (

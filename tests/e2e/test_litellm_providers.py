@@ -1,0 +1,125 @@
+"""Providers beyond OpenAI's wire format, through litellm, against real HTTP fakes on
+loopback: Anthropic Messages (tools, streaming, usage) and an Azure OpenAI deployment URL.
+Each is driven with the official openai SDK through a running gateway, and charged the
+frozen price of the usage the upstream reported."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.capability import Keyring
+from gateway.money import cost_nanos, nanos_to_usd_str
+from gateway.settings import ModelSettings, Price, ProviderSettings
+from tests.conftest import Gateway, make_settings, start_gateway
+from tests.fakes.upstream import FakeUpstream
+from tests.openai_support import async_sdk
+
+KEY = "sk-ant-test-SECRET-0123456789"
+PRICE = Price(input_per_mtok=3, output_per_mtok=15)
+IN_NANOS, OUT_NANOS = 3_000_000_000, 15_000_000_000
+TOOL = {"type": "function", "function": {
+    "name": "lookup_order", "description": "Find an order by id",
+    "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]},
+}}
+PLAN: dict[str, Any] = {
+    "name": "beyond-openai", "tenant": "acme",
+    "models": [{"name": "claude", "max_tokens": 64}, {"name": "azure-4o", "max_tokens": 64}],
+    "tools": [{"name": "lookup_order", "description": "Find an order by id", "parameters": TOOL["function"]["parameters"]}],
+    "budget": {"usd": 1},
+}
+MESSAGE = {
+    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-pinned",
+    "content": [{"type": "text", "text": "Looking it up"},
+                {"type": "tool_use", "id": "toolu_1", "name": "lookup_order", "input": {"order_id": "7"}}],
+    "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 31, "output_tokens": 12},
+}
+EVENTS = [
+    {"type": "message_start", "message": {"id": "msg_2", "type": "message", "role": "assistant", "model": "claude-pinned",
+                                          "content": [], "stop_reason": None, "stop_sequence": None,
+                                          "usage": {"input_tokens": 13, "output_tokens": 1}}},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " there"}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 5}},
+    {"type": "message_stop"},
+]
+
+
+@pytest.fixture
+async def beyond(redis_url: str, keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[FakeUpstream, Gateway]]:
+    monkeypatch.setenv("LL_KEY", KEY)
+    async with FakeUpstream() as fake:
+        root = fake.base_url.removesuffix("/v1")
+        base = make_settings()
+        settings = make_settings(
+            providers=[
+                *base.providers,
+                ProviderSettings(name="anthropic", kind="litellm", litellm_provider="anthropic", api_base=root, api_key_env="LL_KEY"),
+                ProviderSettings(name="azure", kind="litellm", litellm_provider="azure", api_base=root, api_key_env="LL_KEY",
+                                 api_version="2024-10-21"),
+            ],
+            models=[
+                *base.models,
+                ModelSettings(name="claude", provider="anthropic", upstream_model="claude-pinned", price=PRICE),
+                ModelSettings(name="azure-4o", provider="azure", upstream_model="my-deployment", price=PRICE),
+            ],
+        )
+        gw = start_gateway(settings, redis_url, keyring)
+        try:
+            yield fake, gw
+        finally:
+            gw.close()
+
+
+def _cost(prompt: int, completion: int) -> str:
+    return nanos_to_usd_str(cost_nanos(prompt, IN_NANOS) + cost_nanos(completion, OUT_NANOS))
+
+
+async def test_anthropic_messages_with_a_tool_call_is_charged_its_reported_usage(beyond: tuple[FakeUpstream, Gateway]) -> None:
+    fake, gw = beyond
+    fake.respond_with(json=MESSAGE)
+    client = async_sdk(gw, gw.open_session(PLAN)["token"])
+    raw = await client.chat.completions.with_raw_response.create(
+        model="claude", messages=[{"role": "user", "content": "where is order 7?"}], tools=[TOOL],
+    )
+    answer = raw.parse()
+    call = answer.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert (call.id, call.function.name, call.function.arguments) == ("toolu_1", "lookup_order", '{"order_id": "7"}')  # type: ignore[union-attr]
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (31, 12)  # type: ignore[union-attr]
+    assert raw.headers["x-abc-cost-usd"] == _cost(31, 12)
+    sent = fake.requests[0]
+    assert sent.path == "/v1/messages" and sent.json["model"] == "claude-pinned"
+    assert sent.headers["x-api-key"] == KEY and sent.json["tools"][0]["name"] == "lookup_order"
+
+
+async def test_an_anthropic_stream_is_relayed_and_charged_its_usage(beyond: tuple[FakeUpstream, Gateway]) -> None:
+    fake, gw = beyond
+    fake.stream_with(EVENTS, include_done=False)
+    opened = gw.open_session(PLAN)
+    client = async_sdk(gw, opened["token"])
+    stream = await client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}], stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "Hi there"
+    shown = gw.session(opened["session_id"])
+    assert nanos_to_usd_str(shown["spent_nanos"]) == _cost(13, 5) and shown["reserved_nanos"] == 0
+
+
+async def test_an_azure_deployment_url_is_called_with_its_key_and_version(beyond: tuple[FakeUpstream, Gateway]) -> None:
+    fake, gw = beyond
+    fake.respond_with(json={
+        "id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi from azure"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+    })
+    client = async_sdk(gw, gw.open_session(PLAN)["token"])
+    raw = await client.chat.completions.with_raw_response.create(model="azure-4o", messages=[{"role": "user", "content": "hi"}])
+    assert raw.parse().choices[0].message.content == "hi from azure"
+    assert raw.headers["x-abc-cost-usd"] == _cost(9, 4)
+    sent = fake.requests[0]
+    assert sent.path == "/openai/deployments/my-deployment/chat/completions"
+    assert sent.headers["api-key"] == KEY and sent.query == "api-version=2024-10-21"
