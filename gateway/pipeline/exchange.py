@@ -47,6 +47,7 @@ from gateway.pipeline.fallbacks import FallbackChain
 from gateway.pipeline.request_fields import redact_overrides
 from gateway.pipeline.usage import Estimate, StreamMeter, Usage, estimate, price, reply_usage
 from gateway.providers.base import Endpoint, Provider
+from gateway.providers.resilience import FAILED_ATTEMPTS
 from gateway.state import idempotency
 from gateway.state.entries import Kind, make_entry
 from gateway.state.ledger import REDIS_ERRORS, Admission, CostTags
@@ -159,6 +160,9 @@ class Exchange:
             # The first attempt failed and freed its key: this one runs the request.
         self._reserved = True
         self.admission: Admission = admission
+        # Retries inside a provider are recorded here (the context is this call's task).
+        self.failed_attempts: list[str] = []
+        FAILED_ATTEMPTS.set(self.failed_attempts)
         self.provider: Provider = self._provider_for(self.grant.model)
         if len(chain) > 1:
             self.provider = FallbackChain(chain, self._provider_for)
@@ -346,6 +350,8 @@ class Exchange:
         served = self.served
         if served is not self.grant.model:
             fields["served_by"] = served.name
+        if self.failed_attempts:
+            fields["attempts_failed"] = ",".join(self.failed_attempts)
         answered = self.provider
         if isinstance(answered, FallbackChain):
             if answered.attempts:
