@@ -96,9 +96,8 @@ def _compile(args: argparse.Namespace) -> int:
 
     from gateway.assembly.compile import compile_plan
     from gateway.assembly.plan import load_plan_file
-    from gateway.settings import load_settings
-
     from gateway.mcp.upstream import discover_once
+    from gateway.settings import load_settings
 
     plan, settings = load_plan_file(args.plan), load_settings(args.config)
     listings = asyncio.run(discover_once(settings, [entry.server for entry in plan.mcp])) if plan.mcp else None

@@ -419,9 +419,9 @@ def _warn_unused(plan: Plan, report: _Report) -> None:
         if name not in used_tools:
             report.warnings.append(f"builtin_tools.{i}: {name!r} is used by no step")
     for i, entry in enumerate(plan.mcp):
-        for j, tool in enumerate(entry.tools):
-            if qualified(entry.server, tool) not in used_tools:
-                report.warnings.append(f"mcp.{i}.tools.{j}: {qualified(entry.server, tool)!r} is used by no step")
+        for j, bare in enumerate(entry.tools):
+            if qualified(entry.server, bare) not in used_tools:
+                report.warnings.append(f"mcp.{i}.tools.{j}: {qualified(entry.server, bare)!r} is used by no step")
 
 
 def _check_budget(

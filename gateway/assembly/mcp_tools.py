@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from jsonschema import SchemaError
-from jsonschema.validators import validator_for
 
 from gateway.assembly.model import McpTool
 from gateway.assembly.plan import Plan, Problem
@@ -102,6 +100,10 @@ def grant_mcp_tools(
 
 def _schema_problems(definition: Mapping[str, Any]) -> str | None:
     """Arguments are checked against the input schema on every call: it must be one."""
+    # On first use: only plans with MCP tools need jsonschema.
+    from jsonschema import SchemaError  # type: ignore[import-untyped]
+    from jsonschema.validators import validator_for  # type: ignore[import-untyped]
+
     for key in ("inputSchema", "outputSchema"):
         schema = definition.get(key)
         if schema is None:

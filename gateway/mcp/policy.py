@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from jsonschema.protocols import Validator
-from jsonschema.validators import validator_for
-from referencing import Registry
 
 from gateway.assembly.model import Assembly, McpTool
 from gateway.errors import InvalidRequest, StateConflict, UpstreamError
@@ -95,10 +92,13 @@ def _first_error(schema: dict[str, Any], value: Any) -> str | None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _validator(schema_json: bytes) -> Validator:
+def _validator(schema_json: bytes) -> Any:
     # Compiling a validator costs far more than using one: once per frozen schema.
+    # jsonschema is imported on first use, like the MCP SDK: only plans with MCP tools need it.
+    from jsonschema.validators import validator_for  # type: ignore[import-untyped]
+    from referencing import Registry
+
     schema = orjson.loads(schema_json)
     cls: Any = validator_for(schema)
     # An empty registry: a $ref resolves inside the schema, never over the network.
-    validator: Validator = cls(schema, registry=Registry())
-    return validator
+    return cls(schema, registry=Registry())

@@ -16,18 +16,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-import httpx2
-import mcp_types as types
-from mcp import Client
-from mcp.client.stdio import StdioServerParameters
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
+from typing import TYPE_CHECKING, Any
 
 from gateway.assembly.mcp_tools import Listing, definition_hash
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.settings import Settings, ToolServerSettings
+
+if TYPE_CHECKING:
+    from mcp import Client
 
 __all__ = ["ToolServer", "ToolServers", "discover_once"]
 
@@ -74,6 +70,8 @@ class ToolServer:
     async def call(self, tool: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """tools/call with the bare name; the CallToolResult as JSON. A tool's own failure
         (isError) is a result; the server refusing or failing to answer is an UpstreamError."""
+        import mcp_types as types
+
         client = await self._connected()
         async with self._guard("tools/call"):
             # Not ClientSession.call_tool: it re-lists tools to check structured content,
@@ -86,6 +84,8 @@ class ToolServer:
     @contextlib.asynccontextmanager
     async def _guard(self, what: str) -> Any:
         """Upstream trouble as the gateway's typed errors; never the server's URL or headers."""
+        from mcp.shared.exceptions import MCPError
+
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 yield
@@ -138,6 +138,12 @@ class ToolServer:
             self._listed = None
 
     def _new_client(self) -> Client:
+        # The SDK is imported here, on first use: it costs more than the rest of start-up.
+        import httpx2
+        from mcp import Client
+        from mcp.client.stdio import StdioServerParameters
+        from mcp.client.streamable_http import streamable_http_client
+
         s = self.settings
         if s.command is not None:
             server: Any = StdioServerParameters(command=s.command[0], args=s.command[1:])
