@@ -340,3 +340,25 @@ def test_a_recorded_replay_answers_tool_calls_from_the_journal(mgw: Gateway, sho
 
     diverged = refusal(mgw, replay["token"], "shop__get_order", {"order_id": "A-8"})
     assert diverged.error.data is not None and diverged.error.data["code"] == "replay_divergence"
+
+
+def test_a_live_replay_calls_the_tools_again_and_costs_show_tool_spend(mgw: Gateway, shop: McpServerProcess) -> None:
+    opened = mgw.open_session(plan(mcp=[{"server": "shop", "tools": ["get_order", "echo"], "price_per_call_usd": PRICE}]))
+
+    async def session(client: Client) -> None:
+        await client.call_tool("shop__get_order", {"order_id": "A-7"})
+        await client.call_tool("shop__echo", {"text": "fail"})
+
+    with_client(mgw, opened["token"], session)
+    _chat(mgw, opened["token"])
+
+    live = mgw.admin.post(f"/admin/v1/sessions/{opened['session_id']}/replay", json={"mode": "live"}).json()
+    assert [(r["answer"], r["match"]) for r in live["results"]] == [("response", True)] * 3
+    assert shop.calls() == {"get_order": 2, "echo": 2}
+
+    by_tool = mgw.admin.get("/admin/v1/costs", params={"group_by": "tool"}).json()
+    assert {r["key"]: r["cost_usd"] for r in by_tool["rows"]} == {"shop__get_order": "0.020000000", "shop__echo": "0.020000000"}
+    by_server = mgw.admin.get("/admin/v1/costs", params={"group_by": "tool_server"}).json()
+    assert {r["key"]: r["cost_usd"] for r in by_server["rows"]} == {"shop": "0.040000000"}
+    by_model = mgw.admin.get("/admin/v1/costs", params={"group_by": "model"}).json()
+    assert {"mcp:shop__get_order", "mcp:shop__echo", "gpt-4o-mini"} <= {r["key"] for r in by_model["rows"]}
