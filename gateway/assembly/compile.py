@@ -359,8 +359,10 @@ def _step_tools(step: PlanStep, path: str, plan: Plan, mcp: dict[str, McpTool], 
     declared_mcp = {qualified(e.server, t) for e in plan.mcp for t in e.tools}
     servers = {e.server for e in plan.mcp}
     resolved: list[str] = []
+    named_mcp = False
     for j, name in enumerate(step.tools):
         is_mcp = name in declared_mcp or name.split(SEPARATOR, 1)[0] in servers
+        named_mcp = named_mcp or is_mcp
         ref = name if is_mcp else name.lower()
         if ref in resolved:
             report.problem(f"{path}.tools.{j}", f"tool {name!r} is listed twice")
@@ -373,7 +375,7 @@ def _step_tools(step: PlanStep, path: str, plan: Plan, mcp: dict[str, McpTool], 
             report.problem(f"{path}.tools.{j}", f"unknown tool {name!r}: not declared under tools, builtin_tools or mcp")
         elif step.model is None:
             report.problem(f"{path}.tools.{j}", f"{name!r} is not an MCP tool: a step without a model admits only MCP tools")
-    if step.model is None and not any(ref in declared_mcp for ref in resolved):
+    if step.model is None and not named_mcp:
         report.problem(f"{path}.model", "required unless the step lists MCP tools")
     return [ref for ref in resolved if ref in mcp or ref not in declared_mcp]
 
