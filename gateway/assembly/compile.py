@@ -372,7 +372,8 @@ def _step_tools(step: PlanStep, path: str, plan: Plan, mcp: dict[str, McpTool], 
             if ref not in declared_mcp:
                 report.problem(f"{path}.tools.{j}", f"unknown MCP tool {name!r}: not granted under mcp")
         elif ref not in declared:
-            report.problem(f"{path}.tools.{j}", f"unknown tool {name!r}: not declared under tools, builtin_tools or mcp")
+            where = "tools, builtin_tools or mcp" if plan.mcp else "tools or builtin_tools"
+            report.problem(f"{path}.tools.{j}", f"unknown tool {name!r}: not declared under {where}")
         elif step.model is None:
             report.problem(f"{path}.tools.{j}", f"{name!r} is not an MCP tool: a step without a model admits only MCP tools")
     if step.model is None and not named_mcp:

@@ -362,3 +362,18 @@ def test_a_live_replay_calls_the_tools_again_and_costs_show_tool_spend(mgw: Gate
     assert {r["key"]: r["cost_usd"] for r in by_server["rows"]} == {"shop": "0.040000000"}
     by_model = mgw.admin.get("/admin/v1/costs", params={"group_by": "model"}).json()
     assert {"mcp:shop__get_order", "mcp:shop__echo", "gpt-4o-mini"} <= {r["key"] for r in by_model["rows"]}
+
+
+def test_a_model_may_be_offered_the_sessions_mcp_tools_as_functions(mgw: Gateway) -> None:
+    token = mgw.token(plan(tools=[]))
+    client = openai.OpenAI(base_url=mgw.openai_base, api_key=token, max_retries=0)
+    offered = {"type": "function", "function": {"name": "shop__get_order", "parameters": {"type": "object"}}}
+    answer = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "where is A-1?"}], tools=[offered],  # type: ignore[list-item]
+    )
+    assert answer.choices
+    unknown = {"type": "function", "function": {"name": "shop__echo", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], tools=[unknown],  # type: ignore[list-item]
+        )
