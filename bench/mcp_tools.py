@@ -72,6 +72,24 @@ async def timed_calls(client: Client, name: str, n: int) -> list[float]:
     return out
 
 
+async def model_reference(base: str, token: str, calls: int, gateway_pid: int) -> dict[str, Any]:
+    """A chat completion to the built-in mock through the same gateway: the model path's cost
+    on this machine now, to read the tool figures against (load inflates both)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    async with httpx2.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
+        for _ in range(50):
+            (await http.post("/v1/chat/completions", json=body)).raise_for_status()
+        latencies = []
+        before = cpu_ms(gateway_pid) or 0.0
+        for _ in range(calls):
+            started = time.perf_counter()
+            (await http.post("/v1/chat/completions", json=body)).raise_for_status()
+            latencies.append(time.perf_counter() - started)
+        used = (cpu_ms(gateway_pid) or 0.0) - before
+    return {"model_call_p50_ms": percentile(latencies, 0.5) * 1e3, "model_call_gateway_cpu_ms": used / calls}
+
+
 async def measure(direct_url: str, gateway_url: str, token: str, calls: int, gateway_pid: int) -> dict[str, Any]:
     http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
     direct_s: list[float] = []
@@ -129,6 +147,7 @@ def main() -> int:
         compiled = httpx.post(base + "/admin/v1/plans/compile", json=plan, headers=headers, timeout=60).raise_for_status().json()
         opened = httpx.post(base + "/admin/v1/sessions", json={"assembly_id": compiled["assembly_id"]}, headers=headers).raise_for_status().json()
         result = asyncio.run(measure(f"http://127.0.0.1:{mcp_port}/mcp", base + "/mcp", opened["token"], args.calls, gateway.pid))
+        result |= asyncio.run(model_reference(base, opened["token"], min(args.calls, 500), gateway.pid))
     result["definitions_ttl_s"] = args.ttl
     width = max(len(k) for k in result)
     for key, value in result.items():
