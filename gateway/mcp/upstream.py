@@ -90,7 +90,9 @@ class ToolServer:
             async with asyncio.timeout(self.settings.timeout_s):
                 yield
         except MCPError as exc:
-            # The server answered, with a JSON-RPC error: the connection is fine.
+            # A JSON-RPC error, or the SDK's word for a lost session (server restarted, child
+            # process gone): either way the next call starts from a fresh session.
+            await self._drop()
             raise UpstreamError(f"tool server {self.name!r} refused {what} (JSON-RPC error {exc.error.code})") from None
         except TimeoutError:
             await self._drop()

@@ -4,7 +4,12 @@ and the SDK's own client talking to the gateway's /mcp with a session's VCS toke
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -377,3 +382,44 @@ def test_a_model_may_be_offered_the_sessions_mcp_tools_as_functions(mgw: Gateway
         client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], tools=[unknown],  # type: ignore[list-item]
         )
+
+
+def _children_running(module: str) -> list[int]:
+    """Our child processes whose command line names `module`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == os.getpid() and module.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_a_stdio_server_is_started_by_the_gateway_and_restarted_when_it_dies(redis_url: str, keyring: Keyring) -> None:
+    stdio = ToolServerSettings(name="shop", command=[sys.executable, "-m", "gateway.mcp.demo_server"])
+    gw = start_gateway(make_settings(tool_servers=[stdio]), redis_url, keyring)
+    try:
+        token = gw.token(plan(mcp=[{"server": "shop", "tools": ["lookup_order"], "price_per_call_usd": PRICE}]))
+
+        async def call(client: Client) -> Any:
+            return (await client.call_tool("shop__lookup_order", {"order_id": "A-1234"})).structured_content
+
+        async def first_after_death(client: Client) -> None:
+            with contextlib.suppress(MCPError):  # the call that finds it dead may fail: upstream_error
+                await call(client)
+
+        assert with_client(gw, token, call)["status"] == "shipped"
+        (child,) = _children_running("gateway.mcp.demo_server")
+        os.kill(child, signal.SIGKILL)
+        with_client(gw, token, first_after_death)
+        assert with_client(gw, token, call)["status"] == "shipped"
+        assert _children_running("gateway.mcp.demo_server") not in ([], [child])
+        assert_no_server_errors(gw)
+    finally:
+        gw.close()
+    assert _children_running("gateway.mcp.demo_server") == []  # stopped with the gateway
