@@ -22,14 +22,14 @@ from gateway.assembly.model import Assembly
 from gateway.capability import Claims
 from gateway.deps import Deps
 from gateway.errors import GatewayError, StateConflict, Unauthenticated, UpstreamError
-from gateway.journal.events import Kind, make_entry
-from gateway.journal.replay import recorded_provider
+from gateway.journal.recorded import recorded_provider
 from gateway.mcp.policy import ToolGrant, authorize_tool, check_result
 from gateway.mcp.upstream import ToolServer
 from gateway.money import nanos_to_usd_str
-from gateway.pipeline.ledger import Admission, CostTags
-from gateway.pipeline.spine import require_live_session, shielded
+from gateway.pipeline.exchange import require_live_session, shielded
 from gateway.providers.base import Endpoint
+from gateway.state.entries import Kind, make_entry
+from gateway.state.ledger import Admission, CostTags
 
 __all__ = ["ENDPOINT", "ToolAnswer", "ToolCall", "call_tool", "cost_tag"]
 
@@ -123,10 +123,12 @@ async def _reserve(deps: Deps, call: ToolCall, assembly: Assembly, grant: ToolGr
         )
     except StateConflict as exc:
         allowed = _allowed_next(assembly, exc.extra.get("current_step"))
-        exc.message = f"tool call fits no step allowed next; allowed: {', '.join(allowed) or 'none'}"
-        exc.extra["allowed_steps"] = allowed
-        await _journal_denial(deps, call, assembly, exc)
-        raise
+        denial = StateConflict(
+            f"tool call fits no step allowed next; allowed: {', '.join(allowed) or 'none'}",
+            code=exc.code, extra={**exc.extra, "allowed_steps": allowed},
+        )
+        await _journal_denial(deps, call, assembly, denial)
+        raise denial from None
     except GatewayError as denial:
         if denial.status != 503:  # Redis is what failed: there is nowhere to journal it
             await _journal_denial(deps, call, assembly, denial)
@@ -178,7 +180,7 @@ async def _settle(deps: Deps, adm: _Admitted, body: bytes, *, is_error: bool) ->
     gateway_s = time.perf_counter() - adm.call.started - adm.upstream_s
     entry = make_entry(
         Kind.RESPONSE, rid=adm.call.request_id, tool=adm.grant.name, asm=adm.assembly.id, req_hash=adm.call.request_hash,
-        tok_in=0, tok_out=0, cost=cost, gw_us=int(gateway_s * 1e6), up_us=int(adm.upstream_s * 1e6), status=200,
+        tok_in=0, tok_out=0, cost_nanos=cost, gw_us=int(gateway_s * 1e6), up_us=int(adm.upstream_s * 1e6), status=200,
         is_error=is_error, ts=int(time.time() * 1000), body=body, compress_over=deps.settings.journal.compress_over_bytes,
     )
     settlement = await deps.ledger.settle(
@@ -194,7 +196,7 @@ async def _fail(deps: Deps, adm: _Admitted, exc: GatewayError, cost: int) -> Non
     """Settle a failed call: release the reservation (charge `cost`: the server did work), journal it."""
     entry = make_entry(
         Kind.ERROR, rid=adm.call.request_id, tool=adm.grant.name, asm=adm.assembly.id, req_hash=adm.call.request_hash,
-        tok_in=0, tok_out=0, cost=cost, status=exc.status, code=exc.code, message=exc.message,
+        tok_in=0, tok_out=0, cost_nanos=cost, status=exc.status, code=exc.code, message=exc.message,
         up_us=int(adm.upstream_s * 1e6), ts=int(time.time() * 1000),
     )
     await deps.ledger.settle(

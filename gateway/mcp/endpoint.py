@@ -20,7 +20,7 @@ from gateway import __version__
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.http.keys import REQUEST_ID, claims_of, deps_of
 from gateway.mcp.calls import ToolCall, budget_headers, call_tool
-from gateway.pipeline.spine import require_live_session
+from gateway.pipeline.exchange import require_live_session
 
 __all__ = ["add_routes"]
 

@@ -279,7 +279,7 @@ def test_an_unreachable_server_is_a_clear_error_and_releases_the_reservation(
         shown = down.session(opened["session_id"])
         assert (shown["spent_nanos"], shown["reserved_nanos"]) == (0, 0)
         entries = down.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal").json()["entries"]
-        assert (entries[-1]["kind"], entries[-1]["code"], entries[-1]["cost"]) == ("error", "upstream_error", 0)
+        assert (entries[-1]["kind"], entries[-1]["code"], entries[-1]["cost_nanos"]) == ("error", "upstream_error", 0)
         assert_no_server_errors(down)
     finally:
         down.close()
