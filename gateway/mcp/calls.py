@@ -26,7 +26,7 @@ from gateway.journal.recorded import recorded_provider
 from gateway.mcp.policy import ToolGrant, authorize_tool, check_result
 from gateway.mcp.upstream import ToolServer
 from gateway.money import nanos_to_usd_str
-from gateway.pipeline.exchange import require_live_session, shielded
+from gateway.pipeline.exchange import as_gateway_error, require_live_session, shielded
 from gateway.providers.base import Endpoint
 from gateway.state.entries import Kind, make_entry
 from gateway.state.ledger import Admission, CostTags
@@ -85,11 +85,9 @@ async def call_tool(deps: Deps, call: ToolCall) -> ToolAnswer:
             result = await _upstream(server, adm)
             charged = grant.tool.price_nanos  # the server did the work, whatever it answered
             body = check_result(grant.tool, result, server.settings.max_result_bytes)
-    except GatewayError as exc:
-        await shielded(deps, _fail(deps, adm, exc, charged))
-        raise
-    except BaseException:
-        await shielded(deps, _fail(deps, adm, GatewayError("request cancelled", code="cancelled"), charged))
+    except BaseException as exc:
+        # Whatever ended it (a refusal, a bug, a client gone): settled once, as the Exchange does.
+        await shielded(deps, _fail(deps, adm, as_gateway_error(exc), charged))
         raise
     return await shielded(deps, _settle(deps, adm, body, is_error=result.get("isError") is True))
 
