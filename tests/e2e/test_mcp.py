@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -395,7 +396,8 @@ def _children_running(module: str) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == os.getpid() and module.encode() in cmdline:
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        if state != "Z" and int(ppid) == os.getpid() and module.encode() in cmdline:
             found.append(int(entry))
     return found
 
@@ -422,4 +424,7 @@ def test_a_stdio_server_is_started_by_the_gateway_and_restarted_when_it_dies(red
         assert_no_server_errors(gw)
     finally:
         gw.close()
-    assert _children_running("gateway.mcp.demo_server") == []  # stopped with the gateway
+    deadline = time.monotonic() + 15  # stopped with the gateway (the SDK gives it a grace period)
+    while _children_running("gateway.mcp.demo_server") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _children_running("gateway.mcp.demo_server") == []
