@@ -25,6 +25,8 @@ from gateway.errors import Unauthenticated
 from gateway.http import admin_routes, cost_routes, dashboard, journal_routes, openai_routes
 from gateway.http.keys import DEPS, deps_of
 from gateway.http.middlewares import auth_middleware, errors_middleware
+from gateway.mcp import endpoint as mcp_endpoint
+from gateway.mcp.upstream import ToolServers
 from gateway.metrics import Metrics
 from gateway.plugins import load_plugins
 from gateway.providers.openai_compat import make_client_session
@@ -83,6 +85,7 @@ def create_app(settings: Settings, *, redis_url: str, keyring: Keyring, run_reap
     cost_routes.add_routes(app)
     dashboard.add_routes(app)
     journal_routes.add_routes(app)
+    mcp_endpoint.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -114,6 +117,7 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             known_models=frozenset(m.name.strip().lower() for m in settings.models),
             metrics=metrics,
             plugins=load_plugins(settings.plugins),
+            tool_servers=ToolServers(settings),
             tasks=set(),
         )
         app[DEPS] = deps
@@ -130,6 +134,7 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             await asyncio.wait(list(deps.tasks), timeout=10)
         for provider in deps.providers.values():
             await provider.close()
+        await deps.tool_servers.close()
         await http.close()
         await ledger.aclose()
         await redis.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import subprocess
@@ -95,9 +96,12 @@ def _compile(args: argparse.Namespace) -> int:
 
     from gateway.assembly.compile import compile_plan
     from gateway.assembly.plan import load_plan_file
+    from gateway.mcp.upstream import discover_once
     from gateway.settings import load_settings
 
-    compiled = compile_plan(load_plan_file(args.plan), load_settings(args.config))
+    plan, settings = load_plan_file(args.plan), load_settings(args.config)
+    listings = asyncio.run(discover_once(settings, [entry.server for entry in plan.mcp])) if plan.mcp else None
+    compiled = compile_plan(plan, settings, mcp_listings=listings)
     print(orjson.dumps(orjson.loads(compiled.assembly.canonical_json()), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
     print(f"assembly_id: {compiled.assembly.id}", file=sys.stderr)
     for warning in compiled.warnings:

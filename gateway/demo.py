@@ -18,6 +18,7 @@ import yaml
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 from pydantic import SecretStr
 
+from gateway.mcp.demo import drive_tools, with_demo_tool_server
 from gateway.server import BackgroundServer, keyring_for, redis_url_for
 from gateway.settings import load_settings
 
@@ -33,7 +34,7 @@ def _say(title: str, detail: str = "") -> None:
 def run_demo(*, config: str | None = None) -> int:
     settings = load_settings(config)
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else secrets.token_urlsafe(32)
-    settings = settings.model_copy(update={"admin_token": SecretStr(admin_token)})
+    settings = with_demo_tool_server(settings.model_copy(update={"admin_token": SecretStr(admin_token)}))
     data_dir = Path(settings.redis.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     keyring = keyring_for(settings, demo_key_dir=data_dir)
@@ -89,6 +90,7 @@ def _drive(base_url: str, admin: httpx.Client) -> None:
     _say("session", f"  step {shown['current_step']}, {shown['requests']} requests admitted, spent ${shown['spent_usd']}, "
          f"reserved ${shown['reserved_usd']}, remaining ${shown['remaining_usd']}")
     _journal(admin, session_id)
+    _journal(admin, drive_tools(base_url, admin, _say))
 
 
 def _triage(client: openai.OpenAI) -> None:

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from gateway.assembly.store import AssemblyStore
 from gateway.capability import Keyring, Verifier
+from gateway.mcp.upstream import ToolServers
 from gateway.metrics import Metrics
 from gateway.pipeline.deployments import Balancer
 from gateway.plugins import Plugin
@@ -33,6 +34,7 @@ class Deps:
     known_models: frozenset[str]
     metrics: Metrics
     plugins: tuple[Plugin, ...]  # in the order the settings list them
+    tool_servers: ToolServers  # MCP servers of the settings, connected on first use
     # Settlements and journal writes still running after their request ended.
     tasks: set[asyncio.Future[Any]]
     # In-flight counts per deployment, for the least-in-flight choice.

@@ -29,6 +29,7 @@ class Metrics:
         self.upstream_attempts = Counter(
             "abc_upstream_attempts", "Upstream attempts by outcome: ok, retried, failed, refused", ["provider", "outcome"], registry=r,
         )
+        self.tool_calls = Counter("abc_tool_calls", "MCP tool calls admitted, by outcome", ["server", "tool", "outcome"], registry=r)
 
         # labels() hashes and locks on every call; a request touches half a dozen children.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -63,6 +64,18 @@ class Metrics:
 
     def observe_attempt(self, provider: str, outcome: str) -> None:
         self._child(self.upstream_attempts, provider, outcome).inc()
+
+    def observe_tool(
+        self, tenant: str | None, assembly: str, server: str, tool: str, outcome: str, cost: int,
+        gateway_s: float, upstream_s: float,
+    ) -> None:
+        """One settled MCP tool call; its spend joins the models' under model="mcp:<server>__<tool>"."""
+        self._child(self.tool_calls, server, tool, outcome).inc()
+        if cost:
+            self._child(self.cost, tenant or "default", "mcp:" + tool, assembly).inc(cost)
+        if outcome in ("ok", "error_result"):
+            self.overhead.observe(gateway_s)
+            self._child(self.upstream, "mcp:" + tool).observe(upstream_s)
 
     def observe_denial(self, exc: GatewayError) -> None:
         self.denials.labels(str(exc.extra.get("rule") or exc.code)).inc()

@@ -9,7 +9,7 @@ written in the same pipeline as a script call, never inside one.
 from __future__ import annotations
 
 # Bump the suffix of a script's name whenever its keys or arguments change meaning.
-RESERVE_SCRIPT = "budget_reserve_v2"
+RESERVE_SCRIPT = "budget_reserve_v3"
 SETTLE_SCRIPT = "budget_settle_v1"
 JOURNAL_APPEND_SCRIPT = "journal_append_v1"
 REAP_SCRIPT = "budget_reap_v1"
@@ -43,6 +43,11 @@ def reservations(session_id: str) -> str:
 def idempotency(session_id: str, key_digest: str) -> str:
     """Hash: state (pending|done) and the recorded response of one Idempotency-Key."""
     return "idem:" + _sess(session_id) + ":" + key_digest
+
+
+def capped_calls(session_id: str) -> str:
+    """Hash: calls admitted per capped entry (an MCP entry's max_calls), "mcp:<index>" -> count."""
+    return "capped_calls:" + _sess(session_id)
 
 
 def replay_calls(session_id: str) -> str:

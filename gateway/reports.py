@@ -8,7 +8,7 @@ a report when it overlaps [since, until). Money stays integer nano-dollars. A se
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,7 +20,13 @@ from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.money import nanos_to_usd_str
 from gateway.state.ledger import REDIS_ERRORS
 
-GROUPS = keys.COST_DIMENSIONS
+TOOL_PREFIX = "mcp:"  # MCP tool calls are rolled up under model "mcp:<server>__<tool>"
+# Groups read from a dimension: MCP tool spend by tool ("<server>__<tool>") and by server.
+_DERIVED: dict[str, tuple[str, Callable[[str], str | None]]] = {
+    "tool": ("model", lambda m: m.removeprefix(TOOL_PREFIX) if m.startswith(TOOL_PREFIX) else None),
+    "tool_server": ("model", lambda m: m.removeprefix(TOOL_PREFIX).split("__", 1)[0] if m.startswith(TOOL_PREFIX) else None),
+}
+GROUPS = (*keys.COST_DIMENSIONS, *_DERIVED)
 DEFAULT_SPAN = timedelta(hours=24)
 MAX_SERIES_HOURS = 24 * 31  # a series is dense, one number per hour and key: keep it bounded
 _EPOCH = re.compile(r"^\d{1,12}(\.\d+)?$")
@@ -134,10 +140,15 @@ class CostSeries:
         }
 
 
-def _dimension(group_by: str) -> int:
+_Part = tuple[int, Callable[[str], str | None]]
+
+
+def _dimension(group_by: str) -> _Part:
+    """Which part of a rollup field to group by, and how its value becomes the key (None: skip)."""
     if group_by not in GROUPS:
         raise InvalidRequest(f"group_by must be one of: {', '.join(GROUPS)}", param="group_by")
-    return GROUPS.index(group_by)
+    dimension, key = _DERIVED.get(group_by, (group_by, lambda value: value))
+    return keys.COST_DIMENSIONS.index(dimension), key
 
 
 async def _rollups(
@@ -156,12 +167,13 @@ async def _rollups(
     return list(zip(buckets, rollups, strict=True))
 
 
-def _spend(rollup: dict[bytes, bytes], part: int) -> Iterator[tuple[str, int]]:
-    """(key, nanos) of each rollup field, the key being dimension `part` of the field."""
+def _spend(rollup: dict[bytes, bytes], part: _Part) -> Iterator[tuple[str, int]]:
+    """(key, nanos) of each rollup field, the key being read from dimension `part` of the field."""
+    index, key_of = part
     for field, value in rollup.items():
         parts = field.decode().split(keys.COST_FIELD_SEPARATOR)
-        if len(parts) == len(keys.COST_DIMENSIONS):
-            yield parts[part], int(value)
+        if len(parts) == len(keys.COST_DIMENSIONS) and (key := key_of(parts[index])) is not None:
+            yield key, int(value)
 
 
 async def cost_report(redis: Redis, group_by: str, since: datetime, until: datetime) -> CostReport:

@@ -151,6 +151,35 @@ class JournalSettings(_Frozen):
     retention_s: Annotated[int, Field(gt=0)] = 30 * 24 * 3600
 
 
+class ToolServerSettings(_Frozen):
+    """An MCP server whose tools plans may grant: streamable HTTP at `url`, or a local
+    `command` the gateway starts and talks to over stdio. Clients never see either."""
+
+    # "__" separates server and tool in the names clients see, so it can't be in here.
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$", max_length=64)]
+    kind: Literal["mcp"] = "mcp"
+    url: str | None = None
+    # Header name -> the environment variable holding its value (never the value itself).
+    headers_env: dict[str, str] = Field(default_factory=dict)
+    command: Annotated[list[str], Field(min_length=1)] | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # How long a tools/list answer counts as the server's current definitions when a call
+    # is checked against its frozen hash (the rug-pull check); 0 asks before every call.
+    definitions_ttl_s: Annotated[float, Field(ge=0)] = 1.0
+    max_result_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> ToolServerSettings:
+        if (self.url is None) == (self.command is None):
+            raise ValueError("a tool server needs exactly one of url or command")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("url must be an http:// or https:// URL")
+        return self
+
+    def headers(self) -> dict[str, str]:
+        return {header: os.environ[env] for header, env in self.headers_env.items() if os.environ.get(env)}
+
+
 class PluginSettings(_Frozen):
     path: str  # "package.module:ClassName"
     options: dict[str, Any] = Field(default_factory=dict)
@@ -164,6 +193,7 @@ class Settings(_Frozen):
     budget: BudgetSettings = BudgetSettings()
     journal: JournalSettings = JournalSettings()
     plugins: list[PluginSettings] = Field(default_factory=list)
+    tool_servers: list[ToolServerSettings] = Field(default_factory=list)
     # Secrets come from the environment only, never from the file.
     admin_token: SecretStr | None = Field(default=None, exclude=True)
     signing_key: SecretStr | None = Field(default=None, exclude=True)
@@ -180,6 +210,9 @@ class Settings(_Frozen):
             if name in seen:
                 raise ValueError(f"models.{i}.name: {m.name!r} is declared twice (names are case-insensitive)")
             seen.add(name)
+        servers = [t.name for t in self.tool_servers]
+        if len(set(servers)) != len(servers):
+            raise ValueError("tool server names must be unique")
         for i, m in enumerate(self.models):
             if m.provider not in providers:
                 raise ValueError(f"models.{i}.provider: unknown provider {m.provider!r}")
@@ -193,6 +226,9 @@ class Settings(_Frozen):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def tool_server(self, name: str) -> ToolServerSettings | None:
+        return next((t for t in self.tool_servers if t.name == name), None)
 
     def model(self, name: str) -> ModelSettings | None:
         wanted = name.strip().lower()

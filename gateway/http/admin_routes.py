@@ -40,7 +40,10 @@ async def compile_route(request: web.Request) -> web.Response:
     deps = deps_of(request)
     body = await read_json_object(request)
     try:
-        compiled = compile_plan(parse_plan(body), deps.settings)
+        plan = parse_plan(body)
+        # Tool servers are asked for their tools now; the compiler itself does no I/O.
+        listings = await deps.tool_servers.discover(entry.server for entry in plan.mcp)
+        compiled = compile_plan(plan, deps.settings, mcp_listings=listings)
     except PlanInvalid as exc:
         raise PlanRejected(
             f"invalid plan: {len(exc.problems)} problem(s)", extra={"problems": [p.to_dict() for p in exc.problems]}

@@ -23,7 +23,7 @@ INT_FIELDS = frozenset({
     "seq", "est_nanos", "est_tokens", "tok_in", "tok_out", "cost", "cost_nanos", "gw_us", "up_us", "status",
     "ts", "chunks", "ttft_us", "tokens", "budget", "ttl_s",
 })
-BOOL_FIELDS = frozenset({"stream"})
+BOOL_FIELDS = frozenset({"is_error", "stream"})
 
 Raw = tuple[bytes, dict[bytes, bytes]]
 

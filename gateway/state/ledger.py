@@ -140,10 +140,12 @@ class Ledger:
         entry: Entry,
         idempotency_key: str | None = None,
         request_hash: str = "",
+        capped: tuple[str, int] | None = None,
         now: float | None = None,
     ) -> Admission:
         """`idempotency_key` is the record's Redis key; with it, a held key wins over everything but
-        the session's own state, and a new one is marked pending in the same step."""
+        the session's own state, and a new one is marked pending in the same step. `capped`
+        (counter, cap): the call is counted there and refused once the cap is reached."""
         now = time.time() if now is None else now
         now_ms = int(now * 1000)
         minute = now_ms // 60000
@@ -169,6 +171,7 @@ class Ledger:
             keys.session_rate(session_id, "tok", minute),
             *tenant_keys,
             idempotency_key or keys.idempotency(session_id, "-"),
+            keys.capped_calls(session_id),
         ]
 
         def opt(v: int | None) -> str:
@@ -181,7 +184,7 @@ class Ledger:
             opt(limits.tenant_tpm if tenant_limited else None),
             opt(limits.tenant_usd_nanos_per_day if tenant_limited else None),
             "" if idempotency_key is None else self.reservation_ttl_ms, request_hash,
-            entry.digest, *entry.flat(),
+            *(capped or ("", "")), entry.digest, *entry.flat(),
         ]
         due = ("ZADD", keys.RESERVATIONS_DUE, now_ms + self.reservation_ttl_ms, f"{session_id}|{request_id}")
         try:
@@ -335,6 +338,11 @@ def _admission(result: list[Any]) -> Admission:
     if status == "budget":
         what, left = rest[0], int(rest[1])
         shown = nanos_to_usd_str(left) if what in ("usd", "tenant_usd_day") else str(left)
+        if what == "max_calls":
+            raise BudgetExceeded(
+                "budget exhausted: this tool's max_calls for the session is reached",
+                code="budget_exceeded", extra={"budget": what, "remaining": shown},
+            )
         raise BudgetExceeded(
             f"budget exhausted: {what} left {shown}; this request could cost more",
             code="budget_exceeded",

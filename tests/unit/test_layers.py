@@ -19,10 +19,11 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (2, ("gateway.pipeline.policy", "gateway.pipeline.usage", "gateway.pipeline.request_fields", "gateway.plugins",
          "gateway.pipeline.fallbacks", "gateway.pipeline.deployments",
          "gateway.providers", "gateway.assembly", "gateway.sessions", "gateway.metrics", "gateway.reports",
-         "gateway.embedded_redis", "gateway.deps")),
-    (3, ("gateway.pipeline.exchange", "gateway.journal.recorded")),
+         "gateway.embedded_redis", "gateway.deps", "gateway.mcp.upstream", "gateway.mcp.policy",
+         "gateway.mcp.demo_server")),
+    (3, ("gateway.pipeline.exchange", "gateway.journal.recorded", "gateway.mcp.calls")),
     (4, ("gateway.journal.live",)),
-    (5, ("gateway.http", "gateway.app", "gateway.server", "gateway.cli", "gateway.demo", "gateway.admin_cli",
+    (5, ("gateway.http", "gateway.mcp.endpoint", "gateway.mcp.demo", "gateway.app", "gateway.server", "gateway.cli", "gateway.demo", "gateway.admin_cli",
          "gateway.journal_cli", "gateway.__main__")),
 ]
 

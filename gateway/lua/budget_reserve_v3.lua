@@ -1,7 +1,8 @@
--- budget_reserve_v2: admit one request atomically, or say why not.
+-- budget_reserve_v3: admit one request atomically, or say why not.
 -- In one step: session exists, not revoked, not expired; an Idempotency-Key already
 -- held (then its record is returned instead); the step machine allows it; rate limits;
--- budget (usd, tokens, requests) and the tenant's daily spend; then the reservation is
+-- budget (usd, tokens, requests), a counted cap (an MCP entry's max_calls) and the tenant's
+-- daily spend; then the reservation is
 -- recorded, the Idempotency-Key marked pending and the request journaled. Nothing is
 -- written on refusal.
 -- A request id that already holds a reservation is refused ("duplicate"): overwriting it
@@ -11,12 +12,14 @@
 --
 -- KEYS: 1 session, 2 reservations, 3 journal, 4 journal_head,
 --       5 session req/min, 6 session tok/min, 7 tenant spend today, 8 tenant req/min, 9 tenant tok/min,
---       10 idempotency record (a never-written stand-in when the request has no key)
+--       10 idempotency record (a never-written stand-in when the request has no key),
+--       11 capped call counters (hash: field -> calls admitted in this session)
 -- ARGV: 1 now_ms, 2 request_id, 3 est_nanos, 4 est_tokens,
 --       5 step candidates ("" = no steps; else "id=pred,pred;id=pred" where "^" is the start),
 --       6 session_rpm, 7 session_tpm, 8 tenant_rpm, 9 tenant_tpm, 10 tenant_usd_day ('' = no limit),
 --       11 pending ttl ms of the idempotency record ('' = no key), 12 request hash,
---       13 digest of the journal entry, 14.. journal fields (name, value, ...)
+--       13 counter field ('' = none), 14 its cap,
+--       15 digest of the journal entry, 16.. journal fields (name, value, ...)
 
 local now_ms = tonumber(ARGV[1])
 local est_nanos = tonumber(ARGV[3])
@@ -89,6 +92,13 @@ if over(s[6], tokens + est_tokens) then
 end
 local requests = tonumber(s[10] or '0')
 if over(s[9], requests + 1) then return {'budget', 'requests', '0'} end
+local calls = 0
+if ARGV[13] ~= '' then
+  calls = tonumber(redis.call('HGET', KEYS[11], ARGV[13]) or '0')
+  if over(ARGV[14], calls + 1) then
+    return {'budget', 'max_calls', int(math.max(tonumber(ARGV[14]) - calls, 0))}
+  end
+end
 
 -- Admitted: reserve, count, journal.
 redis.call('HSET', KEYS[1], 'reserved_nanos', int(reserved + est_nanos),
@@ -105,12 +115,17 @@ bump(KEYS[8], trpm, 1, 120000)
 bump(KEYS[9], ttpm, est_tokens, 120000)
 bump(KEYS[7], tday, est_nanos, 172800000)
 
+if ARGV[13] ~= '' then
+  redis.call('HSET', KEYS[11], ARGV[13], int(calls + 1))
+  redis.call('PEXPIREAT', KEYS[11], tonumber(s[2]) + 86400000)
+end
+
 if ARGV[11] ~= '' then
   redis.call('HSET', KEYS[10], 'state', 'pending', 'req', ARGV[12], 'rid', ARGV[2])
   redis.call('PEXPIRE', KEYS[10], tonumber(ARGV[11]))
 end
 
-local seq, id = journal_append(KEYS[3], KEYS[4], ARGV[13], step, 14)
+local seq, id = journal_append(KEYS[3], KEYS[4], ARGV[15], step, 16)
 
 local budget = tonumber(s[3])
 local left = -1  -- no usd budget
