@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.assembly.model import Assembly
-from gateway.journal.replay import json_diff
+from gateway.journal.recorded import json_diff
 from gateway.money import nanos_to_usd_str
 
 __all__ = ["Change", "diff_assemblies"]

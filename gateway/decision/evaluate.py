@@ -31,11 +31,11 @@ from gateway.assembly.model import Assembly
 from gateway.decision.observe import MODEL_ENDPOINTS, SETTLED, Request, SessionLog
 from gateway.deps import Deps
 from gateway.errors import BudgetExceeded, GatewayError, StateConflict
-from gateway.journal.events import Kind
 from gateway.money import nanos_to_usd_str
 from gateway.pipeline import policy
 from gateway.pipeline.usage import Estimate, Usage, estimate, price
 from gateway.providers.base import Endpoint
+from gateway.state.entries import Kind
 
 __all__ = ["Evaluation", "evaluate"]
 

@@ -17,11 +17,11 @@ import orjson
 from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
-from gateway.journal.events import Kind, entry_body
-from gateway.journal.export import read_all
-from gateway.journal.replay import OUTCOMES
+from gateway.journal.recorded import OUTCOMES
 from gateway.pipeline.policy import tool_call_names
 from gateway.providers.base import Endpoint
+from gateway.state.entries import Kind, entry_body
+from gateway.state.export import read_all
 
 __all__ = ["Outcome", "Request", "SessionLog", "read_session", "read_sessions"]
 
@@ -136,7 +136,7 @@ def _outcome(fields: Mapping[bytes, bytes]) -> Outcome:
         kind=kind,
         tok_in=_int(fields, b"tok_in"),
         tok_out=_int(fields, b"tok_out"),
-        cost=_int(fields, b"cost"),
+        cost=_int(fields, b"cost_nanos") if b"cost_nanos" in fields else _int(fields, b"cost"),  # older journals: "cost"
         tools_called=answer_tools(fields) if kind in SETTLED else (),
         code=_text(fields, b"code") or None,
     )

@@ -120,7 +120,7 @@ def test_suggestions_name_each_change_with_the_numbers_from_the_journal(
     edge = changes["transition_added:steps.answer.next"]
     assert edge["after"] == "answer->answer" and edge["evidence"] == {"denied": 6, "sessions": sorted(sessions)}
 
-    spent = [sum(int(e["cost"]) for e in found[s]) for s in sessions]
+    spent = [sum(int(e["cost_nanos"]) for e in found[s]) for s in sessions]
     usd = changes["budget_usd:budget.usd"]
     assert usd["evidence"]["p95"] == max(spent) == nearest_rank(spent, 95)
     assert usd["after"] == "0.010000000" and usd["before"] == "1.000000000"  # 1.5 x p95, up to a cent
@@ -293,7 +293,7 @@ def test_higher_prices_report_the_spend_to_the_nano_dollar(
         report = evaluate(dearer, EVAL_PLAN, [eval_session])
     expected = sum(cost_nanos(int(e["tok_in"]), 1_500_000_000) + cost_nanos(int(e["tok_out"]), 6_000_000_000)
                    for e in recorded)
-    actual = sum(int(e["cost"]) for e in recorded)
+    actual = sum(int(e["cost_nanos"]) for e in recorded)
     assert report["totals"]["spend_nanos"] == expected
     assert report["totals"]["spend_actual_nanos"] == actual == gw.session(eval_session)["spent_nanos"]
     assert [c["cost"] for c in report["calls"]] == [

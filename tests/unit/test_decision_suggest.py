@@ -12,7 +12,7 @@ from gateway.assembly.plan import parse_plan
 from gateway.decision.observe import SessionLog, walk
 from gateway.decision.planfile import plan_from_assembly
 from gateway.decision.suggest import suggest
-from gateway.journal.events import Kind, make_entry
+from gateway.state.entries import Kind, make_entry
 from tests.conftest import make_settings
 
 PLAN: dict[str, Any] = {
@@ -38,7 +38,7 @@ def answered(rid: str, cost: int, tools: tuple[str, ...] = ()) -> list[dict[byte
     reply = {"choices": [{"message": {"role": "assistant", "content": "ok", "tool_calls": calls or None}}]}
     return [entry(Kind.REQUEST, offering(tools[0]) if tools else CHAT, rid=rid, model="gpt-4o-mini",
                   endpoint="chat/completions"),
-            entry(Kind.RESPONSE, reply, rid=rid, tok_in=10, tok_out=4, cost=cost)]
+            entry(Kind.RESPONSE, reply, rid=rid, tok_in=10, tok_out=4, cost_nanos=cost)]
 
 
 def session(n: int, spend: int, mcp_calls: int, ran_out: bool) -> SessionLog:
@@ -47,7 +47,7 @@ def session(n: int, spend: int, mcp_calls: int, ran_out: bool) -> SessionLog:
     for i in range(mcp_calls):
         call = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "files__read", "arguments": {}}}
         fields += [entry(Kind.REQUEST, call, rid=f"r{n}m{i}", endpoint="mcp"),
-                   entry(Kind.RESPONSE, {"result": {}}, rid=f"r{n}m{i}", cost=1000)]
+                   entry(Kind.RESPONSE, {"result": {}}, rid=f"r{n}m{i}", cost_nanos=1000)]
     if ran_out:
         fields.append(entry(Kind.DENIAL, CHAT, rid=f"r{n}x", code="budget_exceeded",
                             message="budget exhausted: usd left 0.000000100; this request could cost more"))

@@ -21,9 +21,9 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "gateway.providers", "gateway.assembly", "gateway.sessions", "gateway.metrics", "gateway.reports",
          "gateway.embedded_redis", "gateway.deps")),
     (3, ("gateway.pipeline.exchange", "gateway.journal.recorded")),
-    (4, ("gateway.journal.live",)),
+    (4, ("gateway.journal.live", "gateway.decision")),
     (5, ("gateway.http", "gateway.app", "gateway.server", "gateway.cli", "gateway.demo", "gateway.admin_cli",
-         "gateway.journal_cli", "gateway.__main__")),
+         "gateway.journal_cli", "gateway.plan_cli", "gateway.__main__")),
 ]
 
 
