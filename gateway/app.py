@@ -22,7 +22,14 @@ from gateway.assembly.store import AssemblyStore
 from gateway.capability import Keyring, Verifier, bearer_token, constant_time_equals
 from gateway.deps import Deps
 from gateway.errors import Unauthenticated
-from gateway.http import admin_routes, cost_routes, dashboard, journal_routes, openai_routes
+from gateway.http import (
+    admin_routes,
+    cost_routes,
+    dashboard,
+    journal_routes,
+    openai_routes,
+    plan_routes,
+)
 from gateway.http.keys import DEPS, deps_of
 from gateway.http.middlewares import auth_middleware, errors_middleware
 from gateway.mcp import endpoint as mcp_endpoint
@@ -86,6 +93,7 @@ def create_app(settings: Settings, *, redis_url: str, keyring: Keyring, run_reap
     dashboard.add_routes(app)
     journal_routes.add_routes(app)
     mcp_endpoint.add_routes(app)
+    plan_routes.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -1,4 +1,4 @@
-"""abc-gateway: serve | demo | compile | admin ... | replay | journal export."""
+"""abc-gateway: serve | demo | compile | admin ... | replay | journal export | plan ..."""
 
 from __future__ import annotations
 
@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.journal_cli import add_journal_commands
 
     add_journal_commands(sub)
+
+    from gateway.plan_cli import add_plan_commands
+
+    add_plan_commands(sub)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 Starts an embedded Redis and the gateway with the built-in mock provider, compiles the
 example plan, opens a session and drives it with the official OpenAI SDK, printing
-what happened: answers, a denial, the cost, a journal excerpt and its verification.
+what happened: answers, a denial, the cost, a journal excerpt and its verification, and
+ends with `plan suggest`: the revision of the plan that the journals argue for.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def _drive(base_url: str, admin: httpx.Client) -> None:
          f"reserved ${shown['reserved_usd']}, remaining ${shown['remaining_usd']}")
     _journal(admin, session_id)
     _journal(admin, drive_tools(base_url, admin, _say))
+    _suggest(admin, compiled["assembly_id"])
 
 
 def _triage(client: openai.OpenAI) -> None:
@@ -157,3 +159,17 @@ def _journal(admin: httpx.Client, session_id: str) -> None:
     _say("journal excerpt (hash-chained, nano-dollars)", "\n".join(lines))
     report = _admin(admin, "POST", f"/admin/v1/sessions/{session_id}/replay", {"mode": "verify"})
     _say("journal verify", "  " + json.dumps(report))
+
+
+def _suggest(admin: httpx.Client, assembly_id: str) -> None:
+    """The decision plane: what the journal suggests for the plan's next version."""
+    versions = _admin(admin, "GET", "/admin/v1/plans/support-bot/versions")["data"]
+    head = versions[-1]
+    found = _admin(admin, "GET", "/admin/v1/plans/support-bot/suggestions")
+    lines = [f"  version {head['version']} ({head['assembly_id']}), {head['sessions']} session(s) opened on it"
+             + (" (this run's)" if head["assembly_id"] == assembly_id else "")]
+    lines += [f"  [{c['action']}] {c['summary']}" for c in found["changes"]] or ["  no change suggested yet"]
+    lines += [f"  (too little data: {note}; run the demo again)" for note in found["notes"]]
+    lines += ["", "  " + found["yaml"].replace("\n", "\n  ").rstrip()]
+    _say(f"plan suggest support-bot: {found['sessions']} session(s), {found['calls']} call(s) read from the journals",
+         "\n".join(lines))

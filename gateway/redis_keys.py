@@ -8,6 +8,8 @@ written in the same pipeline as a script call, never inside one.
 
 from __future__ import annotations
 
+import hashlib
+
 # Bump the suffix of a script's name whenever its keys or arguments change meaning.
 RESERVE_SCRIPT = "budget_reserve_v3"
 SETTLE_SCRIPT = "budget_settle_v1"
@@ -106,3 +108,40 @@ def cost_field(tenant: str, session_id: str, model: str, assembly_id: str) -> st
 
 
 COST_BUCKETS = "cost_buckets"  # sorted set of hour buckets that have rollups
+
+
+# The decision plane: one plan's keys share the hash tag `{plan:NAME}`, so a version is
+# recorded by one script in one slot. A name holding a brace would end the tag early, so
+# such names are tagged by their digest instead.
+PLAN_VERSION_SCRIPT = "plan_version_v1"
+
+
+def _plan(name: str) -> str:
+    if "{" in name or "}" in name:
+        return "{plan:#" + hashlib.sha256(name.encode()).hexdigest()[:32] + "}"
+    return "{plan:" + name + "}"
+
+
+def plan_versions(name: str) -> str:
+    """List: the plan's versions in order, each a JSON record (assembly id, parent, by, at)."""
+    return "plan_versions:" + _plan(name)
+
+
+def plan_sources(name: str) -> str:
+    """Hash: assembly id -> the plan (JSON) that compiled to it, as the compiler read it."""
+    return "plan_sources:" + _plan(name)
+
+
+def plan_sessions(name: str) -> str:
+    """Sorted set: ids of sessions opened on any of the plan's Assemblies, by open time."""
+    return "plan_sessions:" + _plan(name)
+
+
+def plan_session_counts(name: str) -> str:
+    """Hash: assembly id -> sessions opened on it (counted when each opens)."""
+    return "plan_session_counts:" + _plan(name)
+
+
+def plan_reports(name: str) -> str:
+    """Hash: "suggestions" and "evaluation" -> the latest report of each (JSON), for people."""
+    return "plan_reports:" + _plan(name)

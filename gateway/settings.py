@@ -198,6 +198,8 @@ class Settings(_Frozen):
     admin_token: SecretStr | None = Field(default=None, exclude=True)
     signing_key: SecretStr | None = Field(default=None, exclude=True)
     metrics_token: SecretStr | None = Field(default=None, exclude=True)
+    # Who holds the admin token, recorded with every plan version it compiles (not a secret).
+    admin_token_label: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")] = "admin"
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -251,6 +253,7 @@ def settings_from_dict(data: dict[str, Any], *, source: str = "settings") -> Set
         "admin_token": os.environ.get("ABC_ADMIN_TOKEN") or None,
         "signing_key": os.environ.get("ABC_SIGNING_KEY") or None,
         "metrics_token": os.environ.get("ABC_METRICS_TOKEN") or None,
+        "admin_token_label": os.environ.get("ABC_ADMIN_TOKEN_LABEL") or None,
     }
     for key in env:
         if key in data:

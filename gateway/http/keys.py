@@ -10,6 +10,7 @@ from gateway.deps import Deps
 DEPS = web.AppKey("deps", Deps)
 REQUEST_ID = "abc_request_id"  # request-scoped values are plain string keys in aiohttp
 CLAIMS = "abc_claims"
+ADMIN_LABEL = "abc_admin_label"  # the label of the admin token a request carried
 
 
 def deps_of(request: web.Request) -> Deps:

@@ -27,7 +27,7 @@ from gateway.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
-from gateway.http.keys import CLAIMS, REQUEST_ID, deps_of
+from gateway.http.keys import ADMIN_LABEL, CLAIMS, REQUEST_ID, deps_of
 
 log = logging.getLogger("gateway.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -35,10 +35,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Routes reachable without a token. Everything else needs the admin token (/admin/...)
 # or a VCS token; a new route is authenticated unless it is added here.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-# The one named exception under /admin, and only for GET/HEAD: the dashboard's HTML shell.
+# The named exceptions under /admin, and only for GET/HEAD: the dashboards' HTML shells.
 # A browser can't attach a bearer header to a page load, and the shell holds no data; it
 # asks for the admin token and sends it on each API call (see gateway/http/dashboard.py).
-TOKENLESS_ADMIN_PAGES = frozenset({"/admin/dashboard"})
+TOKENLESS_ADMIN_PAGES = frozenset({"/admin/dashboard", "/admin/dashboard/plans"})
 ADMIN_PREFIX = "/admin/"
 
 
@@ -120,6 +120,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise Unauthenticated("admin API disabled: set ABC_ADMIN_TOKEN", code="admin_disabled")
         if token is None or not constant_time_equals(token, admin.get_secret_value()):
             raise Unauthenticated("invalid admin token")
+        request[ADMIN_LABEL] = deps.settings.admin_token_label
         return await handler(request)
     if token is None:
         raise Unauthenticated("missing bearer token: use the session's VCS token as the API key")

@@ -332,8 +332,10 @@ class MockProvider:
         self.name = settings.name
         self._timeout_s = settings.timeouts.first_byte_s
         self._slow_delay_s = slow_delay_s
+        self.calls = 0  # calls received (send and stream), so tests can see none were made
 
     async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
+        self.calls += 1
         faults = Faults.of(_model(body))
         await self._before_answer(faults)
         if faults.cut:
@@ -345,6 +347,7 @@ class MockProvider:
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
+        self.calls += 1
         faults = Faults.of(_model(body))
         await self._before_answer(faults)
         # Built whole up front: answers are small, and it keeps cut points and usage exact.

@@ -74,6 +74,10 @@ def test_demo_runs_everything_and_cleans_up(workdir: Path) -> None:
     assert "'status': 'shipped'" in section(out, "MCP tools/call shop__lookup_order")
     assert "(capability_denied)" in section(out, "denied: a case variant of the tool's name")
     assert "spent $0.001000000" in section(out, "tool session")
+    suggested = section(out, "plan suggest support-bot: 1 session(s), 3 call(s)")
+    assert "version 1 (asm_33387b12578f05741d0909a32438fb8b), 1 session(s) opened on it" in suggested
+    assert "too little data: 1 session(s); budgets need 3" in suggested
+    assert "  name: support-bot" in suggested and out.rstrip().endswith("next: [answer]")
 
     var = workdir / "var"
     key = var / "demo-signing-ed25519.pem"
@@ -87,4 +91,5 @@ def test_demo_runs_everything_and_cleans_up(workdir: Path) -> None:
     pem = key.read_bytes()
     again = run_demo(workdir)
     assert "journal verify" in again and key.read_bytes() == pem
+    assert "version 1 (asm_33387b12578f05741d0909a32438fb8b), 2 session(s) opened on it" in again
     assert pids_mentioning(str(var)) == []

@@ -22,9 +22,9 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "gateway.embedded_redis", "gateway.deps", "gateway.mcp.upstream", "gateway.mcp.policy",
          "gateway.mcp.demo_server")),
     (3, ("gateway.pipeline.exchange", "gateway.journal.recorded", "gateway.mcp.calls")),
-    (4, ("gateway.journal.live",)),
-    (5, ("gateway.http", "gateway.mcp.endpoint", "gateway.mcp.demo", "gateway.app", "gateway.server", "gateway.cli", "gateway.demo", "gateway.admin_cli",
-         "gateway.journal_cli", "gateway.__main__")),
+    (4, ("gateway.journal.live", "gateway.decision")),
+    (5, ("gateway.http", "gateway.mcp.endpoint", "gateway.mcp.demo", "gateway.app", "gateway.server", "gateway.cli",
+         "gateway.demo", "gateway.admin_cli", "gateway.journal_cli", "gateway.plan_cli", "gateway.__main__")),
 ]
 
 
