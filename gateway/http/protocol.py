@@ -60,7 +60,7 @@ def _is_request_target(line: object) -> bool:
     # aiohttp raises LineTooLong with the start of the line: a URL for the request line
     # (origin, absolute or asterisk form), a field name or value for a header. No field
     # name starts with '/' or '*' (they are not token characters).
-    return isinstance(line, bytes) and line.startswith((b"/", b"*", b"http://", b"https://"))
+    return isinstance(line, bytes | bytearray) and line.startswith((b"/", b"*", b"http://", b"https://"))
 
 
 def _reason(exc: HttpProcessingError) -> str:
