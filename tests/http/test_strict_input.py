@@ -27,9 +27,9 @@ from gateway.pipeline.request_body import parse_body
 from gateway.pipeline.request_schema import check_shape
 from gateway.providers.base import Endpoint
 from gateway.settings import ModelSettings, Price, ProviderSettings
-from tests.conftest import Gateway, make_settings, start_gateway
+from tests.conftest import Gateway, assert_no_server_errors, make_settings, start_gateway
 from tests.fakes.upstream import FakeUpstream
-from tests.openai_support import assert_no_server_errors, bearer, journal, openai_error
+from tests.openai_support import bearer, journal, openai_error
 
 PLAN: dict[str, Any] = {
     "name": "strict-input",
@@ -164,11 +164,12 @@ def test_bodies_outside_the_schema_are_400_journaled_and_never_forwarded(rig: Ri
     assert [e["kind"] for e in entries] == ["denial"] * len(REFUSED_SHAPES)
     assert {e["status"] for e in entries} == {"400"} and {e["rule"] for e in entries} == {"invalid_param"}
     # Every endpoint still forwards a body within its schema.
-    for path, body in [
+    valid: list[tuple[str, dict[str, Any]]] = [
         ("/chat/completions", {**CHAT_OK, "stop": ["a", "b", "c", "d"], "seed": 2**63 - 1, "temperature": 2}),
         ("/completions", {"model": "fake-text", "prompt": [1, 2, 3]}),
         ("/embeddings", {"model": "fake-embed", "input": [[1, 2], [3]]}),
-    ]:
+    ]
+    for path, body in valid:
         assert rig.post(path, json.dumps(body).encode()).status_code == 200, (path, body)
     assert rig.forwarded == 3 and rig.reserved() == 0
 
