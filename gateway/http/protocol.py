@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from gateway.errors import GatewayError, HeaderTooLarge, InvalidRequest, UriTooLong
+from gateway.errors import GatewayError, HeaderTooLarge, InternalError, InvalidRequest, UriTooLong
 from gateway.http.middlewares import error_response
 
 __all__ = ["GatewayRunner", "protocol_error"]
@@ -32,7 +32,7 @@ log = logging.getLogger("gateway.http")
 _TOO_MANY_HEADERS = "Too many headers received"
 
 
-def protocol_error(status: int, exc: BaseException | None) -> GatewayError:
+def protocol_error(exc: BaseException | None, request_id: str) -> GatewayError:
     """The error to answer for what aiohttp's parser (or, rarely, its handler) raised.
 
     Messages are ours: the parser's own quote the offending bytes, which may be a
@@ -51,9 +51,8 @@ def protocol_error(status: int, exc: BaseException | None) -> GatewayError:
         return HeaderTooLarge("too many request headers")
     if isinstance(exc, HttpProcessingError):
         return InvalidRequest(f"malformed HTTP request: {_reason(exc)}", code="invalid_http_request")
-    if status == 504:
-        return GatewayError("request timed out", code="timeout", status=504)
-    return GatewayError("internal error")
+    # Past the middleware, which answers every error of a handler: only a bug gets here.
+    return InternalError(f"internal error (request id {request_id})")
 
 
 def _is_request_target(line: object) -> bool:
@@ -84,8 +83,8 @@ class JsonErrorHandler(RequestHandler):
         if request.writer.output_size > 0:
             # As aiohttp's own: part of a response went out, so nothing more can be said.
             raise ConnectionError("response already started; cannot send an error")
-        error = protocol_error(status, exc)
         request_id = "req_" + secrets.token_hex(12)
+        error = protocol_error(exc, request_id)
         if isinstance(exc, HttpProcessingError):
             # The client's mistake, not ours: no traceback.
             log.info("refused an unparseable HTTP request (%s), request %s", error.code, request_id)
