@@ -1,7 +1,8 @@
 """Strict input at the edge, against a running gateway and a real HTTP fake upstream:
 repeated JSON keys, bodies outside their endpoint's schema, bodies that are not JSON and
 requests aiohttp cannot parse are refused in OpenAI's shape, before anything is reserved
-or forwarded; a refusal under a valid token is journaled as a denial.
+or forwarded; a refusal under a valid token is journaled as a denial (a request aiohttp
+cannot parse has no token the gateway could read).
 
 The fake upstream runs on its own event-loop thread, so plain sync clients (httpx, raw
 sockets, hypothesis) drive the gateway while "nothing forwarded" is counted, not assumed.
@@ -85,6 +86,11 @@ class Rig:
     def reserved(self) -> int:
         return int(self.gw.session(self.session_id)["reserved_nanos"])
 
+    def denials(self) -> list[tuple[str, str, str]]:
+        """(status, code, param) of each journaled denial, in order."""
+        entries = journal(self.redis_url, self.session_id)
+        return [(e["status"], e["code"], e.get("param", "")) for e in entries if e["kind"] == "denial"]
+
 
 @pytest.fixture
 def rig(redis_url: str, keyring: Keyring) -> Iterator[Rig]:
@@ -127,6 +133,7 @@ def test_a_repeated_key_is_400_and_nothing_is_reserved_or_forwarded(rig: Rig, ra
     error = openai_error(rig.post("/chat/completions", raw), 400)
     assert error["code"] == "duplicate_key" and error["param"] == param
     assert rig.forwarded == 0 and rig.reserved() == 0
+    assert rig.denials() == [("400", "duplicate_key", param)]
     assert rig.post("/chat/completions", json.dumps(CHAT_OK).encode()).status_code == 200
     assert rig.forwarded == 1  # the rig forwards what it should: the zeros above are real
 
@@ -189,6 +196,7 @@ def test_a_body_that_is_not_declared_json_is_415(rig: Rig, content_type: str | N
     error = openai_error(response, 415)
     assert error["code"] == "unsupported_media_type" and error["param"] == "Content-Type"
     assert rig.forwarded == 0 and rig.reserved() == 0
+    assert rig.denials() == [("415", "unsupported_media_type", "Content-Type")]
 
 
 @pytest.mark.parametrize("content_type", ["Application/JSON", "application/json; charset=UTF-8", "application/json;charset=utf8"])
