@@ -3,9 +3,12 @@
     Exception
     ├── ConfigError                 operator mistakes: bad settings, bad plans; never a request's fault
     └── GatewayError                one request failed; status/type/code say how
-        ├── InvalidRequest          400  malformed JSON, bad fields
+        ├── InvalidRequest          400  malformed JSON or HTTP, duplicate keys, bad fields
+        │   ├── MethodNotAllowed    405  a route asked with the wrong method
         │   ├── PayloadTooLarge     413  body over `server.max_body_bytes`
-        │   └── MethodNotAllowed    405  a route asked with the wrong method
+        │   ├── UriTooLong          414  request line over aiohttp's limit
+        │   ├── UnsupportedMediaType 415 a body that is not `application/json`
+        │   └── HeaderTooLarge      431  a header, or the header count, over aiohttp's limits
         ├── Unauthenticated         401  missing, bad, expired or revoked token
         ├── CapabilityDenied        403  not in the VCS (model, tool, parameter, upstream override)
         ├── NotFound                404  unknown model or route
@@ -23,7 +26,8 @@
 
 Budget exhaustion is 429 (not 402) everywhere: the OpenAI SDK maps 429 to
 RateLimitError, which clients already handle, and 402 has no SDK class.
-Errors are translated to JSON once, in `gateway.http.middlewares`.
+Errors are translated to JSON once, in `gateway.http.middlewares` (or, for requests
+aiohttp could not parse, in `gateway.http.protocol`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "ClientGone",
     "ConfigError",
     "GatewayError",
+    "HeaderTooLarge",
     "InternalError",
     "InvalidRequest",
     "MethodNotAllowed",
@@ -48,10 +53,12 @@ __all__ = [
     "ServiceUnavailable",
     "StateConflict",
     "Unauthenticated",
+    "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamRateLimited",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "UriTooLong",
 ]
 
 
@@ -111,6 +118,21 @@ class PayloadTooLarge(InvalidRequest):
 class MethodNotAllowed(InvalidRequest):
     status = 405
     code = "method_not_allowed"
+
+
+class UriTooLong(InvalidRequest):
+    status = 414
+    code = "uri_too_long"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class HeaderTooLarge(InvalidRequest):
+    status = 431
+    code = "request_header_fields_too_large"
 
 
 class Unauthenticated(GatewayError):

@@ -15,6 +15,7 @@ from gateway.app import create_app
 from gateway.capability import PREVIOUS_KEYS_ENV, Keyring, generate_ed25519_key
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import ConfigError
+from gateway.http.protocol import GatewayRunner
 from gateway.settings import Settings
 
 
@@ -47,7 +48,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 async def _start(app: web.Application, host: str, port: int, reuse_port: bool) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = GatewayRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024).start()

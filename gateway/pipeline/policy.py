@@ -22,6 +22,7 @@ from gateway.pipeline.request_fields import (
     reject_unknown_fields,
     show,
 )
+from gateway.pipeline.request_schema import check_shape
 from gateway.providers.base import Endpoint
 
 __all__ = ["Grant", "authorize", "check_output", "tool_call_names"]
@@ -59,6 +60,7 @@ def authorize(
         raise invalid("invalid_body", "the request body must be a JSON object")
     reject_overrides(body)  # before the allow-list, so an override is a 403, not a 400
     reject_unknown_fields(endpoint, body)
+    check_shape(endpoint, body)
     model = _resolve_model(assembly, endpoint, body.get("model"), known_models)
     functions: frozenset[str] = frozenset()
     if endpoint is Endpoint.CHAT:

@@ -318,7 +318,10 @@ def _delta(index: int, delta: dict[str, Any], finish: str | None = None) -> dict
 
 def _completion(body: dict[str, Any]) -> Answer:
     prompt_text = body.get("prompt")
-    prompt_text = " ".join(prompt_text) if isinstance(prompt_text, list) else str(prompt_text or "")
+    if isinstance(prompt_text, list):  # strings, token ids or lists of token ids
+        prompt_text = " ".join(map(str, prompt_text))
+    else:
+        prompt_text = str(prompt_text or "")
     words, finish = _reply_words(prompt_text, body)
     usage = _usage(count_tokens(prompt_text), len(words))
     model = body.get("model", "fake-model")

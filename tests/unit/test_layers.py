@@ -18,6 +18,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (1, ("gateway.state",)),
     (2, ("gateway.pipeline.policy", "gateway.pipeline.usage", "gateway.pipeline.request_fields", "gateway.plugins",
          "gateway.pipeline.fallbacks", "gateway.pipeline.deployments",
+         "gateway.pipeline.request_body", "gateway.pipeline.request_schema",
          "gateway.providers", "gateway.assembly", "gateway.sessions", "gateway.metrics", "gateway.reports",
          "gateway.embedded_redis", "gateway.deps", "gateway.mcp.upstream", "gateway.mcp.policy",
          "gateway.mcp.demo_server")),
