@@ -1,11 +1,13 @@
--- budget_reserve_v2: admit one request atomically, or say why not.
+-- budget_reserve_v3: admit one request atomically, or say why not.
 -- In one step: session exists, not revoked, not expired; an Idempotency-Key already
 -- held (then its record is returned instead); the step machine allows it; rate limits;
 -- budget (usd, tokens, requests) and the tenant's daily spend; then the reservation is
--- recorded, the Idempotency-Key marked pending and the request journaled. Nothing is
--- written on refusal.
--- A request id that already holds a reservation is refused ("duplicate"): overwriting it
--- would lock the first reservation's money for good.
+-- recorded, the Idempotency-Key marked pending under its owner's lease and the request
+-- journaled. Nothing is written on refusal.
+-- A request id that already holds an open reservation is refused ("duplicate"):
+-- overwriting it would lock the first reservation's money for good. One that was closed
+-- for its owner ("R" or "Z" mark, see budget_close_v1) may be reused: a late settle of the
+-- old one names its reserve time and leaves the new one alone.
 -- Reservation value: est_nanos:est_tokens:now_ms[@YYYYMMDD]:step; "@day" says the tenant's
 -- spend counter of that day was charged, so settle corrects that counter and no other.
 --
@@ -16,7 +18,8 @@
 --       5 step candidates ("" = no steps; else "id=pred,pred;id=pred" where "^" is the start),
 --       6 session_rpm, 7 session_tpm, 8 tenant_rpm, 9 tenant_tpm, 10 tenant_usd_day ('' = no limit),
 --       11 pending ttl ms of the idempotency record ('' = no key), 12 request hash,
---       13 digest of the journal entry, 14.. journal fields (name, value, ...)
+--       13 lease deadline ms of the pending record, 14 owner (the process instance),
+--       15 digest of the journal entry, 16.. journal fields (name, value, ...)
 
 local now_ms = tonumber(ARGV[1])
 local est_nanos = tonumber(ARGV[3])
@@ -38,7 +41,11 @@ if ARGV[11] ~= '' then
     return out
   end
 end
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return {'duplicate'} end
+local prior = redis.call('HGET', KEYS[2], ARGV[2])
+if prior then
+  local mark = string.sub(prior, 1, 1)
+  if mark ~= 'R' and mark ~= 'Z' then return {'duplicate'} end
+end
 
 local current = s[11] or ''
 local step = ''
@@ -106,11 +113,11 @@ bump(KEYS[9], ttpm, est_tokens, 120000)
 bump(KEYS[7], tday, est_nanos, 172800000)
 
 if ARGV[11] ~= '' then
-  redis.call('HSET', KEYS[10], 'state', 'pending', 'req', ARGV[12], 'rid', ARGV[2])
+  redis.call('HSET', KEYS[10], 'state', 'pending', 'req', ARGV[12], 'rid', ARGV[2], 'owner', ARGV[14], 'lease', ARGV[13])
   redis.call('PEXPIRE', KEYS[10], tonumber(ARGV[11]))
 end
 
-local seq, id = journal_append(KEYS[3], KEYS[4], ARGV[13], step, 14)
+local seq, id = journal_append(KEYS[3], KEYS[4], ARGV[15], step, 16)
 
 local budget = tonumber(s[3])
 local left = -1  -- no usd budget
