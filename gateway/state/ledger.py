@@ -375,7 +375,9 @@ class Ledger:
         self.leases.drop(session_id, request_id)
         return settlement
 
-    async def _settle(self, job: Deferred) -> Settlement:
+    async def _settle(self, job: Deferred, *, retried: bool = False) -> Settlement:
+        """One round trip; a retried settlement (which may have run already) sends the index
+        writes only once the script says it settled, so reports never count it twice."""
         now = time.time()
         session_id = job.session_id
         script_keys = [
@@ -392,11 +394,20 @@ class Ledger:
             job.entry.digest, *job.entry.flat(),
         ]
         extra = self._index_commands(job.entry, job.tags, job.actual_nanos, now)
-        result = await self._run(keys.SETTLE_SCRIPT, script_keys, args, extra)
-        return Settlement(budget_left_nanos=int(result[0]), seq=int(result[1]))
+        result = await self._run(keys.SETTLE_SCRIPT, script_keys, args, () if retried else extra)
+        settlement = Settlement(budget_left_nanos=int(result[0]), seq=int(result[1]))
+        if retried and settlement.seq:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for command in extra:
+                        pipe.execute_command(*command)
+                    await pipe.execute()
+            except REDIS_ERRORS:
+                log.warning("a deferred settlement was written, but not its cost report entries")
+        return settlement
 
     async def _write_deferred(self, job: Deferred) -> None:
-        settlement = await self._settle(job)
+        settlement = await self._settle(job, retried=True)
         self.leases.drop(job.session_id, job.request_id)
         if settlement.seq:
             log.info("wrote a settlement deferred while Redis was unavailable")
@@ -408,8 +419,6 @@ class Ledger:
         kind = entry.fields.get(b"kind", b"")
         commands: list[tuple[Any, ...]] = [
             ("ZREM", keys.RESERVATIONS_DUE, f"{tags.session_id}|{request_id_of(entry)}"),
-            # Written even when the script finds the request settled already (a retried
-            # settlement): index entries are counts for reports, the journal is the record.
             ("XADD", keys.JOURNAL_INDEX, "MINID", "~", min_id, "*",
              "session", tags.session_id, "kind", kind, "cost_nanos", nanos, "tenant", tags.tenant,
              "model", tags.model, "assembly", tags.assembly_id),

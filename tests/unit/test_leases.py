@@ -16,7 +16,7 @@ from gateway import redis_keys as keys
 from gateway.errors import ServiceUnavailable
 from gateway.state.entries import Kind, make_entry, verify_chain
 from gateway.state.idempotency import await_answer
-from gateway.state.ledger import Ledger, Stored
+from gateway.state.ledger import Deferred, Ledger, Stored
 from gateway.state.reaper import reap_due
 from tests.redis_proc import RedisProcess
 from tests.unit.test_ledger import NO_LIMITS, open_session, reserve, session_hash, settle, tags
@@ -116,6 +116,14 @@ async def test_settling_twice_charges_once_and_journals_once(client: aredis.Redi
     sid = await open_session(ledger)
     await reserve(ledger, sid, "r1", 9_000)
     first = await settle(ledger, sid, "r1", 4_000)
+    # A deferred settlement that had in fact run (its reply was lost) is written once, and
+    # reported once.
+    entry = make_entry(Kind.RESPONSE, rid="r1", cost_nanos=4_000)
+    ledger.backlog.push(Deferred(sid, "r1", 4_000, 5, True, entry, tags(sid), None, None, None))
+    while len(ledger.backlog):
+        await asyncio.sleep(0.01)
+    reported = [int(v) async for key in client.scan_iter(match="costs:*") for v in await client.hvals(key)]
+    assert sum(reported) == 4_000
     again = await settle(ledger, sid, "r1", 4_000)
     assert first.seq > 0 and again.seq == 0 and again.budget_left_nanos == first.budget_left_nanos
     assert (await session_hash(client, sid))["spent_nanos"] == 4_000
@@ -168,6 +176,8 @@ async def test_a_settlement_redis_could_not_take_is_written_when_it_returns(tmp_
         assert (s["reserved_nanos"], s["spent_nanos"]) == (0, 6_000)
         closing = [f for f in await journal(client, sid) if f[b"kind"] == b"response"]
         assert [(f[b"rid"], f[b"deferred"]) for f in closing] == [(b"r1", b"1"), (b"r2", b"1")]
+        reported = [int(v) async for key in client.scan_iter(match="costs:*") for v in await client.hvals(key)]
+        assert sum(reported) == 6_000  # in the cost reports once
         # The client got 503, but it was charged: a retry with its key gets the answer.
         held = {k.decode(): v for k, v in (await client.hgetall(record)).items()}
         kept = await await_answer(ledger, sid, record, "h", held, wait_s=0)
