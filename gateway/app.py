@@ -109,8 +109,12 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             redis,
             reservation_ttl_s=settings.budget.reservation_ttl_s,
             journal_retention_s=settings.journal.retention_s,
+            lease_s=settings.budget.lease_s,
+            settle_backlog=settings.budget.settle_backlog,
             observe=metrics.observe_journal_write,
+            count=metrics.count_ledger_event,
         )
+        metrics.watch_settle_backlog(lambda: len(ledger.backlog))
         with contextlib.suppress(Exception):
             await ledger.load_scripts()  # Redis may come up later; scripts load on first use
         deps = Deps(
@@ -131,6 +135,8 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
         app[DEPS] = deps
         reaper_stop = asyncio.Event()
         reaper_task = asyncio.create_task(run_reaper(redis, ledger, settings.budget.reaper_interval_s, reaper_stop)) if reaper else None
+        leases_stop = asyncio.Event()
+        leases_task = asyncio.create_task(ledger.keep_leases(leases_stop))
         yield
         if reaper_task is not None:
             # Let a pass in progress finish before Redis goes away under it; never wait long.
@@ -140,6 +146,9 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
         if deps.tasks:
             # Settlements and journal writes in flight finish before we let go of Redis.
             await asyncio.wait(list(deps.tasks), timeout=10)
+        leases_stop.set()
+        if not (await asyncio.wait([leases_task], timeout=2))[0]:
+            leases_task.cancel()
         for provider in deps.providers.values():
             await provider.close()
         await deps.tool_servers.close()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
     from gateway.errors import GatewayError
@@ -30,6 +31,11 @@ class Metrics:
             "abc_upstream_attempts", "Upstream attempts by outcome: ok, retried, failed, refused", ["provider", "outcome"], registry=r,
         )
         self.tool_calls = Counter("abc_tool_calls", "MCP tool calls admitted, by outcome", ["server", "tool", "outcome"], registry=r)
+        self.ledger_events = Counter(
+            "abc_ledger_events", "Requests closed for a dead owner (taken_over, reaped_zero), past their TTL "
+            "(reaped_full), or settled after Redis came back (settle_deferred)", ["event"], registry=r,
+        )
+        self.settle_backlog = Gauge("abc_settle_backlog", "Settlements waiting for Redis to come back", registry=r)
 
         # labels() hashes and locks on every call; a request touches half a dozen children.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -39,6 +45,12 @@ class Metrics:
         if child is None:
             child = self._children[(metric, values)] = metric.labels(*values)
         return child
+
+    def count_ledger_event(self, event: str) -> None:
+        self._child(self.ledger_events, event).inc()
+
+    def watch_settle_backlog(self, size: Callable[[], int]) -> None:
+        self.settle_backlog.set_function(size)
 
     def observe_journal_write(self, op: str, seconds: float) -> None:
         self._child(self.journal_write, op).observe(seconds)

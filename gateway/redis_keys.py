@@ -12,9 +12,10 @@ import hashlib
 
 # Bump the suffix of a script's name whenever its keys or arguments change meaning.
 RESERVE_SCRIPT = "budget_reserve_v3"
-SETTLE_SCRIPT = "budget_settle_v1"
+SETTLE_SCRIPT = "budget_settle_v2"
 JOURNAL_APPEND_SCRIPT = "journal_append_v1"
-REAP_SCRIPT = "budget_reap_v1"
+CLOSE_SCRIPT = "budget_close_v1"
+LEASE_SCRIPT = "idem_lease_v1"
 REPLAY_TAKE_SCRIPT = "replay_take_v1"
 
 
@@ -38,12 +39,14 @@ def journal_head(session_id: str) -> str:
 
 
 def reservations(session_id: str) -> str:
-    """Hash: request id -> outstanding reservation (nanos, tokens, deadline)."""
+    """Hash: request id -> outstanding reservation "nanos:tokens:reserved_ms[@day]:step";
+    an "R" or "Z" in front marks one closed for its owner (see budget_close_v1)."""
     return "reservations:" + _sess(session_id)
 
 
 def idempotency(session_id: str, key_digest: str) -> str:
-    """Hash: state (pending|done) and the recorded response of one Idempotency-Key."""
+    """Hash: state (pending|done), the request hash and id, the owner and lease of a pending
+    one, and the recorded response of a done one, for one Idempotency-Key."""
     return "idem:" + _sess(session_id) + ":" + key_digest
 
 
@@ -88,7 +91,9 @@ def assembly(assembly_id: str) -> str:
 ASSEMBLIES = "assemblies"  # sorted set: assembly id by first-compiled time
 SESSIONS = "sessions"  # sorted set: session id by creation time
 JOURNAL_INDEX = "journal_index"  # stream: one small entry per journal entry, all sessions
-RESERVATIONS_DUE = "reservations_due"  # sorted set: "session|request" by reaper deadline
+# Sorted set: "session|request" by deadline: the owner's lease, renewed while it works,
+# and never past the reservation's TTL.
+RESERVATIONS_DUE = "reservations_due"
 
 
 def cost_rollup(bucket: str) -> str:

@@ -66,6 +66,8 @@ class ProviderSettings(_Frozen):
     litellm_provider: str | None = None
     # litellm only: the API version some providers want in the URL (Azure OpenAI).
     api_version: str | None = None
+    # mock only: how long its "slow" models wait before answering.
+    slow_delay_s: Annotated[float, Field(ge=0)] = 2.0
 
     @model_validator(mode="after")
     def _api_base_for_openai(self) -> ProviderSettings:
@@ -140,9 +142,18 @@ class RedisSettings(_Frozen):
 
 
 class BudgetSettings(_Frozen):
-    # A reservation not settled after this long (a crashed replica) is reaped conservatively.
+    # The backstop: a reservation still open after this long is charged in full.
     reservation_ttl_s: Annotated[int, Field(gt=0)] = 900
-    reaper_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    reaper_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    # A process renews the lease of each request it works on every third of this; once a
+    # lease runs out its process is taken for dead: the reaper closes the reservation and a
+    # retry with the same Idempotency-Key takes the request over.
+    lease_s: Annotated[float, Field(gt=0)] = 3.0
+    # How long a duplicate of a keyed request in progress waits for its answer before 409.
+    idempotency_wait_s: Annotated[float, Field(ge=0)] = 5.0
+    # Settlements that Redis could not take, kept and retried until it does; while this
+    # many wait, new requests get 503 rather than run with nowhere to settle.
+    settle_backlog: Annotated[int, Field(gt=0)] = 1000
 
 
 class JournalSettings(_Frozen):

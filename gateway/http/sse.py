@@ -2,7 +2,8 @@
 
 Errors before the first payload are ordinary JSON errors (the exchange raises them before
 anything is written). After it, an error goes out as a `data: {"error": ...}` event and
-`[DONE]`. The exchange settles before the tail goes out, so the tail can carry the cost.
+`[DONE]`. The exchange settles before the tail goes out, so the tail can carry the cost;
+a keyed stream's bytes are kept for retries in that same settle step.
 A client that hangs up raises `ClientGone`; leaving the exchange settles it.
 """
 
@@ -48,12 +49,15 @@ async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
         assert settled.error is not None
         await _write_quietly(response, event(settled.error.to_json()) + DONE)
         return response
-    settled = await ex.close()
-    # SSE comment lines are ignored by clients; this one carries the settled cost.
-    tail = b": abc-cost-usd " + ex.answer_headers(settled.cost_nanos, -1)["x-abc-cost-usd"].encode() + b"\n\n" + DONE
-    await ex.remember(idempotency.Stored(200, headers, b"".join(sent) + tail))
-    await _write_quietly(response, tail)
+    # Kept in the settle step for retries with the same Idempotency-Key: the bytes sent.
+    settled = await ex.close(keep=lambda cost: idempotency.Stored(200, headers, b"".join(sent) + _tail(ex, cost)))
+    await _write_quietly(response, _tail(ex, settled.cost_nanos))
     return response
+
+
+def _tail(ex: Exchange, cost: int) -> bytes:
+    # SSE comment lines are ignored by clients; this one carries the settled cost.
+    return b": abc-cost-usd " + ex.answer_headers(cost, -1)["x-abc-cost-usd"].encode() + b"\n\n" + DONE
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:

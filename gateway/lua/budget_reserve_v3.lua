@@ -2,11 +2,12 @@
 -- In one step: session exists, not revoked, not expired; an Idempotency-Key already
 -- held (then its record is returned instead); the step machine allows it; rate limits;
 -- budget (usd, tokens, requests), a counted cap (an MCP entry's max_calls) and the tenant's
--- daily spend; then the reservation is
--- recorded, the Idempotency-Key marked pending and the request journaled. Nothing is
--- written on refusal.
--- A request id that already holds a reservation is refused ("duplicate"): overwriting it
--- would lock the first reservation's money for good.
+-- daily spend; then the reservation is recorded, the Idempotency-Key marked pending under
+-- its owner's lease and the request journaled. Nothing is written on refusal.
+-- A request id that already holds an open reservation is refused ("duplicate"):
+-- overwriting it would lock the first reservation's money for good. One that was closed
+-- for its owner ("R" or "Z" mark, see budget_close_v1) may be reused: a late settle of the
+-- old one names its reserve time and leaves the new one alone.
 -- Reservation value: est_nanos:est_tokens:now_ms[@YYYYMMDD]:step; "@day" says the tenant's
 -- spend counter of that day was charged, so settle corrects that counter and no other.
 --
@@ -19,7 +20,8 @@
 --       6 session_rpm, 7 session_tpm, 8 tenant_rpm, 9 tenant_tpm, 10 tenant_usd_day ('' = no limit),
 --       11 pending ttl ms of the idempotency record ('' = no key), 12 request hash,
 --       13 counter field ('' = none), 14 its cap,
---       15 digest of the journal entry, 16.. journal fields (name, value, ...)
+--       15 lease deadline ms of the pending record, 16 owner (the process instance),
+--       17 digest of the journal entry, 18.. journal fields (name, value, ...)
 
 local now_ms = tonumber(ARGV[1])
 local est_nanos = tonumber(ARGV[3])
@@ -41,7 +43,11 @@ if ARGV[11] ~= '' then
     return out
   end
 end
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return {'duplicate'} end
+local prior = redis.call('HGET', KEYS[2], ARGV[2])
+if prior then
+  local mark = string.sub(prior, 1, 1)
+  if mark ~= 'R' and mark ~= 'Z' then return {'duplicate'} end
+end
 
 local current = s[11] or ''
 local step = ''
@@ -121,11 +127,11 @@ if ARGV[13] ~= '' then
 end
 
 if ARGV[11] ~= '' then
-  redis.call('HSET', KEYS[10], 'state', 'pending', 'req', ARGV[12], 'rid', ARGV[2])
+  redis.call('HSET', KEYS[10], 'state', 'pending', 'req', ARGV[12], 'rid', ARGV[2], 'owner', ARGV[16], 'lease', ARGV[15])
   redis.call('PEXPIRE', KEYS[10], tonumber(ARGV[11]))
 end
 
-local seq, id = journal_append(KEYS[3], KEYS[4], ARGV[15], step, 16)
+local seq, id = journal_append(KEYS[3], KEYS[4], ARGV[17], step, 18)
 
 local budget = tonumber(s[3])
 local left = -1  -- no usd budget

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import hashlib
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -154,10 +154,13 @@ class Exchange:
                 break
             record = call.idempotency_record
             assert record is not None
-            self.stored = await idempotency.await_answer(deps.redis, record, call.request_hash, admission.held)
+            self.stored = await idempotency.await_answer(
+                deps.ledger, call.claims.session_id, record, call.request_hash, admission.held,
+                wait_s=deps.settings.budget.idempotency_wait_s,
+            )
             if self.stored is not None:
                 return self
-            # The first attempt failed and freed its key: this one runs the request.
+            # The first attempt failed and freed its key, or died and was taken over: run it.
         self._reserved = True
         self.admission: Admission = admission
         # Retries inside a provider are recorded here (the context is this call's task).
@@ -303,30 +306,39 @@ class Exchange:
 
     # -- settlement ---------------------------------------------------------------------
 
-    async def close(self, exc: BaseException | None = None) -> Settled:
+    async def close(self, exc: BaseException | None = None, *, keep: Callable[[int], idempotency.Stored] | None = None) -> Settled:
         """Settle once: the answer when there is one and nothing failed, else the failure.
-        Later calls return the first settlement. Runs shielded from cancellation."""
+        Later calls return the first settlement. Runs shielded from cancellation. `keep`:
+        a streamed answer as its client received it, given its cost, for retries with its
+        Idempotency-Key (a complete one is kept as it is answered)."""
         if self._closing is None:
-            work = self._settle_answer() if exc is None and self._outcome is not None else self._settle_failure(exc)
+            work = self._settle_answer(keep) if exc is None and self._outcome is not None else self._settle_failure(exc)
             self._closing = asyncio.ensure_future(work)
             self.deps.tasks.add(self._closing)
             self._closing.add_done_callback(self.deps.tasks.discard)
         self.settled = await asyncio.shield(self._closing)
         return self.settled
 
-    async def _settle_answer(self) -> Settled:
+    async def _settle_answer(self, keep: Callable[[int], idempotency.Stored] | None) -> Settled:
         outcome = self._outcome
         assert outcome is not None
-        cost, left = await self._settle(outcome.kind, outcome.usage, advance=True, body=outcome.body, status=200, **outcome.extra)
+        kept = None
+        if self.call.idempotency_record is not None:
+            # Kept in the settle step itself: no crash can part a charge from its answer.
+            cost = price(self.served, outcome.usage)
+            if outcome.kind == Kind.RESPONSE:
+                sent = {"content-type": "application/json", "x-request-id": self.call.request_id, **self.answer_headers(cost, -1)}
+                kept = idempotency.Stored(200, sent, outcome.body, with_budget_left=True)
+            elif keep is not None:
+                kept = keep(cost)
+        cost, left = await self._settle(
+            outcome.kind, outcome.usage, advance=True, body=outcome.body, status=200, keep=kept, **outcome.extra,
+        )
         self.deps.metrics.observe_settled(
             tenant=self.tenant, model=self.served.name, assembly_id=self.assembly.id,
             prompt_tokens=outcome.usage.prompt_tokens, completion_tokens=outcome.usage.completion_tokens,
             cost_nanos=cost, gateway_s=self.gateway_s, upstream_s=self.upstream_s,
         )
-        record = self.call.idempotency_record
-        if record is not None and outcome.kind == Kind.RESPONSE:
-            sent = {"content-type": "application/json", "x-request-id": self.call.request_id, **self.answer_headers(cost, left)}
-            await idempotency.remember(self.deps.redis, record, idempotency.Stored(200, sent, outcome.body))
         return Settled(cost, left)
 
     async def _settle_failure(self, exc: BaseException | None) -> Settled:
@@ -341,12 +353,12 @@ class Exchange:
         self.deps.metrics.observe_failed(
             tenant=self.tenant, model=self.grant.model.name, assembly_id=self.assembly.id, code=error.code, cost_nanos=cost,
         )
-        record = self.call.idempotency_record
-        if record is not None:
-            await idempotency.forget(self.deps.redis, record)  # so a retry runs again
-        return Settled(cost, left, error)
+        return Settled(cost, left, error)  # its Idempotency-Key was freed in the settle step
 
-    async def _settle(self, kind: str, usage: Usage, *, advance: bool, body: bytes | None = None, **fields: Any) -> tuple[int, int]:
+    async def _settle(
+        self, kind: str, usage: Usage, *, advance: bool, body: bytes | None = None,
+        keep: idempotency.Stored | None = None, **fields: Any,
+    ) -> tuple[int, int]:
         served = self.served
         if served is not self.grant.model:
             fields["served_by"] = served.name
@@ -368,7 +380,7 @@ class Exchange:
         )
         settlement = await self.deps.ledger.settle(
             session_id=self.call.claims.session_id, request_id=self.call.request_id, actual_nanos=cost,
-            actual_tokens=usage.total, advance=advance, entry=entry, tags=self._tags(),
+            actual_tokens=usage.total, advance=advance, entry=entry, tags=self._tags(), answer=keep,
         )
         return cost, settlement.budget_left_nanos
 
@@ -409,12 +421,6 @@ class Exchange:
         if left >= 0:
             headers["x-abc-budget-remaining-usd"] = nanos_to_usd_str(left)
         return headers
-
-    async def remember(self, stored: idempotency.Stored) -> None:
-        """Keep a streamed answer, as the client received it, for retries with its key."""
-        record = self.call.idempotency_record
-        if record is not None:
-            await shielded(self.deps, idempotency.remember(self.deps.redis, record, stored))
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ def build_providers(settings: Settings, http: aiohttp.ClientSession, *, observe:
 
 def _build(spec: ProviderSettings, http: aiohttp.ClientSession) -> Provider:
     if spec.kind == "mock":
-        return MockProvider(spec)
+        return MockProvider(spec, slow_delay_s=spec.slow_delay_s)
     if spec.kind == "openai":
         return OpenAICompatProvider(spec, http)
     from gateway.providers.litellm_provider import LiteLLMProvider

@@ -1,19 +1,26 @@
-"""The Redis side of every request: reserve, settle, reap and journal, as versioned Lua.
+"""The Redis side of every request: reserve, settle, close and journal, as versioned Lua.
 
 Each call is one round trip: the script (which touches only the session's hash-tagged
 keys) plus, in the same pipeline, the writes to global indexes. Any Redis trouble
-becomes `ServiceUnavailable`: callers fail closed and nothing is forwarded.
+becomes `ServiceUnavailable`: callers fail closed and nothing is forwarded. A settlement
+Redis could not take is kept and written when it is back (see `leases`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import orjson
 from redis import exceptions as rx
 from redis.asyncio import Redis
 
@@ -28,16 +35,29 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.money import nanos_to_usd_str
-from gateway.state.entries import Entry, Kind, make_entry
+from gateway.state.entries import Entry, Kind, digest, make_entry
+from gateway.state.leases import Backlog, Held, Leases
 
+log = logging.getLogger("gateway.ledger")
 SCRIPT_NAMES = (
     keys.RESERVE_SCRIPT,
     keys.SETTLE_SCRIPT,
     keys.JOURNAL_APPEND_SCRIPT,
-    keys.REAP_SCRIPT,
+    keys.CLOSE_SCRIPT,
+    keys.LEASE_SCRIPT,
     keys.REPLAY_TAKE_SCRIPT,
 )
 REDIS_ERRORS = (rx.RedisError, OSError, TimeoutError)
+# Redis away, stalled or not yet ready: a settlement that met one of these is tried again.
+TRANSIENT = (
+    rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, rx.ReadOnlyError, rx.TryAgainError,
+    rx.ClusterDownError, rx.MasterDownError, rx.OutOfMemoryError, OSError, TimeoutError,
+)
+# How long shutdown waits for deferred settlements to be written.
+DRAIN_ON_CLOSE_S = 5.0
+# An answer kept for an Idempotency-Key: for a day, compressed when large.
+KEPT_ANSWER_TTL_MS = 24 * 3600 * 1000
+KEPT_COMPRESS_OVER = 4096
 # After a reserve timed out, when to look for the reservation it may still have made.
 RELEASE_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MAX_PENDING_RELEASES = 10_000
@@ -57,6 +77,33 @@ class Admission:
     seq: int
     # The record of an Idempotency-Key already in use; nothing was reserved or journaled.
     held: dict[str, bytes] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The first answer to a keyed request, as its client received it."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    # The budget left after settlement goes into the headers; only the settle step knows it.
+    with_budget_left: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A settlement, as Ledger.settle takes it; kept to write once Redis is back."""
+
+    session_id: str
+    request_id: str
+    actual_nanos: int
+    actual_tokens: int
+    advance: bool
+    entry: Entry
+    tags: CostTags
+    record: str | None  # the request's Idempotency-Key record: settled in the same step
+    answer: Stored | None  # kept in the record; None: the request failed, the key is freed
+    reserved_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +130,38 @@ def _day(now: float) -> str:
     return time.strftime("%Y%m%d", time.gmtime(now))
 
 
+class RedisAway(ServiceUnavailable):
+    """Redis was unreachable, stalled or not ready: worth trying again later."""
+
+
+def _transient(exc: BaseException | None) -> bool:
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, rx.ResponseError) and str(exc).startswith("BUSY")
+
+
 class Ledger:
-    def __init__(self, redis: Redis, *, reservation_ttl_s: int, journal_retention_s: int, observe: Callable[[str, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        reservation_ttl_s: int,
+        journal_retention_s: int,
+        lease_s: float = 3.0,
+        settle_backlog: int = 1000,
+        observe: Callable[[str, float], None] | None = None,
+        count: Callable[[str], None] | None = None,
+    ) -> None:
         self.redis = redis
         self._observe = observe or (lambda op, seconds: None)
+        self._count = count or (lambda event: None)
         self._last_bucket = ""  # the hour bucket this process last registered in COST_BUCKETS
         self.reservation_ttl_ms = reservation_ttl_s * 1000
         self.index_retention_ms = journal_retention_s * 1000
+        # This process, as the owner of the leases it renews.
+        self.owner = "gw_" + secrets.token_hex(8)
+        self.leases = Leases(lease_ms=int(lease_s * 1000), ttl_ms=self.reservation_ttl_ms)
+        self.backlog: Backlog[Deferred] = Backlog(settle_backlog, self._write_deferred, RedisAway)
         self._sources = _load_sources()
         self._sha: dict[str, str] = {}
         self._releases: set[asyncio.Task[None]] = set()
@@ -114,7 +186,7 @@ class Ledger:
                         pipe.execute_command(*command)
                     results = await pipe.execute(raise_on_error=False)
             except REDIS_ERRORS as exc:
-                raise ServiceUnavailable("budget store unavailable; request not forwarded") from exc
+                raise _unavailable(exc) from exc
             result = results[0]
             if isinstance(result, rx.NoScriptError) and attempt == 1:
                 # Redis restarted and lost its script cache: load and retry the script alone.
@@ -122,7 +194,7 @@ class Ledger:
                 extra = ()
                 continue
             if isinstance(result, Exception):
-                raise ServiceUnavailable("budget store unavailable; request not forwarded") from result
+                raise _unavailable(result) from result
             self._observe(name, time.perf_counter() - started)
             return result
         raise ServiceUnavailable("budget store unavailable")
@@ -144,8 +216,14 @@ class Ledger:
         now: float | None = None,
     ) -> Admission:
         """`idempotency_key` is the record's Redis key; with it, a held key wins over everything but
-        the session's own state, and a new one is marked pending in the same step. `capped`
-        (counter, cap): the call is counted there and refused once the cap is reached."""
+        the session's own state, and a new one is marked pending, under this process's lease,
+        in the same step. An admitted request is held (its leases renewed) until settled.
+        `capped` (counter, cap): the call is counted there and refused once the cap is reached."""
+        if self.backlog.full:
+            raise ServiceUnavailable(
+                "settlements are waiting for the budget store; not admitting new requests",
+                extra={"retry_after_s": 1},
+            )
         now = time.time() if now is None else now
         now_ms = int(now * 1000)
         minute = now_ms // 60000
@@ -184,16 +262,20 @@ class Ledger:
             opt(limits.tenant_tpm if tenant_limited else None),
             opt(limits.tenant_usd_nanos_per_day if tenant_limited else None),
             "" if idempotency_key is None else self.reservation_ttl_ms, request_hash,
-            *(capped or ("", "")), entry.digest, *entry.flat(),
+            *(capped or ("", "")), now_ms + self.leases.lease_ms, self.owner,
+            entry.digest, *entry.flat(),
         ]
-        due = ("ZADD", keys.RESERVATIONS_DUE, now_ms + self.reservation_ttl_ms, f"{session_id}|{request_id}")
+        due = ("ZADD", keys.RESERVATIONS_DUE, self.leases.deadline(now_ms, now_ms), f"{session_id}|{request_id}")
         try:
             result = await self._run(keys.RESERVE_SCRIPT, script_keys, args, [due])
         except ServiceUnavailable as exc:
             if isinstance(exc.__cause__, (rx.TimeoutError, TimeoutError)):
                 self._release_later(session_id, tenant, entry)
             raise
-        return _admission(result)
+        admission = _admission(result)
+        if admission.held is None:
+            self.leases.hold(session_id, request_id, Held(now_ms, idempotency_key))
+        return admission
 
     def _release_later(self, session_id: str, tenant: str | None, request: Entry) -> None:
         """A reserve that timed out may still run when a stalled Redis catches up, and the
@@ -213,8 +295,8 @@ class Ledger:
                 held = await self.redis.hget(keys.reservations(session_id), rid)  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
                 if held is None:
                     continue  # not run yet, or never will
-                if held.startswith(b"R"):
-                    return  # reaped meanwhile: charged in full already
+                if held.startswith((b"R", b"Z")):
+                    return  # closed by the reaper meanwhile
                 field = request.fields.get
                 entry = make_entry(
                     Kind.ERROR, rid=rid, model=field(b"model"), asm=field(b"asm"), req_hash=field(b"req_hash"),
@@ -225,16 +307,41 @@ class Ledger:
                     tenant=tenant or "default", session_id=session_id,
                     model=(field(b"model") or b"").decode(), assembly_id=(field(b"asm") or b"").decode(),
                 )
-                await self.settle(
-                    session_id=session_id, request_id=rid, actual_nanos=0, actual_tokens=0,
-                    advance=False, entry=entry, tags=tags,
-                )
+                await self._settle(Deferred(session_id, rid, 0, 0, False, entry, tags, None, None, None))
                 return
             except (ServiceUnavailable, *REDIS_ERRORS):
                 continue
 
+    async def keep_leases(self, stop: asyncio.Event) -> None:
+        """Renew every lease this process holds, every third of a lease, until `stop`."""
+        interval = self.leases.lease_ms / 3000
+        while not stop.is_set():
+            with contextlib.suppress(ServiceUnavailable, *REDIS_ERRORS):
+                await self.renew_leases()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    async def renew_leases(self, now: float | None = None) -> None:
+        """One pipeline: one ZADD for every reservation held, one script call per pending key."""
+        now_ms = int((time.time() if now is None else now) * 1000)
+        scores, records = self.leases.renewal(now_ms)
+        if not scores:
+            return
+        if keys.LEASE_SCRIPT not in self._sha:
+            await self.load_scripts()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            # XX: a reservation settled (or closed) meanwhile is not brought back.
+            pipe.execute_command("ZADD", keys.RESERVATIONS_DUE, "XX", *scores)
+            for record, request_id, lease in records:
+                pipe.evalsha(self._sha[keys.LEASE_SCRIPT], 1, record, request_id, lease)
+            results = await pipe.execute(raise_on_error=False)
+        if any(isinstance(r, rx.NoScriptError) for r in results):
+            self._sha.clear()  # Redis lost its scripts; loaded again next time
+
     async def aclose(self) -> None:
-        """Stop pending releases (shutdown); the reaper settles what they leave."""
+        """Shutdown: write what settlements wait (for a while), stop pending releases; the
+        reaper settles what is left."""
+        await self.backlog.aclose(DRAIN_ON_CLOSE_S)
         for task in list(self._releases):
             task.cancel()
         if self._releases:
@@ -250,19 +357,63 @@ class Ledger:
         advance: bool,
         entry: Entry,
         tags: CostTags,
-        now: float | None = None,
+        answer: Stored | None = None,
     ) -> Settlement:
-        now = time.time() if now is None else now
+        """Settle, and journal `entry`. A keyed request's Idempotency-Key is settled in the
+        same step: `answer` is kept for retries, or, without one, the key is freed (the
+        request failed; a retry runs again). If Redis is unavailable the settlement is
+        deferred (written once it is back) and the caller still gets `ServiceUnavailable`."""
+        held = self.leases.get(session_id, request_id)
+        job = Deferred(
+            session_id, request_id, actual_nanos, actual_tokens, advance, entry, tags,
+            None if held is None else held.record, answer, None if held is None else held.reserved_ms,
+        )
+        try:
+            settlement = await self._settle(job)
+        except RedisAway:
+            # Charged when written, with its answer kept: a retry with its key gets it then.
+            self.backlog.push(dataclasses.replace(job, entry=_deferred(entry)))
+            self._count("settle_deferred")
+            raise
+        self.leases.drop(session_id, request_id)
+        return settlement
+
+    async def _settle(self, job: Deferred, *, retried: bool = False) -> Settlement:
+        """One round trip; a retried settlement (which may have run already) sends the index
+        writes only once the script says it settled, so reports never count it twice."""
+        now = time.time()
+        session_id = job.session_id
         script_keys = [
             keys.session(session_id),
             keys.reservations(session_id),
             keys.journal(session_id),
             keys.journal_head(session_id),
-            keys.tenant_spend(tags.tenant, _day(now)),
+            keys.tenant_spend(job.tags.tenant, _day(now)),
+            job.record or keys.idempotency(session_id, "-"),
         ]
-        args = [request_id, actual_nanos, actual_tokens, "1" if advance else "0", entry.digest, *entry.flat()]
-        result = await self._run(keys.SETTLE_SCRIPT, script_keys, args, self._index_commands(entry, tags, actual_nanos, now))
-        return Settlement(budget_left_nanos=int(result[0]), seq=int(result[1]))
+        args = [
+            job.request_id, job.actual_nanos, job.actual_tokens, "1" if job.advance else "0",
+            "" if job.reserved_ms is None else job.reserved_ms, *_record_args(job),
+            job.entry.digest, *job.entry.flat(),
+        ]
+        extra = self._index_commands(job.entry, job.tags, job.actual_nanos, now)
+        result = await self._run(keys.SETTLE_SCRIPT, script_keys, args, () if retried else extra)
+        settlement = Settlement(budget_left_nanos=int(result[0]), seq=int(result[1]))
+        if retried and settlement.seq:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for command in extra:
+                        pipe.execute_command(*command)
+                    await pipe.execute()
+            except REDIS_ERRORS:
+                log.warning("a deferred settlement was written, but not its cost report entries")
+        return settlement
+
+    async def _write_deferred(self, job: Deferred) -> None:
+        settlement = await self._settle(job, retried=True)
+        self.leases.drop(job.session_id, job.request_id)
+        if settlement.seq:
+            log.info("wrote a settlement deferred while Redis was unavailable")
 
     def _index_commands(self, entry: Entry, tags: CostTags, nanos: int, now: float) -> list[tuple[Any, ...]]:
         bucket = _hour_bucket(now)
@@ -296,20 +447,73 @@ class Ledger:
         status, index, call = await self._run(keys.REPLAY_TAKE_SCRIPT, script_keys, [request_hash])
         return status.decode(), int(index), call.decode()
 
-    async def reap(self, session_id: str, request_id: str, reservation: bytes, entry: Entry) -> bool:
+    async def reap(self, session_id: str, request_id: str, reservation: bytes, entry: Entry, *, charge: str = "full") -> bool:
+        """Close a reservation as read (compare-and-set): "full" charges it all (past its
+        TTL), "zero" nothing (its owner's lease ran out). True if it was closed."""
+        extra = [("ZREM", keys.RESERVATIONS_DUE, f"{session_id}|{request_id}")]
+        _, closed = await self._close(session_id, request_id, entry, reservation=reservation, charge=charge, extra=extra)
+        if closed:
+            self._count("reaped_" + charge)
+        return closed
+
+    async def take_over(self, session_id: str, record: str, request_id: str) -> bool:
+        """A duplicate found the lease on `record` run out: close the dead attempt at
+        nothing and free the key, atomically, if nobody else did first. True if we did."""
+        now_ms = int(time.time() * 1000)
+        entry = make_entry(
+            Kind.ABORTED, rid=request_id, cost_nanos=0, tokens=0, ts=now_ms,
+            reason="its process stopped renewing the lease; a retry took the request over",
+        )
+        extra = [("ZREM", keys.RESERVATIONS_DUE, f"{session_id}|{request_id}")]
+        taken, _ = await self._close(session_id, request_id, entry, record=record, lease_before_ms=now_ms, extra=extra)
+        if taken:
+            self._count("taken_over")
+        return taken
+
+    async def _close(
+        self, session_id: str, request_id: str, entry: Entry, *, reservation: bytes = b"", charge: str = "zero",
+        record: str | None = None, lease_before_ms: int | None = None, extra: Sequence[tuple[Any, ...]] = (),
+    ) -> tuple[bool, bool]:
         script_keys = [
             keys.session(session_id),
             keys.reservations(session_id),
             keys.journal(session_id),
             keys.journal_head(session_id),
+            record or keys.idempotency(session_id, "-"),
         ]
-        extra = [("ZREM", keys.RESERVATIONS_DUE, f"{session_id}|{request_id}")]
-        result = await self._run(keys.REAP_SCRIPT, script_keys, [request_id, reservation, entry.digest, *entry.flat()], extra)
-        return bool(result)
+        args = [request_id, reservation, charge, "" if lease_before_ms is None else lease_before_ms, entry.digest, *entry.flat()]
+        taken, closed = await self._run(keys.CLOSE_SCRIPT, script_keys, args, extra)
+        return bool(taken), bool(closed)
 
 
 def request_id_of(entry: Entry) -> str:
     return entry.fields.get(b"rid", b"").decode()
+
+
+def _unavailable(cause: BaseException) -> ServiceUnavailable:
+    if _transient(cause):
+        return RedisAway("budget store unavailable; request not forwarded")
+    return ServiceUnavailable("budget store unavailable; request not forwarded")
+
+
+def _record_args(job: Deferred) -> list[Any]:
+    """The settle script's arguments 6 to 12: what becomes of the request's Idempotency-Key."""
+    answer = job.answer
+    if job.record is None:
+        return ["", "", "", "", "", "", ""]
+    if answer is None:
+        return ["free", "", "", "", "", "", ""]
+    body, enc = answer.body, ""
+    if len(body) > KEPT_COMPRESS_OVER:
+        body, enc = zlib.compress(body, 1), "zlib"
+    left = "1" if answer.with_budget_left else ""
+    return ["keep", answer.status, orjson.dumps(answer.headers), body, enc, KEPT_ANSWER_TTL_MS, left]
+
+
+def _deferred(entry: Entry) -> Entry:
+    """The entry, marked as written after Redis came back (the client was answered 503)."""
+    fields = {**entry.fields, b"deferred": b"1"}
+    return Entry(fields=fields, digest=digest(fields))
 
 
 def _admission(result: list[Any]) -> Admission:

@@ -1,7 +1,10 @@
-"""Closes reservations orphaned by a crashed replica: charged in full, journaled `aborted`.
+"""Closes reservations orphaned by a crashed replica, journaled `aborted`.
 
-Every replica runs one; the reap script is compare-and-set, so two replicas reaping
-the same reservation charge it once.
+A reservation is due when its lease runs out (its owner stopped renewing it: the process
+died) or, at the latest, when its TTL does (the backstop). One whose lease ran out is
+closed at nothing, within seconds of the death: nothing was answered. One past its TTL is
+charged in full, as it always was. Every replica runs one; the close script is
+compare-and-set, so two replicas reaping the same reservation close it once.
 """
 
 from __future__ import annotations
@@ -25,17 +28,31 @@ BATCH = 100
 async def reap_due(redis: Redis, ledger: Ledger, *, now: float | None = None) -> int:
     """Reap every reservation past its deadline; returns how many were reaped."""
     now = time.time() if now is None else now
-    due = await redis.zrangebyscore(keys.RESERVATIONS_DUE, "-inf", int(now * 1000), start=0, num=BATCH)
+    now_ms = int(now * 1000)
+    due = await redis.zrangebyscore(keys.RESERVATIONS_DUE, "-inf", now_ms, start=0, num=BATCH)
     reaped = 0
     for member in due:
         session_id, _, request_id = member.decode().partition("|")
         reservation = await redis.hget(keys.reservations(session_id), request_id)  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
-        if reservation is None or reservation.startswith(b"R"):
+        if reservation is None or reservation.startswith((b"R", b"Z")):
             await redis.zrem(keys.RESERVATIONS_DUE, member)
             continue
-        nanos, tokens, _, _ = reservation.decode().split(":", 3)
-        entry = make_entry(Kind.ABORTED, rid=request_id, cost_nanos=int(nanos), tokens=int(tokens), reason="reservation expired unsettled", ts=int(now * 1000))
-        if await ledger.reap(session_id, request_id, reservation, entry):
+        nanos, tokens, reserved, _ = reservation.decode().split(":", 3)
+        if now_ms - int(reserved.partition("@")[0]) >= ledger.reservation_ttl_ms:
+            entry = make_entry(
+                Kind.ABORTED, rid=request_id, cost_nanos=int(nanos), tokens=int(tokens),
+                reason="reservation expired unsettled", ts=now_ms,
+            )
+            charge = "full"
+        elif ledger.leases.get(session_id, request_id) is not None:
+            continue  # ours, and we are alive: Redis was away and the renewal is late
+        else:
+            entry = make_entry(
+                Kind.ABORTED, rid=request_id, cost_nanos=0, tokens=0,
+                reason="its process stopped renewing the lease", ts=now_ms,
+            )
+            charge = "zero"
+        if await ledger.reap(session_id, request_id, reservation, entry, charge=charge):
             reaped += 1
     return reaped
 
