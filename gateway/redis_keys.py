@@ -101,3 +101,8 @@ def cost_field(tenant: str, session_id: str, model: str, assembly_id: str) -> st
 
 
 COST_BUCKETS = "cost_buckets"  # sorted set of hour buckets that have rollups
+
+
+def denial_rollup(bucket: str) -> str:
+    """Hash of denials counted per reason for one hour bucket YYYYMMDDHH (the dashboard's)."""
+    return "denials:" + bucket
