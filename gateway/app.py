@@ -38,10 +38,12 @@ from gateway.metrics import Metrics
 from gateway.plugins import load_plugins
 from gateway.providers.openai_compat import make_client_session
 from gateway.providers.registry import breaker_states, build_providers
+from gateway.request_log import RequestLog, configure
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
 from gateway.state.ledger import REDIS_ERRORS, Ledger
 from gateway.state.reaper import run_reaper
+from gateway.tracing import build_tracer
 
 
 def make_redis(url: str, settings: Settings) -> Redis:
@@ -81,6 +83,7 @@ def _hiredis_packing(base: type[AbstractConnection]) -> type[AbstractConnection]
 
 
 def create_app(settings: Settings, *, redis_url: str, keyring: Keyring, run_reaper_task: bool = True) -> web.Application:
+    configure(settings.log)
     app = web.Application(
         middlewares=[errors_middleware, auth_middleware],
         client_max_size=settings.server.max_body_bytes,
@@ -105,6 +108,7 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
         redis = make_redis(redis_url, settings)
         http = make_client_session()
         metrics = Metrics()
+        tracer = build_tracer(settings.otel)
         ledger = Ledger(
             redis,
             reservation_ttl_s=settings.budget.reservation_ttl_s,
@@ -125,16 +129,18 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             sessions=SessionStore(redis, ledger, keyring, retention_s=settings.journal.retention_s),
             keyring=keyring,
             verifier=Verifier(keyring),
-            providers=build_providers(settings, http, observe=metrics.observe_attempt),
+            providers=build_providers(settings, http, observe=metrics.observe_attempt, tracer=tracer),
             known_models=frozenset(m.name.strip().lower() for m in settings.models),
             metrics=metrics,
             plugins=load_plugins(settings.plugins),
             tool_servers=ToolServers(settings),
             tasks=set(),
+            request_log=RequestLog(settings.log),
+            tracer=tracer,
         )
         app[DEPS] = deps
         reaper_stop = asyncio.Event()
-        reaper_task = asyncio.create_task(run_reaper(redis, ledger, settings.budget.reaper_interval_s, reaper_stop)) if reaper else None
+        reaper_task = asyncio.create_task(run_reaper(redis, ledger, settings.budget.reaper_interval_s, reaper_stop, metrics)) if reaper else None
         leases_stop = asyncio.Event()
         leases_task = asyncio.create_task(ledger.keep_leases(leases_stop))
         yield
@@ -153,6 +159,7 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             await provider.close()
         await deps.tool_servers.close()
         await http.close()
+        await asyncio.get_running_loop().run_in_executor(None, tracer.shutdown)  # flushes spans
         await ledger.aclose()
         await redis.aclose()
         await redis.connection_pool.disconnect()  # a pool we built is ours to close

@@ -21,9 +21,14 @@ from pydantic import SecretStr
 
 from gateway.mcp.demo import drive_tools, with_demo_tool_server
 from gateway.server import BackgroundServer, keyring_for, redis_url_for
-from gateway.settings import load_settings
+from gateway.settings import LogSettings, load_settings, packaged
 
-PLAN_PATH = Path("config/plans/support-bot.yaml")
+LOCAL_PLAN = Path("config/plans/support-bot.yaml")
+
+
+def plan_path() -> Path:
+    """The example plan: the local copy when there is one, else the one shipped in the package."""
+    return LOCAL_PLAN if LOCAL_PLAN.exists() else packaged("plans/support-bot.yaml")
 
 
 def _say(title: str, detail: str = "") -> None:
@@ -35,7 +40,10 @@ def _say(title: str, detail: str = "") -> None:
 def run_demo(*, config: str | None = None) -> int:
     settings = load_settings(config)
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else secrets.token_urlsafe(32)
-    settings = with_demo_tool_server(settings.model_copy(update={"admin_token": SecretStr(admin_token)}))
+    update: dict[str, Any] = {"admin_token": SecretStr(admin_token)}
+    if "log" not in settings.model_fields_set:
+        update["log"] = LogSettings(level="error")  # request lines (its denials too) would bury the story told on stdout
+    settings = with_demo_tool_server(settings.model_copy(update=update))
     data_dir = Path(settings.redis.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     keyring = keyring_for(settings, demo_key_dir=data_dir)
@@ -72,9 +80,10 @@ LOOKUP_ORDER: ChatCompletionToolParam = {
 
 
 def _drive(base_url: str, admin: httpx.Client) -> None:
-    plan = yaml.safe_load(PLAN_PATH.read_text(encoding="utf-8"))
+    path = plan_path()
+    plan = yaml.safe_load(path.read_text(encoding="utf-8"))
     compiled = _admin(admin, "POST", "/admin/v1/plans/compile", plan)
-    _say(f"compiled {PLAN_PATH} -> {compiled['assembly_id']}",
+    _say(f"compiled {path} -> {compiled['assembly_id']}",
          "\n".join(f"  warning: {w}" for w in compiled["warnings"]) or "  no warnings")
     opened = _admin(admin, "POST", "/admin/v1/sessions",
                     {"assembly_id": compiled["assembly_id"], "budget_usd": 0.05, "labels": {"source": "demo"}})

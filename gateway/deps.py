@@ -16,9 +16,11 @@ from gateway.metrics import Metrics
 from gateway.pipeline.deployments import Balancer
 from gateway.plugins import Plugin
 from gateway.providers.base import Provider
+from gateway.request_log import RequestLog
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
 from gateway.state.ledger import Ledger
+from gateway.tracing import Tracer
 
 
 @dataclass(frozen=True)
@@ -37,5 +39,7 @@ class Deps:
     tool_servers: ToolServers  # MCP servers of the settings, connected on first use
     # Settlements and journal writes still running after their request ended.
     tasks: set[asyncio.Future[Any]]
+    request_log: RequestLog
+    tracer: Tracer
     # In-flight counts per deployment, for the least-in-flight choice.
     balancer: Balancer = field(default_factory=Balancer)

@@ -150,3 +150,6 @@ def plan_session_counts(name: str) -> str:
 def plan_reports(name: str) -> str:
     """Hash: "suggestions" and "evaluation" -> the latest report of each (JSON), for people."""
     return "plan_reports:" + _plan(name)
+def denial_rollup(bucket: str) -> str:
+    """Hash of denials counted per reason for one hour bucket YYYYMMDDHH (the dashboard's)."""
+    return "denials:" + bucket

@@ -203,3 +203,46 @@ async def cost_series(redis: Redis, group_by: str, since: datetime, until: datet
         ((k, tuple(v)) for k, v in per_key.items() if any(v)), key=lambda s: (-sum(s[1]), s[0])
     )
     return CostSeries(group_by, since, until, hours, tuple(series))
+
+
+async def denial_series(redis: Redis, since: datetime, until: datetime) -> dict[str, Any]:
+    """Denials per reason for every hour that overlaps [since, until), from their hourly tallies."""
+    first, last = _hour(since), _hour(until - timedelta(microseconds=1))
+    count = (last - first) // timedelta(hours=1) + 1
+    if count > MAX_SERIES_HOURS:
+        raise InvalidRequest(f"a series spans at most {MAX_SERIES_HOURS} hours", param="since")
+    hours = [first + timedelta(hours=i) for i in range(count)]
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for hour in hours:
+                pipe.hgetall(keys.denial_rollup(str(_bucket(hour))))
+            tallies: list[dict[bytes, bytes]] = await pipe.execute()
+    except REDIS_ERRORS as exc:
+        raise ServiceUnavailable("denial store unavailable") from exc
+    per_reason: dict[str, list[int]] = {}
+    for i, tally in enumerate(tallies):
+        for reason, counted in tally.items():
+            per_reason.setdefault(reason.decode(), [0] * count)[i] += int(counted)
+    series = sorted(per_reason.items(), key=lambda s: (-sum(s[1]), s[0]))
+    return {
+        "buckets": [_iso(hour) for hour in hours],
+        "series": [{"key": reason, "counts": counts, "total": sum(counts)} for reason, counts in series],
+        "total": sum(sum(counts) for _, counts in series),
+    }
+
+
+TOOL_SEPARATOR = "__"  # MCP tools are named <server>__<tool>
+
+
+async def tool_spend(redis: Redis, since: datetime, until: datetime) -> list[dict[str, Any]] | None:
+    """Spend per MCP server and tool, or None while cost rollups have no "tool" dimension."""
+    if "tool" not in GROUPS:
+        return None
+    report = await cost_report(redis, "tool", since, until)
+    rows = []
+    for row in report.rows:
+        if not row.key:
+            continue  # a model call: no tool
+        server, _, tool = row.key.partition(TOOL_SEPARATOR)
+        rows.append({"server": server, "tool": tool or server, "cost_nanos": row.nanos, "cost_usd": nanos_to_usd_str(row.nanos)})
+    return rows

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
 import threading
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -17,6 +20,8 @@ from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import ConfigError
 from gateway.http.protocol import GatewayRunner
 from gateway.settings import Settings
+
+log = logging.getLogger("gateway.server")
 
 
 def keyring_for(settings: Settings, *, demo_key_dir: Path | None = None) -> Keyring:
@@ -38,6 +43,25 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
         return settings.redis.url, None
     embedded = EmbeddedRedis(settings.redis.data_dir)
     return embedded.start(), embedded
+
+
+def redacted_url(url: str) -> str:
+    """`url` without its password (a Redis URL may carry one)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def startup_fields(settings: Settings, *, config: Path, redis_url: str, embedded: bool, host: str, port: int, workers: int) -> dict[str, Any]:
+    """What the start-up line tells an operator: which settings, which Redis, which providers, where."""
+    return {
+        "config": str(config), "redis": redacted_url(redis_url), "redis_embedded": embedded,
+        "providers": [f"{p.name}:{p.kind}" for p in settings.providers], "models": len(settings.models),
+        "listen": f"http://{host}:{port}", "workers": workers, "tracing": bool(settings.otel.endpoint), "pid": os.getpid(),
+    }
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -93,18 +117,25 @@ class BackgroundServer:
         self.stop()
 
 
-def serve_forever(settings: Settings, *, redis_url: str, keyring: Keyring, host: str, port: int, reuse_port: bool = False) -> None:
+def serve_forever(
+    settings: Settings, *, redis_url: str, keyring: Keyring, host: str, port: int, reuse_port: bool = False,
+    started: dict[str, Any] | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully: stop accepting, let
-    requests in flight finish (their settlements and journal writes included), close."""
-    asyncio.run(_serve_until_signalled(create_app(settings, redis_url=redis_url, keyring=keyring), host, port, reuse_port))
+    requests in flight finish (their settlements and journal writes included), close.
+    Once listening, logs `started` (see startup_fields) as the start-up line."""
+    app = create_app(settings, redis_url=redis_url, keyring=keyring)
+    asyncio.run(_serve_until_signalled(app, host, port, reuse_port, started))
 
 
-async def _serve_until_signalled(app: web.Application, host: str, port: int, reuse_port: bool) -> None:
+async def _serve_until_signalled(app: web.Application, host: str, port: int, reuse_port: bool, started: dict[str, Any] | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     runner = await _start(app, host, port, reuse_port)
+    if started is not None:
+        log.info("listening", extra={"fields": started})
     try:
         await stop.wait()
     finally:

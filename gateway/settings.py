@@ -7,6 +7,7 @@ fails with a message naming the field. Plans and Assemblies are not settings.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from gateway.errors import ConfigError
+from gateway.price_map import litellm_kind
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 
@@ -99,6 +101,7 @@ class ModelSettings(_Frozen):
     price: Price | None = None
     # tiktoken encoding used for estimates; absent: guessed from the name, else a conservative bound.
     encoding: str | None = None
+    # Absent: litellm's price map says (its "mode"), else chat.
     kind: Literal["chat", "embedding", "completion"] = "chat"
     # More upstreams for this model, sharing its price; the first deployment is the model's
     # own provider and upstream_model, with `weight`.
@@ -116,6 +119,14 @@ class ModelSettings(_Frozen):
                 data = {**data, "provider": first.get("provider"), "deployments": rest, "weight": first.get("weight", 1)}
                 if first.get("upstream_model"):
                     data["upstream_model"] = first["upstream_model"]
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") is None and isinstance(data.get("name"), str):
+            names = [n for n in (data.get("upstream_model"), data["name"]) if isinstance(n, str)]
+            return {**data, "kind": litellm_kind(*names) or "chat"}
         return data
 
     @property
@@ -190,6 +201,23 @@ class ToolServerSettings(_Frozen):
     def headers(self) -> dict[str, str]:
         return {header: os.environ[env] for header, env in self.headers_env.items() if os.environ.get(env)}
 
+class LogSettings(_Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class OtelSettings(_Frozen):
+    # OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); absent: no tracing,
+    # and opentelemetry is never imported.
+    endpoint: str | None = None
+    service_name: str = "abc-gateway"
+
+    @model_validator(mode="after")
+    def _http_endpoint(self) -> OtelSettings:
+        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError("otel.endpoint must be an http:// or https:// URL")
+        return self
+
 
 class PluginSettings(_Frozen):
     path: str  # "package.module:ClassName"
@@ -205,6 +233,8 @@ class Settings(_Frozen):
     journal: JournalSettings = JournalSettings()
     plugins: list[PluginSettings] = Field(default_factory=list)
     tool_servers: list[ToolServerSettings] = Field(default_factory=list)
+    log: LogSettings = LogSettings()
+    otel: OtelSettings = OtelSettings()
     # Secrets come from the environment only, never from the file.
     admin_token: SecretStr | None = Field(default=None, exclude=True)
     signing_key: SecretStr | None = Field(default=None, exclude=True)
@@ -280,8 +310,22 @@ def settings_from_dict(data: dict[str, Any], *, source: str = "settings") -> Set
         raise ConfigError(_format_validation_error(source, exc)) from None
 
 
+def packaged(name: str) -> Path:
+    """A file shipped inside the package (gateway/defaults/): first-run settings and example plans."""
+    return Path(str(resources.files("gateway").joinpath("defaults", name)))
+
+
+def config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """--config, else ABC_CONFIG, else ./config/gateway.yaml, else the settings shipped in the package."""
+    chosen = path or os.environ.get("ABC_CONFIG")
+    if chosen:
+        return Path(chosen)
+    local = Path(DEFAULT_CONFIG_PATH)
+    return local if local.exists() else packaged("gateway.yaml")
+
+
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    source = Path(path or os.environ.get("ABC_CONFIG") or DEFAULT_CONFIG_PATH)
+    source = config_path(path)
     try:
         raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -40,6 +40,7 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.journal.recorded import ReplayProvider, recorded_provider
+from gateway.metrics import GenAI, denial_reason, genai
 from gateway.money import nanos_to_usd_str
 from gateway.pipeline import policy
 from gateway.pipeline.deployments import Deployments
@@ -48,9 +49,10 @@ from gateway.pipeline.request_fields import redact_overrides
 from gateway.pipeline.usage import Estimate, StreamMeter, Usage, estimate, price, reply_usage
 from gateway.providers.base import Endpoint, Provider
 from gateway.providers.resilience import FAILED_ATTEMPTS
+from gateway.request_log import CallReport
 from gateway.state import idempotency
 from gateway.state.entries import Kind, make_entry
-from gateway.state.ledger import REDIS_ERRORS, Admission, CostTags
+from gateway.state.ledger import REDIS_ERRORS, Admission, CostTags, denial_tally
 
 __all__ = ["Call", "Exchange", "Settled", "exchange", "journal_refusal", "require_live_session", "shielded"]
 
@@ -72,6 +74,8 @@ class Call:
     # The body's bytes as the client sent them, journaled as they are; absent (a call
     # made by the gateway itself, e.g. a live replay), the body is serialised once here.
     raw: bytes | None = None
+    # What the request log tells of this call; the HTTP layer passes the request's own.
+    report: CallReport = field(default_factory=CallReport)
     # SHA-256 of the canonical body: what replays match on and every entry carries.
     request_hash: str = field(init=False)
 
@@ -140,7 +144,11 @@ class Exchange:
     async def __aenter__(self) -> Exchange:
         deps, call = self.deps, self.call
         self.assembly: Assembly = await deps.assemblies.get(call.claims.assembly_id)
-        self.grant: policy.Grant = await self._authorize()
+        requested = call.body.get("model")
+        call.report.model = requested if isinstance(requested, str) else None
+        with deps.tracer.span("pep"):
+            self.grant: policy.Grant = await self._authorize()
+        call.report.model, call.report.stream = self.grant.model.name, self.grant.stream
         self.estimate: Estimate = estimate(
             self.grant.model, call.endpoint, self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
         )
@@ -149,7 +157,8 @@ class Exchange:
             est, worst = self.estimate, Usage(self.estimate.prompt_tokens, self.estimate.max_output_tokens)
             self.estimate = Estimate(est.prompt_tokens, est.max_output_tokens, max(price(m, worst) for m in chain))
         while True:
-            admission = await self._reserve()
+            with deps.tracer.span("reserve"):
+                admission = await self._reserve()
             if admission.held is None:
                 break
             record = call.idempotency_record
@@ -239,7 +248,8 @@ class Exchange:
         """One complete answer, checked by the output PEP and the plugins; its body."""
         started = time.perf_counter()
         try:
-            reply = await self.provider.send(self.call.endpoint, self.grant.body, request_id=self.call.request_id)
+            with self.deps.tracer.span("upstream"):
+                reply = await self.provider.send(self.call.endpoint, self.grant.body, request_id=self.call.request_id)
         finally:
             self.upstream_s = time.perf_counter() - started
         self.upstream_headers = reply.headers
@@ -274,27 +284,29 @@ class Exchange:
             self.call.endpoint, body, request_id=self.call.request_id, headers_out=self.upstream_headers,
         )
         try:
-            async for payload in upstream:
-                if self.ttft_s is None:
-                    self.ttft_s = time.perf_counter() - started
-                chunk = _chunk(payload)
-                usage_only = meter.observe(chunk)
-                choices = chunk.get("choices")
-                for choice in choices if isinstance(choices, list) else ():
-                    delta = choice.get("delta") if isinstance(choice, dict) else None
-                    if isinstance(delta, dict):
-                        policy.check_output(self.assembly, self.grant, policy.tool_call_names(delta))
-                if usage_only:
-                    if not client_wants_usage:
-                        continue  # asked for billing; the client did not ask
-                elif self.deps.plugins:
-                    rewritten = plugins.run_chunk(self.deps.plugins, chunk, states)
-                    if rewritten is not None:
-                        chunk, payload = rewritten, orjson.dumps(rewritten)
-                if not client_wants_usage and "usage" in chunk:
-                    payload = _without_usage(payload, chunk)
-                self._payloads.append(payload)
-                yield payload
+            # Current in this task from the call to its last chunk: the upstream gets its traceparent.
+            with self.deps.tracer.span("upstream"):
+                async for payload in upstream:
+                    if self.ttft_s is None:
+                        self.ttft_s = time.perf_counter() - started
+                    chunk = _chunk(payload)
+                    usage_only = meter.observe(chunk)
+                    choices = chunk.get("choices")
+                    for choice in choices if isinstance(choices, list) else ():
+                        delta = choice.get("delta") if isinstance(choice, dict) else None
+                        if isinstance(delta, dict):
+                            policy.check_output(self.assembly, self.grant, policy.tool_call_names(delta))
+                    if usage_only:
+                        if not client_wants_usage:
+                            continue  # asked for billing; the client did not ask
+                    elif self.deps.plugins:
+                        rewritten = plugins.run_chunk(self.deps.plugins, chunk, states)
+                        if rewritten is not None:
+                            chunk, payload = rewritten, orjson.dumps(rewritten)
+                    if not client_wants_usage and "usage" in chunk:
+                        payload = _without_usage(payload, chunk)
+                    self._payloads.append(payload)
+                    yield payload
         finally:
             self.upstream_s = time.perf_counter() - started
             await upstream.aclose()
@@ -334,10 +346,16 @@ class Exchange:
         cost, left = await self._settle(
             outcome.kind, outcome.usage, advance=True, body=outcome.body, status=200, keep=kept, **outcome.extra,
         )
+        gateway_s, usage = self.gateway_s, outcome.usage
         self.deps.metrics.observe_settled(
             tenant=self.tenant, model=self.served.name, assembly_id=self.assembly.id,
-            prompt_tokens=outcome.usage.prompt_tokens, completion_tokens=outcome.usage.completion_tokens,
-            cost_nanos=cost, gateway_s=self.gateway_s, upstream_s=self.upstream_s,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cost_nanos=cost, gateway_s=gateway_s, upstream_s=self.upstream_s,
+            genai=self._genai(), budget_left=left, ttft_s=self.ttft_s,
+        )
+        self.call.report.settled(
+            model=self.served.name, tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens,
+            cost_nanos=cost, gateway_s=gateway_s, upstream_s=self.upstream_s, ttft_s=self.ttft_s,
         )
         return Settled(cost, left)
 
@@ -352,6 +370,11 @@ class Exchange:
         )
         self.deps.metrics.observe_failed(
             tenant=self.tenant, model=self.grant.model.name, assembly_id=self.assembly.id, code=error.code, cost_nanos=cost,
+            genai=self._genai(), duration_s=time.perf_counter() - self.call.started,
+        )
+        self.call.report.settled(
+            model=self.served.name, tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens,
+            cost_nanos=cost, gateway_s=self.gateway_s, upstream_s=self.upstream_s, ttft_s=self.ttft_s, code=error.code,
         )
         return Settled(cost, left, error)  # its Idempotency-Key was freed in the settle step
 
@@ -378,10 +401,11 @@ class Exchange:
             cost_nanos=cost, gw_us=int(self.gateway_s * 1e6), up_us=int(self.upstream_s * 1e6),
             ts=int(time.time() * 1000), body=body, compress_over=self.deps.settings.journal.compress_over_bytes, **fields,
         )
-        settlement = await self.deps.ledger.settle(
-            session_id=self.call.claims.session_id, request_id=self.call.request_id, actual_nanos=cost,
-            actual_tokens=usage.total, advance=advance, entry=entry, tags=self._tags(), answer=keep,
-        )
+        with self.deps.tracer.span("settle"):
+            settlement = await self.deps.ledger.settle(
+                session_id=self.call.claims.session_id, request_id=self.call.request_id, actual_nanos=cost,
+                actual_tokens=usage.total, advance=advance, entry=entry, tags=self._tags(), answer=keep,
+            )
         return cost, settlement.budget_left_nanos
 
     def _usage_so_far(self) -> Usage:
@@ -429,6 +453,9 @@ class Exchange:
             return Deployments(model, self.deps.providers, self.deps.balancer)
         return self.deps.providers[model.provider]
 
+    def _genai(self) -> GenAI:
+        return genai(self.call.endpoint.value, self.served.provider, self.grant.model.name, self.served.name)
+
     def _tags(self) -> CostTags:
         return CostTags(tenant=self.tenant, session_id=self.call.claims.session_id, model=self.served.name, assembly_id=self.assembly.id)
 
@@ -443,7 +470,7 @@ class Exchange:
             status=denial.status, code=denial.code, rule=denial.extra.get("rule"), message=denial.message,
             ts=int(time.time() * 1000), body=body, compress_over=deps.settings.journal.compress_over_bytes,
         )
-        await deps.ledger.append(call.claims.session_id, entry)
+        await deps.ledger.append(call.claims.session_id, entry, extra=denial_tally(denial_reason(denial), time.time()))
 
     def _candidates(self) -> str:
         """Encode, for the reserve script, from which states each candidate step may run."""

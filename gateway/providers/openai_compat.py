@@ -27,6 +27,7 @@ from gateway.errors import (
 )
 from gateway.providers.base import Endpoint, Reply
 from gateway.settings import ProviderSettings
+from gateway.tracing import NOOP, Tracer
 
 __all__ = [
     "PASSTHROUGH_HEADERS",
@@ -168,10 +169,11 @@ class SSEParser:
 class OpenAICompatProvider:
     """Forwards checked request bodies to one OpenAI-compatible `api_base` and maps its answers."""
 
-    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession, *, tracer: Tracer = NOOP) -> None:
         if not settings.api_base:
             raise ValueError(f"provider {settings.name!r}: api_base is required")
         self.name = settings.name
+        self._tracer = tracer  # adds `traceparent` to upstream calls when tracing
         self._session = session
         base = settings.api_base.rstrip("/")
         # Fixed here, once: nothing in a request body is ever read to build a URL.
@@ -204,7 +206,7 @@ class OpenAICompatProvider:
     async def send(
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None
     ) -> Reply:
-        headers = _with_request_id(self._json_headers, request_id)
+        headers = self._tracer.inject(_with_request_id(self._json_headers, request_id))
         try:
             async with await self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:
@@ -225,7 +227,7 @@ class OpenAICompatProvider:
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        headers = _with_request_id(self._sse_headers, request_id)
+        headers = self._tracer.inject(_with_request_id(self._sse_headers, request_id))
         try:
             async with await self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:

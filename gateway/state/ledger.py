@@ -434,11 +434,15 @@ class Ledger:
                 self._last_bucket = bucket
         return commands
 
-    async def append(self, session_id: str, entry: Entry, *, step: str = "", set_field: tuple[str, str] | None = None) -> int | None:
-        """Journal one entry outside a request's reserve/settle (denials, state changes)."""
+    async def append(
+        self, session_id: str, entry: Entry, *, step: str = "", set_field: tuple[str, str] | None = None,
+        extra: Sequence[tuple[Any, ...]] = (),
+    ) -> int | None:
+        """Journal one entry outside a request's reserve/settle (denials, state changes);
+        `extra` commands (a denial's tally) go in the same round trip."""
         field, value = set_field or ("", "")
         script_keys = [keys.journal(session_id), keys.journal_head(session_id), keys.session(session_id)]
-        result = await self._run(keys.JOURNAL_APPEND_SCRIPT, script_keys, [entry.digest, step, field, value, *entry.flat()])
+        result = await self._run(keys.JOURNAL_APPEND_SCRIPT, script_keys, [entry.digest, step, field, value, *entry.flat()], extra)
         return None if result is None else int(result[0])
 
     async def take_recorded(self, session_id: str, request_hash: str) -> tuple[str, int, str]:
@@ -484,6 +488,16 @@ class Ledger:
         args = [request_id, reservation, charge, "" if lease_before_ms is None else lease_before_ms, entry.digest, *entry.flat()]
         taken, closed = await self._run(keys.CLOSE_SCRIPT, script_keys, args, extra)
         return bool(taken), bool(closed)
+
+
+# Denial tallies are for the dashboard's recent history, not an audit record (the journal is).
+DENIAL_TALLY_TTL_S = 35 * 24 * 3600
+
+
+def denial_tally(reason: str, now: float) -> list[tuple[Any, ...]]:
+    """Commands counting one denial in its hour's rollup, by reason."""
+    rollup = keys.denial_rollup(_hour_bucket(now))
+    return [("HINCRBY", rollup, reason, 1), ("EXPIRE", rollup, DENIAL_TALLY_TTL_S)]
 
 
 def request_id_of(entry: Entry) -> str:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Protocol
 
 from redis.asyncio import Redis
 
@@ -57,14 +58,28 @@ async def reap_due(redis: Redis, ledger: Ledger, *, now: float | None = None) ->
     return reaped
 
 
-async def run_reaper(redis: Redis, ledger: Ledger, interval_s: float, stop: asyncio.Event) -> None:
+class ReaperObserver(Protocol):
+    """What the reaper reports (gateway.metrics.Metrics is one; state/ sits below it)."""
+
+    def observe_reaped(self, count: int) -> None: ...
+
+    def observe_redis_error(self, where: str) -> None: ...
+
+
+async def run_reaper(redis: Redis, ledger: Ledger, interval_s: float, stop: asyncio.Event, observer: ReaperObserver | None = None) -> None:
     """Reap until `stop` is set. A flag rather than cancellation alone: redis-py can turn
     a cancellation that lands mid-command into a connection error, which we'd retry."""
     while not stop.is_set():
         try:
-            while await reap_due(redis, ledger) >= BATCH and not stop.is_set():
-                pass
+            while True:
+                reaped = await reap_due(redis, ledger)
+                if observer is not None and reaped:
+                    observer.observe_reaped(reaped)
+                if reaped < BATCH or stop.is_set():
+                    break
         except (ServiceUnavailable, *REDIS_ERRORS):
+            if observer is not None:
+                observer.observe_redis_error("reaper")
             if not stop.is_set():
                 log.warning("reaper: Redis unavailable; will retry")
         with contextlib.suppress(TimeoutError):

@@ -82,6 +82,7 @@ def _write_config(path: Path, upstream: str, port: int) -> Path:
         "providers": [{"name": "up", "kind": "openai", "api_base": upstream}],
         "models": [{"name": "slow-up", "provider": "up", "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}],
         "server": {"host": "127.0.0.1", "port": port},
+        "log": {"level": "error"},  # its stderr is a pipe nobody reads while it runs
     }
     path.write_text(yaml.safe_dump(config))
     return path

@@ -26,6 +26,7 @@ from gateway.capability import Keyring
 from gateway.settings import ModelSettings, Price, ProviderSettings, RedisSettings
 from tests.conftest import Gateway, make_settings, start_gateway
 from tests.fakes.upstream import FakeUpstream
+from tests.metrics_support import counter
 from tests.openai_support import bearer, openai_error
 from tests.redis_proc import RedisProcess
 
@@ -111,6 +112,8 @@ async def test_redis_killed_under_traffic_fails_closed_and_recovers(rig: Rig) ->
         for stream in (False, True, False, True):
             assert_unavailable(await rig.chat(client, token, stream=stream))
         assert len(rig.fake.requests) == forwarded, "a request reached the provider while Redis was down"
+        redis_errors = counter((await client.get(rig.gw.base_url + "/metrics")).text, "abc_redis_errors_total", where="request")
+        assert redis_errors == statuses.count(503) + 4
         assert (await client.get(rig.gw.base_url + "/readyz")).status_code == 503
 
         await asyncio.to_thread(rig.redis.start)  # same port, same data directory

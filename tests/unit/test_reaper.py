@@ -10,9 +10,10 @@ import pytest
 import redis.asyncio as aredis
 
 from gateway import redis_keys as keys
+from gateway.metrics import Metrics
 from gateway.state.entries import Kind, make_entry, verify_chain
 from gateway.state.ledger import Ledger
-from gateway.state.reaper import reap_due
+from gateway.state.reaper import reap_due, run_reaper
 from tests.unit.test_ledger import open_session, reserve, session_hash, settle
 
 TTL_S = 1
@@ -93,3 +94,20 @@ async def test_the_reaper_skips_entries_whose_reservation_is_gone(ledger: Ledger
     entry = make_entry(Kind.ABORTED, rid="r", cost=500)
     assert await ledger.reap(sid, "r", seen, entry) is False
     assert (await session_hash(client, sid))["spent_nanos"] == 100
+
+
+async def test_the_running_reaper_counts_its_settlements_in_the_metrics(ledger: Ledger, client: aredis.Redis) -> None:
+    sid = await open_session(ledger)
+    for i in range(3):
+        await reserve(ledger, sid, f"orphan{i}", 1000)
+    await asyncio.sleep(TTL_S + 0.1)  # past their deadlines
+    metrics, stop = Metrics(), asyncio.Event()
+    reaper = asyncio.create_task(run_reaper(client, ledger, 0.05, stop, metrics))
+    try:
+        async with asyncio.timeout(10):
+            while metrics.reaped._value.get() < 3:
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await reaper
+    assert b"abc_reaper_settlements_total 3.0" in metrics.render()
