@@ -30,6 +30,8 @@ class Metrics:
             "abc_upstream_attempts", "Upstream attempts by outcome: ok, retried, failed, refused", ["provider", "outcome"], registry=r,
         )
         self.tool_calls = Counter("abc_tool_calls", "MCP tool calls admitted, by outcome", ["server", "tool", "outcome"], registry=r)
+        self.overload = Counter("abc_overload_refusals", "Requests or connections refused past a cap", ["what"], registry=r)
+        self.plugin = Histogram("abc_plugin_seconds", "Time in one policy plugin hook", ["plugin", "hook"], buckets=_FAST, registry=r)
 
         # labels() hashes and locks on every call; a request touches half a dozen children.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -42,6 +44,12 @@ class Metrics:
 
     def observe_journal_write(self, op: str, seconds: float) -> None:
         self._child(self.journal_write, op).observe(seconds)
+
+    def observe_overload(self, what: str) -> None:
+        self._child(self.overload, what).inc()
+
+    def observe_plugin(self, plugin: str, hook: str, seconds: float) -> None:
+        self._child(self.plugin, plugin, hook).observe(seconds)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self._child(self.requests, route, str(status)).inc()

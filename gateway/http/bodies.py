@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.http.keys import deps_of
+from gateway.http.overload import refuse_encoded_body
 
 # orjson reads 1024 levels but writes only 254, and every body is written again (journal,
 # request hash, upstream); deeper ones are refused here rather than failing later as a 500.
@@ -23,6 +24,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 async def read_json_request(request: web.Request) -> tuple[dict[str, Any], bytes]:
     """The body parsed, and the bytes it came as (what the journal keeps)."""
+    refuse_encoded_body(request)
     limit = deps_of(request).settings.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
@@ -30,6 +32,11 @@ async def read_json_request(request: web.Request) -> tuple[dict[str, Any], bytes
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body over {limit} bytes") from None
+    return parse_body(raw), raw
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body's bytes as a JSON object, or the 400 that says why not."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -40,7 +47,7 @@ async def read_json_request(request: web.Request) -> tuple[dict[str, Any], bytes
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _too_deep(body):
         message = f"the request body is nested deeper than {MAX_DEPTH} levels"
         raise InvalidRequest(message, code="invalid_json")
-    return body, raw
+    return body
 
 
 def _too_deep(body: dict[str, Any]) -> bool:

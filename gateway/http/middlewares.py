@@ -1,4 +1,5 @@
-"""Middlewares, outermost first: errors (request id, timing, translation), then auth.
+"""Middlewares, outermost first: errors (request id, timing, translation), overload (the
+in-flight cap, gateway/http/overload.py), then auth.
 
 Errors are translated to OpenAI's JSON shape here and only here. Anything unexpected
 becomes a generic 500 carrying the request id and no exception text. Middleware never

@@ -3,10 +3,13 @@
 Errors before the first payload are ordinary JSON errors (the exchange raises them before
 anything is written). After it, an error goes out as a `data: {"error": ...}` event and
 `[DONE]`. The exchange settles before the tail goes out, so the tail can carry the cost.
-A client that hangs up raises `ClientGone`; leaving the exchange settles it.
+A client that hangs up raises `ClientGone`; leaving the exchange settles it. So does one
+that stops reading: a write blocked past `server.stream_write_timeout_s` counts as gone.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from aiohttp import web
 
@@ -29,16 +32,17 @@ async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
         "content-type": "text/event-stream", "cache-control": "no-cache", "x-request-id": ex.call.request_id,
     }
     response = web.StreamResponse(headers=headers)
+    limit_s = ex.deps.settings.server.stream_write_timeout_s
     sent: list[bytes] = []
     try:
         # Inside the try: a client gone before the headers go out is settled like one gone later.
         await response.prepare(request)
         if first is not None:
             sent.append(event(first))
-            await response.write(sent[-1])
+            await _write(response, sent[-1], limit_s)
             async for payload in chunks:
                 sent.append(event(payload))
-                await response.write(sent[-1])
+                await _write(response, sent[-1], limit_s)
     except ConnectionResetError as gone:
         await chunks.aclose()
         raise ClientGone("client disconnected mid-stream") from gone
@@ -46,19 +50,30 @@ async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
         await chunks.aclose()
         settled = await ex.close(exc)
         assert settled.error is not None
-        await _write_quietly(response, event(settled.error.to_json()) + DONE)
+        await _write_quietly(response, event(settled.error.to_json()) + DONE, limit_s)
         return response
     settled = await ex.close()
     # SSE comment lines are ignored by clients; this one carries the settled cost.
     tail = b": abc-cost-usd " + ex.answer_headers(settled.cost_nanos, -1)["x-abc-cost-usd"].encode() + b"\n\n" + DONE
     await ex.remember(idempotency.Stored(200, headers, b"".join(sent) + tail))
-    await _write_quietly(response, tail)
+    await _write_quietly(response, tail, limit_s)
     return response
 
 
-async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+async def _write(response: web.StreamResponse, data: bytes, limit_s: float) -> None:
+    """A client that stops reading fills the socket and blocks the write; past the limit it
+    counts as gone, so it can't hold a stream, an upstream call and an in-flight slot."""
     try:
-        await response.write(data)
-        await response.write_eof()
-    except ConnectionResetError:
+        async with asyncio.timeout(limit_s):
+            await response.write(data)
+    except TimeoutError:
+        raise ConnectionResetError("client stopped reading") from None
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes, limit_s: float) -> None:
+    try:
+        await _write(response, data, limit_s)
+        async with asyncio.timeout(limit_s):
+            await response.write_eof()
+    except (ConnectionResetError, TimeoutError):
         pass  # settled and journaled already; nothing more is owed to a gone client
