@@ -145,6 +145,10 @@ class Registry:
     def get(self, name: str) -> Any | None:
         return self._classes.get(name)
 
+    def adding(self, *classes: Any) -> Registry:
+        """The same registry plus more plugin classes (a replica with more installed)."""
+        return Registry([*self._classes.values(), *classes])
+
     def without(self, *names: str) -> Registry:
         """The same registry less some plugins: a replica that lacks them."""
         return Registry(c for n, c in self._classes.items() if n not in names)
