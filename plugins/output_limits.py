@@ -141,9 +141,12 @@ def _offers_tools(body: dict[str, Any]) -> bool:
 
 
 def _first_error(validator: Draft202012Validator, value: Any) -> str | None:
-    for error in validator.iter_errors(value):
-        where = "/".join(str(p) for p in error.absolute_path) or "(arguments)"
-        return f"{where}: {error.message[:200]}"
+    try:
+        for error in validator.iter_errors(value):
+            where = "/".join(str(p) for p in error.absolute_path) or "(arguments)"
+            return f"{where}: {error.message[:200]}"
+    except Exception as exc:  # a frozen schema jsonschema can't apply (a bad regex, say): refuse
+        return f"the schema cannot be applied ({type(exc).__name__})"
     return None
 
 
