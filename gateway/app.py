@@ -25,9 +25,9 @@ from gateway.errors import Unauthenticated
 from gateway.http import admin_routes, cost_routes, dashboard, journal_routes, openai_routes
 from gateway.http.keys import DEPS, deps_of
 from gateway.http.middlewares import auth_middleware, errors_middleware
+from gateway.http.overload import GATE, Gate, overload_middleware
 from gateway.mcp import endpoint as mcp_endpoint
 from gateway.mcp.upstream import ToolServers
-from gateway.http.overload import GATE, Gate, overload_middleware
 from gateway.metrics import Metrics
 from gateway.plugins import Registry
 from gateway.providers.openai_compat import make_client_session
