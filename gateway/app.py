@@ -1,6 +1,6 @@
 """create_app(settings) -> web.Application: wiring only.
 
-Middleware order (outermost first): errors -> auth. Shared resources are built and
+Middleware order (outermost first): errors -> overload -> auth. Shared resources are built and
 torn down in one cleanup context and reach handlers through a frozen `Deps`.
 """
 
@@ -32,10 +32,11 @@ from gateway.http import (
 )
 from gateway.http.keys import DEPS, deps_of
 from gateway.http.middlewares import auth_middleware, errors_middleware
+from gateway.http.overload import GATE, Gate, overload_middleware
 from gateway.mcp import endpoint as mcp_endpoint
 from gateway.mcp.upstream import ToolServers
 from gateway.metrics import Metrics
-from gateway.plugins import load_plugins
+from gateway.plugins import Registry
 from gateway.providers.openai_compat import make_client_session
 from gateway.providers.registry import breaker_states, build_providers
 from gateway.request_log import RequestLog, configure
@@ -82,13 +83,18 @@ def _hiredis_packing(base: type[AbstractConnection]) -> type[AbstractConnection]
     return HiredisPacking
 
 
-def create_app(settings: Settings, *, redis_url: str, keyring: Keyring, run_reaper_task: bool = True) -> web.Application:
+def create_app(
+    settings: Settings, *, redis_url: str, keyring: Keyring, run_reaper_task: bool = True,
+    plugins: Registry | None = None,
+) -> web.Application:
+    """`plugins`: what this replica can run; absent, the `abc_gateway.plugins` entry points."""
     configure(settings.log)
     app = web.Application(
-        middlewares=[errors_middleware, auth_middleware],
+        middlewares=[errors_middleware, overload_middleware, auth_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
-    app.cleanup_ctx.append(_resources(settings, redis_url, keyring, run_reaper_task))
+    registry = plugins if plugins is not None else Registry.from_entry_points()
+    app.cleanup_ctx.append(_resources(settings, redis_url, keyring, run_reaper_task, registry))
     app.on_response_prepare.append(_server_header)
     openai_routes.add_routes(app)
     admin_routes.add_routes(app)
@@ -103,7 +109,7 @@ def create_app(settings: Settings, *, redis_url: str, keyring: Keyring, run_reap
     return app
 
 
-def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: bool) -> Any:
+def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: bool, registry: Registry) -> Any:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         redis = make_redis(redis_url, settings)
         http = make_client_session()
@@ -132,13 +138,14 @@ def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: boo
             providers=build_providers(settings, http, observe=metrics.observe_attempt, tracer=tracer),
             known_models=frozenset(m.name.strip().lower() for m in settings.models),
             metrics=metrics,
-            plugins=load_plugins(settings.plugins),
+            plugins=registry,
             tool_servers=ToolServers(settings),
             tasks=set(),
             request_log=RequestLog(settings.log),
             tracer=tracer,
         )
         app[DEPS] = deps
+        app[GATE] = Gate(settings.server.max_in_flight, settings.server.retry_after_s, metrics)
         reaper_stop = asyncio.Event()
         reaper_task = asyncio.create_task(run_reaper(redis, ledger, settings.budget.reaper_interval_s, reaper_stop, metrics)) if reaper else None
         leases_stop = asyncio.Event()

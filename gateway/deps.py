@@ -14,7 +14,7 @@ from gateway.capability import Keyring, Verifier
 from gateway.mcp.upstream import ToolServers
 from gateway.metrics import Metrics
 from gateway.pipeline.deployments import Balancer
-from gateway.plugins import Plugin
+from gateway.plugins import Registry
 from gateway.providers.base import Provider
 from gateway.request_log import RequestLog
 from gateway.sessions import SessionStore
@@ -35,7 +35,7 @@ class Deps:
     providers: Mapping[str, Provider]
     known_models: frozenset[str]
     metrics: Metrics
-    plugins: tuple[Plugin, ...]  # in the order the settings list them
+    plugins: Registry  # what this replica can run; an Assembly selects from it
     tool_servers: ToolServers  # MCP servers of the settings, connected on first use
     # Settlements and journal writes still running after their request ended.
     tasks: set[asyncio.Future[Any]]

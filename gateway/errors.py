@@ -16,7 +16,8 @@
         ├── BudgetExceeded          429  session/tenant budget would be exceeded
         ├── RateLimited             429  RPM/TPM limit
         │   └── UpstreamRateLimited 429  the upstream throttles the gateway's key
-        ├── ServiceUnavailable      503  Redis down or slow: we fail closed
+        ├── ServiceUnavailable      503  Redis down or slow: we fail closed; a plugin missing here
+        │   └── Overloaded          503  past the in-flight cap; carries Retry-After
         ├── UpstreamError           502  provider failed or answered garbage
         │   └── UpstreamUnavailable 502  unreachable, reset, or 500/502/503/504: worth a retry
         ├── UpstreamTimeout         504  provider too slow
@@ -47,6 +48,7 @@ __all__ = [
     "InvalidRequest",
     "MethodNotAllowed",
     "NotFound",
+    "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
     "RequestCancelled",
@@ -70,7 +72,6 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
-
     def __init__(
         self,
         message: str,
@@ -175,6 +176,10 @@ class ServiceUnavailable(GatewayError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    code = "overloaded"  # extra["retry_after_s"] becomes the Retry-After header
 
 
 class UpstreamError(GatewayError):

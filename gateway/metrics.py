@@ -73,6 +73,8 @@ class Metrics:
         self.genai_duration = Histogram("gen_ai_server_request_duration_seconds", "gen_ai.server.request.duration", [*_GENAI, "error_type"], buckets=_GENAI_DURATION, registry=r)
         self.genai_ttft = Histogram("gen_ai_server_time_to_first_token_seconds", "gen_ai.server.time_to_first_token", _GENAI, buckets=_GENAI_TTFT, registry=r)
         self.genai_tpot = Histogram("gen_ai_server_time_per_output_token_seconds", "gen_ai.server.time_per_output_token", _GENAI, buckets=_GENAI_TPOT, registry=r)
+        self.overload = Counter("abc_overload_refusals", "Requests or connections refused past a cap", ["what"], registry=r)
+        self.plugin = Histogram("abc_plugin_seconds", "Time in one policy plugin hook", ["plugin", "hook"], buckets=_FAST, registry=r)
 
         # labels() hashes and locks on every call; a request touches half a dozen children.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -91,6 +93,12 @@ class Metrics:
 
     def observe_journal_write(self, op: str, seconds: float) -> None:
         self._child(self.journal_write, op).observe(seconds)
+
+    def observe_overload(self, what: str) -> None:
+        self._child(self.overload, what).inc()
+
+    def observe_plugin(self, plugin: str, hook: str, seconds: float) -> None:
+        self._child(self.plugin, plugin, hook).observe(seconds)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self._child(self.requests, route, str(status)).inc()

@@ -55,6 +55,11 @@ def capped_calls(session_id: str) -> str:
     return "capped_calls:" + _sess(session_id)
 
 
+def plugin_counters(session_id: str) -> str:
+    """Hash: "<plugin>.<counter>" -> a policy plugin's per-session count (e.g. tool calls)."""
+    return "plugin_counters:" + _sess(session_id)
+
+
 def replay_calls(session_id: str) -> str:
     """List: a recorded replay's calls, "request_hash|request entry id|outcome entry id"."""
     return "replay_calls:" + _sess(session_id)

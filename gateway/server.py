@@ -18,7 +18,10 @@ from gateway.app import create_app
 from gateway.capability import PREVIOUS_KEYS_ENV, Keyring, generate_ed25519_key
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import ConfigError
+from gateway.http.keys import DEPS
+from gateway.http.overload import CappedSite
 from gateway.http.protocol import GatewayRunner
+from gateway.plugins import Registry
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.server")
@@ -71,11 +74,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-async def _start(app: web.Application, host: str, port: int, reuse_port: bool) -> web.AppRunner:
-    runner = GatewayRunner(app, access_log=None, handle_signals=False)
+async def _start(app: web.Application, settings: Settings, host: str, port: int, reuse_port: bool) -> web.AppRunner:
+    # auto_decompress off: a compressed body is refused with 415 (overload.refuse_encoded_body),
+    # never inflated, so no zip bomb is expanded in memory before a handler sees it.
+    runner = GatewayRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024).start()
+        await CappedSite(
+            runner, host, port, reuse_port=reuse_port or None, backlog=1024,
+            max_connections=settings.server.max_connections, retry_after_s=settings.server.retry_after_s,
+            metrics=app[DEPS].metrics if DEPS in app else None,
+        ).start()
     except BaseException:
         await runner.cleanup()  # the port is taken: release what startup built
         raise
@@ -85,10 +94,14 @@ async def _start(app: web.Application, host: str, port: int, reuse_port: bool) -
 class BackgroundServer:
     """The gateway on its own thread and event loop, so sync clients can call it."""
 
-    def __init__(self, settings: Settings, *, redis_url: str, keyring: Keyring, host: str = "127.0.0.1", port: int = 0, reaper: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, redis_url: str, keyring: Keyring, host: str = "127.0.0.1", port: int = 0,
+        reaper: bool = True, plugins: Registry | None = None,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self.app = create_app(settings, redis_url=redis_url, keyring=keyring, run_reaper_task=reaper)
+        self.settings = settings
+        self.app = create_app(settings, redis_url=redis_url, keyring=keyring, run_reaper_task=reaper, plugins=plugins)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="abc-gateway", daemon=True)
         self._runner: web.AppRunner | None = None
@@ -99,7 +112,7 @@ class BackgroundServer:
 
     def start(self) -> BackgroundServer:
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(_start(self.app, self.host, self.port, False), self._loop)
+        future = asyncio.run_coroutine_threadsafe(_start(self.app, self.settings, self.host, self.port, False), self._loop)
         self._runner = future.result(timeout=30)
         return self
 
@@ -125,15 +138,17 @@ def serve_forever(
     requests in flight finish (their settlements and journal writes included), close.
     Once listening, logs `started` (see startup_fields) as the start-up line."""
     app = create_app(settings, redis_url=redis_url, keyring=keyring)
-    asyncio.run(_serve_until_signalled(app, host, port, reuse_port, started))
+    asyncio.run(_serve_until_signalled(app, settings, host, port, reuse_port, started))
 
 
-async def _serve_until_signalled(app: web.Application, host: str, port: int, reuse_port: bool, started: dict[str, Any] | None) -> None:
+async def _serve_until_signalled(
+    app: web.Application, settings: Settings, host: str, port: int, reuse_port: bool, started: dict[str, Any] | None,
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = await _start(app, host, port, reuse_port)
+    runner = await _start(app, settings, host, port, reuse_port)
     if started is not None:
         log.info("listening", extra={"fields": started})
     try:

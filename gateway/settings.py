@@ -139,6 +139,14 @@ class ServerSettings(_Frozen):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+    # Requests handled at once; past it a 503 with Retry-After, so memory and queues stay
+    # bounded (see docs/threat-model.md). Health, readiness and metrics are not counted.
+    max_in_flight: Annotated[int, Field(gt=0)] = 512
+    # Open client connections; one past it is answered 503 and closed at once.
+    max_connections: Annotated[int, Field(gt=0)] = 2048
+    # A streamed answer whose client stops reading for this long is cut (and charged).
+    stream_write_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 1
     # Metrics are unauthenticated unless a token is configured (ABC_METRICS_TOKEN).
     metrics_enabled: bool = True
 
@@ -219,11 +227,6 @@ class OtelSettings(_Frozen):
         return self
 
 
-class PluginSettings(_Frozen):
-    path: str  # "package.module:ClassName"
-    options: dict[str, Any] = Field(default_factory=dict)
-
-
 class Settings(_Frozen):
     providers: list[ProviderSettings] = Field(default_factory=list)
     models: list[ModelSettings] = Field(default_factory=list)
@@ -231,7 +234,6 @@ class Settings(_Frozen):
     redis: RedisSettings = RedisSettings()
     budget: BudgetSettings = BudgetSettings()
     journal: JournalSettings = JournalSettings()
-    plugins: list[PluginSettings] = Field(default_factory=list)
     tool_servers: list[ToolServerSettings] = Field(default_factory=list)
     log: LogSettings = LogSettings()
     otel: OtelSettings = OtelSettings()

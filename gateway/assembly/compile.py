@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from gateway.assembly.mcp_tools import SEPARATOR, Listing, grant_mcp_tools, qualified
 from gateway.assembly.model import (
@@ -19,15 +21,27 @@ from gateway.assembly.model import (
     Limits,
     McpTool,
     ModelGrant,
+    PluginGrant,
     Step,
     ToolGrant,
     Vcs,
 )
-from gateway.assembly.plan import Plan, PlanInvalid, PlanModel, PlanStep, PlanTool, Problem
+from gateway.assembly.plan import (
+    Plan,
+    PlanInvalid,
+    PlanModel,
+    PlanPlugin,
+    PlanStep,
+    PlanTool,
+    Problem,
+)
 from gateway.assembly.prices import MAX_NANOS_PER_MTOK, freeze_price
 from gateway.money import cost_nanos, nanos_to_usd_str, usd_to_nanos
 from gateway.settings import ModelSettings, Settings
 from gateway.tokenizer import encoding_name_for
+
+if TYPE_CHECKING:
+    from gateway.plugins import Registry
 
 __all__ = ["Compiled", "compile_plan", "tokens_per_call", "worst_case_nanos"]
 
@@ -91,11 +105,15 @@ def _chain_worst_case(grant: ModelGrant, models: dict[str, ModelGrant], prompt_t
     return max(worst_case_nanos(g, prompt_tokens) for g in chain)
 
 
-def compile_plan(plan: Plan, settings: Settings, *, mcp_listings: Mapping[str, Listing] | None = None) -> Compiled:
+def compile_plan(
+    plan: Plan, settings: Settings, *, mcp_listings: Mapping[str, Listing] | None = None,
+    registry: Registry | None = None,
+) -> Compiled:
     """Freeze `plan` into an Assembly, or raise PlanInvalid listing every problem.
 
     `mcp_listings`: what each tool server the plan names answered to tools/list
     (`gateway.mcp.upstream.discover`); compiling stays free of I/O.
+    `registry` names the plugins a plan may select; absent, this process's entry points.
     """
     report = _Report()
     models = _grant_models(plan.models, settings, report)
@@ -103,7 +121,12 @@ def compile_plan(plan: Plan, settings: Settings, *, mcp_listings: Mapping[str, L
     builtin = _builtin_tools(plan, report)
     servers = {server.name for server in settings.tool_servers}
     mcp = grant_mcp_tools(plan, mcp_listings or {}, servers, report.problems, report.warnings)
-    steps = _compile_steps(plan, models, mcp, report)
+    if registry is None and (plan.plugins or any(s.plugins for s in plan.steps)):
+        from gateway.plugins import Registry  # the plugins import the Assembly model
+
+        registry = Registry.from_entry_points()
+    plugins = _grant_plugins(plan.plugins, "plugins", registry, report)
+    steps = _compile_steps(plan, models, mcp, registry, report)
     if report.problems:
         raise PlanInvalid(report.problems, source=f"plan {plan.name!r}")
     budget = Budget(
@@ -126,8 +149,38 @@ def compile_plan(plan: Plan, settings: Settings, *, mcp_listings: Mapping[str, L
         ttl_s=plan.ttl_s,
         steps=steps,
         max_prompt_tokens=plan.max_prompt_tokens,
+        plugins=plugins,
     )
     return Compiled(assembly=assembly, warnings=report.warnings)
+
+
+def _grant_plugins(
+    wanted: Iterable[PlanPlugin], path: str, registry: Registry | None, report: _Report
+) -> tuple[PluginGrant, ...]:
+    """Each selected plugin with its options validated by its own model, and its version."""
+    grants: list[PluginGrant] = []
+    seen: set[str] = set()
+    for i, plugin in enumerate(wanted):
+        where = f"{path}.{i}"
+        if plugin.name in seen:
+            report.problem(f"{where}.name", f"plugin {plugin.name!r} is listed twice")
+            continue
+        seen.add(plugin.name)
+        if registry is None or registry.get(plugin.name) is None:
+            known = ", ".join(registry.names()) if registry is not None else ""
+            report.problem(
+                f"{where}.name", f"unknown plugin {plugin.name!r}; registered: {known or 'none'}"
+            )
+            continue
+        options = _json_value(plugin.options, f"{where}.options", report)
+        try:
+            grants.append(registry.freeze(plugin.name, options))
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                message = err["msg"].removeprefix("Value error, ")
+                report.problem(f"{where}.options" + (f".{loc}" if loc else ""), message)
+    return tuple(grants)
 
 
 def _grant_models(
@@ -308,7 +361,8 @@ def _builtin_tools(plan: Plan, report: _Report) -> tuple[str, ...]:
 
 
 def _compile_steps(
-    plan: Plan, models: dict[str, ModelGrant], mcp: dict[str, McpTool], report: _Report
+    plan: Plan, models: dict[str, ModelGrant], mcp: dict[str, McpTool], registry: Registry | None,
+    report: _Report,
 ) -> tuple[Step, ...]:
     ids: set[str] = set()
     for i, step in enumerate(plan.steps):
@@ -316,7 +370,10 @@ def _compile_steps(
             report.problem(f"steps.{i}.id", f"duplicate step id {step.id!r}")
         ids.add(step.id)
     compiled = tuple(
-        _compile_step(i, step, plan, ids, models, mcp, report) for i, step in enumerate(plan.steps)
+        _compile_step(i, step, plan, ids, models, mcp, report).model_copy(
+            update={"plugins": _grant_plugins(step.plugins, f"steps.{i}.plugins", registry, report)}
+        )
+        for i, step in enumerate(plan.steps)
     )
     _check_reachable(plan.steps, report)
     if plan.steps:

@@ -85,12 +85,21 @@ class McpTool(_Frozen):
     max_calls: int | None = None
 
 
+class PluginGrant(_Frozen):
+    """A policy plugin as the plan selected it: registry name, version and validated options."""
+
+    name: str
+    version: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class Step(_Frozen):
     id: str
     model: str | None = None  # None: the step admits only its (MCP) tools
     tools: tuple[str, ...] = ()
     next: tuple[str, ...] = ()
     worst_case_nanos: int = 0
+    plugins: tuple[PluginGrant, ...] = ()  # run after the plan-level ones on this step's calls
 
 
 class Budget(_Frozen):
@@ -131,6 +140,8 @@ class Assembly(_Frozen):
     steps: tuple[Step, ...] = ()
     # Largest prompt (tokens) a request may carry, used for worst-case estimates.
     max_prompt_tokens: int = 0
+    # Policy plugins run on every call, in this order (see gateway/plugins.py).
+    plugins: tuple[PluginGrant, ...] = ()
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
@@ -141,6 +152,10 @@ class Assembly(_Frozen):
         if not data["mcp"]:
             del data["mcp"]
             del data["vcs"]["mcp_tools"]
+        # Absent, not empty: an Assembly without plugins keeps the id it had before they existed.
+        _drop_empty_plugins(data)
+        for step in data["steps"]:
+            _drop_empty_plugins(step)
         return canonical_json(data)
 
     @functools.cached_property
@@ -168,6 +183,11 @@ class Assembly(_Frozen):
             if s.id == step_id:
                 return s
         return None
+
+
+def _drop_empty_plugins(data: dict[str, Any]) -> None:
+    if not data.get("plugins"):
+        data.pop("plugins", None)
 
 
 def canonical_json(data: Any) -> bytes:

@@ -25,6 +25,7 @@ __all__ = [
     "PlanLimits",
     "PlanMcp",
     "PlanModel",
+    "PlanPlugin",
     "PlanStep",
     "PlanTool",
     "Problem",
@@ -181,11 +182,25 @@ class PlanLimits(_Strict):
     tenant_usd_per_day: Usd | None = None
 
 
+# Registry names (entry points in `abc_gateway.plugins`), never import paths.
+PluginName = Annotated[
+    str,
+    BeforeValidator(_normalise),
+    _matching(r"[a-z][a-z0-9_]{0,63}", "1-64 characters of a-z, 0-9 or '_', starting with a letter"),
+]
+
+
+class PlanPlugin(_Strict):
+    name: PluginName
+    options: dict[str, Any] = Field(default_factory=dict)  # validated by the plugin's own model
+
+
 class PlanStep(_Strict):
     id: StepId
     model: ModelName | None = None  # absent: the step admits no model call, only its tools
     tools: tuple[StepTool, ...] = ()  # function, builtin or MCP tools
     next: tuple[StepId, ...] = ()
+    plugins: tuple[PlanPlugin, ...] = ()  # run after the plan's own on this step's calls
 
 
 class Plan(_Strict):
@@ -202,6 +217,8 @@ class Plan(_Strict):
     max_prompt_tokens: Tokens = 8192
     # Optional; absent: any order within the VCS. steps[0] is the entry step.
     steps: tuple[PlanStep, ...] = ()
+    # Policy plugins on every call, in this order; each step may add its own.
+    plugins: tuple[PlanPlugin, ...] = ()
 
 
 def _problems_of(exc: ValidationError) -> list[Problem]:

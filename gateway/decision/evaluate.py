@@ -207,8 +207,10 @@ def _admit(deps: Deps, candidate: Assembly, state: _State, request: Request, ver
     """The checks of the PEP and the reserve script in their order; raises the denial."""
     endpoint = Endpoint(request.endpoint)
     grant = policy.authorize(candidate, endpoint, request.body, known_models=deps.known_models)
-    if deps.plugins:
-        grant = dataclasses.replace(grant, body=plugins.run_request(deps.plugins, grant.body))
+    # The candidate's own plugins, as the Exchange would run them (their request hooks only).
+    run = plugins.Run(plugins.for_call(deps.plugins, candidate, grant.candidate_steps))
+    if run:
+        grant = dataclasses.replace(grant, body=run.request(grant.body))
     verdict.model = grant.model.name
     est = estimate(grant.model, endpoint, grant.body, n=grant.n, max_tokens=grant.max_output_tokens)
     step = _next_step(candidate, state.step, grant.candidate_steps)

@@ -45,7 +45,7 @@ async def compile_route(request: web.Request) -> web.Response:
         plan = parse_plan(body)
         # Tool servers are asked for their tools now; the compiler itself does no I/O.
         listings = await deps.tool_servers.discover(entry.server for entry in plan.mcp)
-        compiled = compile_plan(plan, deps.settings, mcp_listings=listings)
+        compiled = compile_plan(plan, deps.settings, mcp_listings=listings, registry=deps.plugins)
     except PlanInvalid as exc:
         raise PlanRejected(
             f"invalid plan: {len(exc.problems)} problem(s)", extra={"problems": [p.to_dict() for p in exc.problems]}

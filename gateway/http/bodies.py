@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.http.keys import deps_of
+from gateway.http.overload import refuse_encoded_body
 from gateway.pipeline.request_body import parse_body
 
 _UTF8 = frozenset({"utf-8", "utf8"})
@@ -25,6 +26,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 async def read_json_request(request: web.Request) -> tuple[dict[str, Any], bytes]:
     """The body parsed, and the bytes it came as (what the journal keeps)."""
     require_json(request)
+    refuse_encoded_body(request)
     limit = deps_of(request).settings.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")

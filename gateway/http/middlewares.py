@@ -1,5 +1,6 @@
 """Middlewares, outermost first: errors (request id, timing, translation, the request log
-line and the request's trace span), then auth.
+line and the request's trace span), overload (the in-flight cap, gateway/http/overload.py),
+then auth.
 
 Errors are translated to OpenAI's JSON shape here and only here. Anything unexpected
 becomes a generic 500 carrying the request id and no exception text. Middleware never

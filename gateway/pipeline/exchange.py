@@ -136,6 +136,7 @@ class Exchange:
         self._outcome: _Outcome | None = None
         self._answer_usage: Usage | None = None  # a complete answer's, before its checks
         self._meter: StreamMeter | None = None
+        self.plugin_run = plugins.Run(())  # the Assembly's plugins for this call, once authorized
         self._payloads: list[bytes] = []
         self._closing: asyncio.Future[Settled] | None = None
 
@@ -200,8 +201,12 @@ class Exchange:
         deps, call = self.deps, self.call
         try:
             grant = policy.authorize(self.assembly, call.endpoint, call.body, known_models=deps.known_models)
-            if deps.plugins:
-                grant = dataclasses.replace(grant, body=plugins.run_request(deps.plugins, grant.body))
+            # The Assembly's plugins for the steps this call could be (plan-level ones without steps).
+            chain = plugins.for_call(deps.plugins, self.assembly, grant.candidate_steps)
+            self.plugin_run = plugins.Run(chain, deps.metrics.observe_plugin)
+            if self.plugin_run:
+                await self.plugin_run.load_session(deps.redis, call.claims.session_id)
+                grant = dataclasses.replace(grant, body=self.plugin_run.request(grant.body))
             return grant
         except GatewayError as exc:
             denial: GatewayError = exc
@@ -265,7 +270,7 @@ class Exchange:
             message = choice.get("message")
             if message:
                 policy.check_output(self.assembly, self.grant, policy.tool_call_names(message))
-        rewritten = plugins.run_response(self.deps.plugins, data) if self.deps.plugins else None
+        rewritten = self.plugin_run.response(data) if self.plugin_run else None
         body = reply.body if rewritten is None else orjson.dumps(rewritten)
         self._outcome = _Outcome(Kind.RESPONSE, usage, body, {})
         return body
@@ -278,7 +283,7 @@ class Exchange:
         """
         body, client_wants_usage = _with_usage(self.grant.body)
         meter = self._meter = StreamMeter(self.grant.model, self.estimate.prompt_tokens)
-        states: dict[str, dict[str, Any]] = {}
+        last: dict[str, Any] = {}
         started = time.perf_counter()
         upstream = self.provider.stream(
             self.call.endpoint, body, request_id=self.call.request_id, headers_out=self.upstream_headers,
@@ -289,7 +294,7 @@ class Exchange:
                 async for payload in upstream:
                     if self.ttft_s is None:
                         self.ttft_s = time.perf_counter() - started
-                    chunk = _chunk(payload)
+                    chunk = last = _chunk(payload)
                     usage_only = meter.observe(chunk)
                     choices = chunk.get("choices")
                     for choice in choices if isinstance(choices, list) else ():
@@ -299,14 +304,18 @@ class Exchange:
                     if usage_only:
                         if not client_wants_usage:
                             continue  # asked for billing; the client did not ask
-                    elif self.deps.plugins:
-                        rewritten = plugins.run_chunk(self.deps.plugins, chunk, states)
+                    elif self.plugin_run:
+                        rewritten = self.plugin_run.chunk(chunk)
                         if rewritten is not None:
                             chunk, payload = rewritten, orjson.dumps(rewritten)
                     if not client_wants_usage and "usage" in chunk:
                         payload = _without_usage(payload, chunk)
                     self._payloads.append(payload)
                     yield payload
+            for owed in self.plugin_run.stream_end(last) if self.plugin_run else ():
+                payload = orjson.dumps(owed)  # text a plugin held back, e.g. pii_redact's
+                self._payloads.append(payload)
+                yield payload
         finally:
             self.upstream_s = time.perf_counter() - started
             await upstream.aclose()
@@ -347,6 +356,8 @@ class Exchange:
             outcome.kind, outcome.usage, advance=True, body=outcome.body, status=200, keep=kept, **outcome.extra,
         )
         gateway_s, usage = self.gateway_s, outcome.usage
+        if self.plugin_run:
+            await self.plugin_run.save_session(self.deps.redis, self.call.claims.session_id, self.call.claims.expires_at)
         self.deps.metrics.observe_settled(
             tenant=self.tenant, model=self.served.name, assembly_id=self.assembly.id,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
@@ -366,7 +377,8 @@ class Exchange:
         if self._meter is not None:
             extra = {"chunks": self._meter.chunks, "body": b"\n".join(self._payloads)}
         cost, left = await self._settle(
-            Kind.ERROR, usage, advance=False, status=error.status, code=error.code, message=error.message, **extra,
+            Kind.ERROR, usage, advance=False, status=error.status, code=error.code, rule=error.extra.get("rule"),
+            message=error.message, **extra,
         )
         self.deps.metrics.observe_failed(
             tenant=self.tenant, model=self.grant.model.name, assembly_id=self.assembly.id, code=error.code, cost_nanos=cost,
@@ -399,7 +411,8 @@ class Exchange:
             kind, rid=self.call.request_id, model=self.grant.model.name, asm=self.assembly.id,
             req_hash=self.call.request_hash, tok_in=usage.prompt_tokens, tok_out=usage.completion_tokens,
             cost_nanos=cost, gw_us=int(self.gateway_s * 1e6), up_us=int(self.upstream_s * 1e6),
-            ts=int(time.time() * 1000), body=body, compress_over=self.deps.settings.journal.compress_over_bytes, **fields,
+            ts=int(time.time() * 1000), body=body, compress_over=self.deps.settings.journal.compress_over_bytes,
+            plugins=self.plugin_run.counts(), **fields,
         )
         with self.deps.tracer.span("settle"):
             settlement = await self.deps.ledger.settle(
