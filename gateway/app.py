@@ -29,6 +29,7 @@ from gateway.http import (
     journal_routes,
     openai_routes,
     plan_routes,
+    surface_routes,
 )
 from gateway.http.keys import DEPS, deps_of
 from gateway.http.middlewares import auth_middleware, errors_middleware
@@ -97,6 +98,7 @@ def create_app(
     app.cleanup_ctx.append(_resources(settings, redis_url, keyring, run_reaper_task, registry))
     app.on_response_prepare.append(_server_header)
     openai_routes.add_routes(app)
+    surface_routes.add_routes(app)
     admin_routes.add_routes(app)
     cost_routes.add_routes(app)
     dashboard.add_routes(app)

@@ -70,6 +70,11 @@ def replay_cursor(session_id: str) -> str:
     return "replay_cursor:" + _sess(session_id)
 
 
+def responses(session_id: str) -> str:
+    """Hash: Responses API response id -> journal entry id of the answer (stored ones only)."""
+    return "responses:" + _sess(session_id)
+
+
 def session_rate(session_id: str, unit: str, minute: int) -> str:
     """Counter for one minute window; unit is "req" or "tok"."""
     return "rate:" + _sess(session_id) + f":{unit}:{minute}"

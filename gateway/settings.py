@@ -56,7 +56,7 @@ class BreakerSettings(_Frozen):
 
 class ProviderSettings(_Frozen):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
-    kind: Literal["openai", "litellm", "mock"]
+    kind: Literal["openai", "anthropic", "litellm", "mock"]
     # Only this base URL is ever contacted for the provider; requests cannot change it.
     api_base: str | None = None
     # Name of the environment variable holding the upstream key (never the key itself).
@@ -70,12 +70,17 @@ class ProviderSettings(_Frozen):
     api_version: str | None = None
     # mock only: how long its "slow" models wait before answering.
     slow_delay_s: Annotated[float, Field(ge=0)] = 2.0
+    # openai only: "native" when the upstream serves /v1/responses itself (OpenAI does; vLLM
+    # and Ollama don't), so Responses calls pass through instead of becoming chat calls.
+    responses: Literal["native", "translate"] = "translate"
 
     @model_validator(mode="after")
     def _api_base_for_openai(self) -> ProviderSettings:
-        if self.kind == "openai":
+        if self.responses == "native" and self.kind != "openai":
+            raise ValueError("responses: native is only for providers of kind 'openai'")
+        if self.kind in ("openai", "anthropic"):
             if not self.api_base:
-                raise ValueError("providers of kind 'openai' need api_base")
+                raise ValueError(f"providers of kind '{self.kind}' need api_base")
             if not self.api_base.startswith(("http://", "https://")):
                 raise ValueError("api_base must be an http:// or https:// URL")
         return self

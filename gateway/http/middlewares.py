@@ -33,6 +33,7 @@ from gateway.errors import (
 from gateway.http.keys import ADMIN_LABEL, CLAIMS, REPORT, REQUEST_ID, deps_of
 from gateway.request_log import LEVELS, CallReport
 from gateway.tracing import NOOP
+from gateway.translate import messages
 
 log = logging.getLogger("gateway.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,16 +46,19 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # asks for the admin token and sends it on each API call (see gateway/http/dashboard.py).
 TOKENLESS_ADMIN_PAGES = frozenset({"/admin/dashboard", "/admin/dashboard/plans"})
 ADMIN_PREFIX = "/admin/"
+# Anthropic's route: its SDK sends the key as `x-api-key` and reads Anthropic's error shape.
+ANTHROPIC_PATHS = frozenset({"/v1/messages"})
 
 
-def error_response(exc: GatewayError, request_id: str) -> web.Response:
+def error_response(exc: GatewayError, request_id: str, path: str = "") -> web.Response:
     headers = {"x-request-id": request_id}
     if exc.status == 401:
         headers["www-authenticate"] = "Bearer"
     retry_after = exc.extra.get("retry_after_s")
     if isinstance(retry_after, int):
         headers["retry-after"] = str(retry_after)
-    return web.Response(status=exc.status, body=exc.to_json(), content_type="application/json", headers=headers)
+    body = messages.error_body(exc, request_id) if path in ANTHROPIC_PATHS else exc.to_json()
+    return web.Response(status=exc.status, body=body, content_type="application/json", headers=headers)
 
 
 def _http_error(exc: web.HTTPException) -> GatewayError:
@@ -114,24 +118,24 @@ async def _translated(request: web.Request, handler: Handler, request_id: str, r
         report.status, report.code = exc.status, exc.code
         if exc.status == 503:
             deps_of(request).metrics.observe_redis_error("request")
-        return error_response(exc, request_id)
+        return error_response(exc, request_id, request.path)
     except RedisError:
         # Whatever path touched Redis, its trouble fails closed: 503, nothing forwarded.
         deps_of(request).metrics.observe_redis_error("request")
         unavailable = ServiceUnavailable("state store unavailable; request not served")
         report.status, report.code = unavailable.status, unavailable.code
-        return error_response(unavailable, request_id)
+        return error_response(unavailable, request_id, request.path)
     except web.HTTPException as exc:
         if exc.status < 400:
             report.status = exc.status
             raise
         err = _http_error(exc)
         report.status, report.code = err.status, err.code
-        return error_response(err, request_id)
+        return error_response(err, request_id, request.path)
     except Exception:
         log.exception("unhandled error in request %s", request_id)
         report.code = "internal_error"
-        return error_response(GatewayError(f"internal error (request id {request_id})"), request_id)
+        return error_response(GatewayError(f"internal error (request id {request_id})"), request_id, request.path)
 
 
 def _log(request: web.Request, request_id: str, report: CallReport, elapsed: float) -> None:
@@ -167,6 +171,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise Unauthenticated("invalid admin token")
         request[ADMIN_LABEL] = deps.settings.admin_token_label
         return await handler(request)
+    if token is None and path in ANTHROPIC_PATHS:
+        token = request.headers.get("x-api-key") or None
     if token is None:
         raise Unauthenticated("missing bearer token: use the session's VCS token as the API key")
     request[CLAIMS] = deps.verifier.verify(token)

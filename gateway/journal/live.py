@@ -22,6 +22,7 @@ from gateway.journal.recorded import RecordedCall, recorded_calls
 from gateway.mcp import calls as mcp_calls
 from gateway.pipeline.exchange import Call, exchange
 from gateway.pipeline.usage import StreamMeter
+from gateway.providers.base import Endpoint
 from gateway.state.entries import Kind, entry_body
 
 LIVE_LABEL = "live_replay_of"
@@ -68,6 +69,11 @@ async def _rerun(deps: Deps, claims: Claims, recorded: RecordedCall) -> dict[str
         "recorded": recorded.outcome.get(b"kind", b"").decode() if recorded.outcome else None,
     }
     got: bytes | str
+    if recorded.endpoint in (Endpoint.RESPONSES, Endpoint.MESSAGES):
+        # Not re-executed: their answers carry fresh ids, which later turns would then name.
+        result["answer"], result["match"] = None, None
+        result["error"] = {"status": 501, "code": "not_replayable_live", "message": f"/v1/{recorded.endpoint} calls replay in recorded mode only"}
+        return result
     try:
         if recorded.request.get(b"endpoint") == mcp_calls.ENDPOINT.encode():
             # An MCP tool call: through the tools/call lifecycle, the server asked again.

@@ -309,6 +309,8 @@ def _answer(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
             return completion(body)
         case Endpoint.EMBEDDINGS:
             return embeddings(body)
+        case Endpoint.RESPONSES | Endpoint.MESSAGES:
+            raise InvalidRequest(f"the mock speaks chat completions, not /v1/{endpoint}")
         case _:
             assert_never(endpoint)
 
@@ -321,6 +323,8 @@ def _chunks(endpoint: Endpoint, body: dict[str, Any], faults: Faults) -> list[di
             return completion_chunks(body, faults)
         case Endpoint.EMBEDDINGS:
             raise InvalidRequest("embeddings cannot be streamed", param="stream")
+        case Endpoint.RESPONSES | Endpoint.MESSAGES:
+            raise InvalidRequest(f"the mock speaks chat completions, not /v1/{endpoint}")
         case _:
             assert_never(endpoint)
 

@@ -9,7 +9,7 @@ import aiohttp
 
 from gateway.providers.base import Provider
 from gateway.providers.mock import MockProvider
-from gateway.providers.openai_compat import OpenAICompatProvider
+from gateway.providers.openai_compat import AnthropicProvider, OpenAICompatProvider
 from gateway.providers.resilience import Observe, ResilientProvider
 from gateway.settings import ProviderSettings, Settings
 from gateway.tracing import NOOP, Tracer
@@ -32,6 +32,8 @@ def _build(spec: ProviderSettings, http: aiohttp.ClientSession, tracer: Tracer) 
         return MockProvider(spec, slow_delay_s=spec.slow_delay_s)
     if spec.kind == "openai":
         return OpenAICompatProvider(spec, http, tracer=tracer)
+    if spec.kind == "anthropic":
+        return AnthropicProvider(spec, http, tracer=tracer)
     from gateway.providers.litellm_provider import LiteLLMProvider
 
     return LiteLLMProvider(spec)

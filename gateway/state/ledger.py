@@ -110,6 +110,7 @@ class Deferred:
 class Settlement:
     budget_left_nanos: int
     seq: int
+    entry_id: str = ""  # of the journal entry that closed the call
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +399,8 @@ class Ledger:
         ]
         extra = self._index_commands(job.entry, job.tags, job.actual_nanos, now)
         result = await self._run(keys.SETTLE_SCRIPT, script_keys, args, () if retried else extra)
-        settlement = Settlement(budget_left_nanos=int(result[0]), seq=int(result[1]))
+        entry_id = result[2].decode() if isinstance(result[2], bytes) else str(result[2] or "")
+        settlement = Settlement(budget_left_nanos=int(result[0]), seq=int(result[1]), entry_id=entry_id)
         if retried and settlement.seq:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
