@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import asyncio
 
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import orjson
 from aiohttp import web
 
-from gateway.errors import ClientGone
+from gateway.errors import ClientGone, GatewayError
 from gateway.pipeline.exchange import Exchange
 from gateway.state import idempotency
+from gateway.translate.common import event_type, sse_event
 
 DONE = b"data: [DONE]\n\n"
 
@@ -81,3 +86,42 @@ async def _write_quietly(response: web.StreamResponse, data: bytes, limit_s: flo
             await response.write_eof()
     except (ConnectionResetError, TimeoutError):
         pass  # settled and journaled already; nothing more is owed to a gone client
+
+
+async def relay_events(
+    request: web.Request, ex: Exchange, chunks: AsyncGenerator[bytes, None], error_event: Callable[[GatewayError, int], dict[str, Any]],
+) -> web.StreamResponse:
+    """A dialect's stream (Responses, Messages) as typed events, `event: <type>` then `data:`.
+
+    Its closing events (`ex.tail`) go out after the exchange settled them; an error after
+    the first byte is the dialect's own error event, numbered after the events sent.
+    """
+    first = await anext(chunks, None)  # upstream errors before the first byte propagate as JSON
+    headers = {
+        **ex.answer_headers(None, ex.budget_left_at_admission),
+        "content-type": "text/event-stream", "cache-control": "no-cache", "x-request-id": ex.call.request_id,
+    }
+    response = web.StreamResponse(headers=headers)
+    sent: list[bytes] = []
+    try:
+        await response.prepare(request)
+        if first is not None:
+            sent.append(sse_event(first, event_type(first)))
+            await response.write(sent[-1])
+            async for payload in chunks:
+                sent.append(sse_event(payload, event_type(payload)))
+                await response.write(sent[-1])
+    except ConnectionResetError as gone:
+        await chunks.aclose()
+        raise ClientGone("client disconnected mid-stream") from gone
+    except Exception as exc:  # after the first byte, whatever failed becomes an error event
+        await chunks.aclose()
+        settled = await ex.close(exc)
+        assert settled.error is not None
+        await _write_quietly(response, sse_event(orjson.dumps(error_event(settled.error, len(sent))), "error"))
+        return response
+    await ex.close()
+    tail = b"".join(sse_event(payload, event_type(payload)) for payload in ex.tail)
+    await ex.remember(idempotency.Stored(200, headers, b"".join(sent) + tail))
+    await _write_quietly(response, tail)
+    return response

@@ -1,5 +1,6 @@
-"""The Responses API and Anthropic Messages routes: translate to chat form for the PEP,
-admit through the spine like any chat call, answer in the client's dialect."""
+"""The Responses API and Anthropic Messages routes: the request in chat form for the PEP,
+one Exchange like any chat call, the answer in the client's dialect (passed through from
+a native upstream, else translated). The journal keeps what the client got."""
 
 from __future__ import annotations
 
@@ -10,30 +11,45 @@ from aiohttp import web
 
 from gateway.capability import Claims
 from gateway.deps import Deps
+from gateway.http import sse
 from gateway.http.bodies import read_json_request
 from gateway.http.keys import REQUEST_ID, claims_of, deps_of
 from gateway.journal import stored_responses
-from gateway.pipeline import dialects, idempotency, spine, surfaces
+from gateway.pipeline import dialects
+from gateway.pipeline.exchange import Call, Exchange, exchange, require_live_session, shielded
 from gateway.providers.base import Endpoint
+from gateway.state import idempotency
 from gateway.translate import messages, responses
 
 MESSAGES_PATH = "/v1/messages"
 
 
-async def _run(request: web.Request, endpoint: Endpoint, view: dict[str, Any], turn: surfaces.Turn,
-               body: dict[str, Any], raw: bytes) -> web.StreamResponse:
+async def _run(request: web.Request, endpoint: Endpoint, view: dict[str, Any], turn: dialects.Turn, raw: bytes) -> tuple[Exchange, web.StreamResponse]:
     deps = deps_of(request)
-    call = spine.Call(
-        request[REQUEST_ID], endpoint, body, claims_of(request), view=view, raw=raw,
+    call = Call(
+        request[REQUEST_ID], endpoint, turn.body, claims_of(request), view=view, raw=raw,
         idempotency_key=idempotency.key_of(request.headers.get(idempotency.HEADER)),
     )
-    admitted = await spine.admit(deps, call)
-    if isinstance(admitted, idempotency.Stored):
-        headers = {**admitted.headers, "idempotent-replayed": "true"}
-        return web.Response(status=admitted.status, body=admitted.body, headers=headers)
-    if admitted.grant.stream:
-        return await surfaces.relay(request, deps, admitted, turn)
-    return await surfaces.send(deps, admitted, turn)
+    async with exchange(deps, call) as ex:
+        if ex.stored is not None:
+            headers = {**ex.stored.headers, "idempotent-replayed": "true"}
+            return ex, web.Response(status=ex.stored.status, body=ex.stored.body, headers=headers)
+        ex.extra.update(turn.extra)
+        wire = turn.wire(ex.provider, ex.grant, plugins=bool(ex.plugin_run))
+        if ex.grant.stream:
+            translator = None if wire is not None else turn.dialect.translator(
+                turn.body, turn.seed(call.request_id, "stream"), str(ex.grant.body.get("model", "")))
+            chunks = ex.stream_native(wire) if wire is not None else ex.stream(translator)
+            return ex, await sse.relay_events(request, ex, chunks, turn.dialect.error_event)
+        answer = await ex.send(wire)
+        if wire is None:  # a chat answer: the client gets its translation
+            assert ex.answer_data is not None
+            seed = turn.seed(call.request_id, ex.answer_data.get("id"))
+            answer = orjson.dumps(turn.dialect.from_chat(ex.answer_data, turn.body, seed))
+            ex.restate(answer)
+    assert ex.settled is not None
+    headers = ex.answer_headers(ex.settled.cost_nanos, ex.settled.budget_left_nanos)
+    return ex, web.Response(body=answer, content_type="application/json", headers=headers)
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
@@ -45,31 +61,28 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     view = responses.to_chat(body, history)
     extra = {stored_responses.INPUT_FIELD: orjson.dumps(responses.input_items(body.get("input"))),
              stored_responses.PREVIOUS_FIELD: previous}
-    after = _index(deps, claims) if body.get("store", True) is not False else None
-    turn = surfaces.Turn(dialects.RESPONSES, history, extra, after)
-    return await _run(request, Endpoint.RESPONSES, view, turn, body, raw)
+    ex, response = await _run(request, Endpoint.RESPONSES, view, dialects.Turn(dialects.RESPONSES, body, history, extra), raw)
+    if body.get("store", True) is not False and ex.settled is not None and ex.settled.error is None and ex.settled.entry_id:
+        await shielded(deps, _index(deps, claims, ex, response))
+    return response
 
 
-def _index(deps: Deps, claims: Claims) -> surfaces.AfterSettle:
-    """Once the answer is journaled: its response id -> that entry, kept as long as the journal."""
-
-    async def remember(adm: spine.Admitted, answer: bytes) -> None:
-        response_id = _response_id(answer)
-        if response_id and adm.outcome_entry:
-            keep_until = claims.expires_at + deps.settings.journal.retention_s
-            await stored_responses.remember(deps.redis, claims.session_id, response_id, adm.outcome_entry, keep_until)
-
-    return remember
+async def _index(deps: Deps, claims: Claims, ex: Exchange, response: web.StreamResponse) -> None:
+    """The response id -> the journal entry that holds it, kept as long as the journal."""
+    assert ex.settled is not None
+    response_id = _response_id(ex, response)
+    if response_id:
+        keep_until = claims.expires_at + deps.settings.journal.retention_s
+        await stored_responses.remember(deps.redis, claims.session_id, response_id, ex.settled.entry_id, keep_until)
 
 
-def _response_id(answer: bytes) -> str | None:
-    """The id of a Response object, or of the one a stream's last event carries."""
-    try:
-        data = orjson.loads(answer)
-    except orjson.JSONDecodeError:
-        data = orjson.loads(answer.rsplit(b"\n", 1)[-1])  # a stream: payloads one per line
-    if isinstance(data, dict) and isinstance(data.get("response"), dict):
-        data = data["response"]
+def _response_id(ex: Exchange, response: web.StreamResponse) -> str | None:
+    """The id of the Response the client got: the answer's, or a stream's last event's."""
+    if ex.tail:
+        data = orjson.loads(ex.tail[-1]).get("response")
+    else:
+        assert isinstance(response, web.Response) and isinstance(response.body, bytes)
+        data = orjson.loads(response.body)
     found = data.get("id") if isinstance(data, dict) else None
     return found if isinstance(found, str) else None
 
@@ -77,15 +90,15 @@ def _response_id(answer: bytes) -> str | None:
 async def get_response(request: web.Request) -> web.Response:
     deps = deps_of(request)
     claims = claims_of(request)
-    await spine.require_live_session(deps, claims.session_id)
+    await require_live_session(deps, claims.session_id)
     stored = await stored_responses.load(deps.redis, claims.session_id, request.match_info["response_id"])
     return web.Response(body=stored.raw, content_type="application/json")
 
 
 async def create_message(request: web.Request) -> web.StreamResponse:
     body, raw = await read_json_request(request)
-    turn = surfaces.Turn(dialects.MESSAGES, [], {})
-    return await _run(request, Endpoint.MESSAGES, messages.to_chat(body), turn, body, raw)
+    _, response = await _run(request, Endpoint.MESSAGES, messages.to_chat(body), dialects.Turn(dialects.MESSAGES, body), raw)
+    return response
 
 
 def add_routes(app: web.Application) -> None:

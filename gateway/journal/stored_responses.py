@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
-from gateway.journal.events import Kind, entry_body
-from gateway.pipeline.ledger import REDIS_ERRORS
+from gateway.state.entries import Kind, entry_body
+from gateway.state.ledger import REDIS_ERRORS
 from gateway.translate.responses import TERMINAL
 
 # Turns followed back through previous_response_id; a longer chain is refused, not walked.

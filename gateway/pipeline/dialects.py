@@ -1,6 +1,7 @@
-"""The two dialects besides chat completions, as the lifecycle sees them: how to address a
-native upstream (the client's body, with what the PEP decided applied to it), how to turn
-a chat answer or stream into the dialect, and how to read an answer already in it.
+"""The two dialects besides chat completions, as the Exchange sees them: how to address a
+native upstream (the client's body, with what the PEP decided applied to it), how to read
+an answer already in the dialect (usage, tool calls, when a stream is complete), and how
+to turn a chat answer or stream into the dialect.
 
 A provider speaks a dialect natively when it lists the endpoint in `native_endpoints`
 (OpenAI with `responses: native`, `kind: anthropic`, and a recorded replay, which answers
@@ -10,12 +11,16 @@ with what the client got the first time); every other upstream gets the chat for
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from gateway.assembly.model import ModelGrant
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.pipeline.policy import Grant
 from gateway.pipeline.request_fields import normalise_name
+from gateway.pipeline.usage import Usage
 from gateway.providers.base import Endpoint, Provider
+from gateway.tokenizer import count_text
 from gateway.translate import messages, responses
 from gateway.translate.common import Tokens, derived_id
 
@@ -219,3 +224,55 @@ class _MessagesMeter(messages.MessagesMeter):
 
 RESPONSES: Final[Dialect] = _Responses()
 MESSAGES: Final[Dialect] = _Messages()
+
+
+@dataclass(slots=True)
+class NativeUsage:
+    """A native stream's meter as the Exchange reads any meter: chunks seen, usage so far.
+    Without the upstream's final counts, the prompt is the estimate and the output is
+    counted from the text, as for a chat stream that carried no usage."""
+
+    meter: NativeMeter
+    prompt_estimate: int
+    model: ModelGrant
+    chunks: int = 0
+
+    def final_usage(self) -> Usage:
+        tokens = self.meter.usage
+        if tokens is not None:
+            return Usage(tokens.prompt, tokens.completion)
+        return Usage(self.prompt_estimate, count_text("".join(self.meter.text), self.model.encoding))
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """A call sent to its upstream in its own dialect: the endpoint, the body, how to read it."""
+
+    dialect: Dialect
+    body: dict[str, Any]
+
+    def usage(self, answer: dict[str, Any], prompt_estimate: int, model: ModelGrant) -> Usage:
+        tokens = self.dialect.tokens(answer)
+        if tokens is not None:
+            return Usage(tokens.prompt, tokens.completion)
+        return Usage(prompt_estimate, count_text(self.dialect.output_text(answer), model.encoding))
+
+
+@dataclass(slots=True)
+class Turn:
+    """One dialect call as its route drives it: the dialect, the conversation before it
+    (Responses' previous_response_id), and the journal fields its answer carries."""
+
+    dialect: Dialect
+    body: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def wire(self, provider: Provider, grant: Grant, *, plugins: bool) -> Wire | None:
+        """How to send it: natively (a Wire), or None for the chat form."""
+        if not passes_through(provider, self.dialect.endpoint, plugins=plugins):
+            return None
+        return Wire(self.dialect, self.dialect.native_body(self.body, grant, self.history))
+
+    def seed(self, request_id: str, upstream_id: object) -> str:
+        return f"{request_id}|{upstream_id or ''}"

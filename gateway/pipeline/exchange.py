@@ -45,6 +45,7 @@ from gateway.money import nanos_to_usd_str
 from gateway.pipeline import policy
 from gateway.pipeline.deployments import Deployments
 from gateway.pipeline.fallbacks import FallbackChain
+from gateway.pipeline.dialects import NativeUsage, StreamTranslator, Wire
 from gateway.pipeline.request_fields import redact_overrides
 from gateway.pipeline.usage import Estimate, StreamMeter, Usage, estimate, price, reply_usage
 from gateway.providers.base import Endpoint, Provider
@@ -53,6 +54,7 @@ from gateway.request_log import CallReport
 from gateway.state import idempotency
 from gateway.state.entries import Kind, make_entry
 from gateway.state.ledger import REDIS_ERRORS, Admission, CostTags, denial_tally
+from gateway.translate.common import Tokens, chat_tokens
 
 __all__ = ["Call", "Exchange", "Settled", "exchange", "journal_refusal", "require_live_session", "shielded"]
 
@@ -76,6 +78,9 @@ class Call:
     raw: bytes | None = None
     # What the request log tells of this call; the HTTP layer passes the request's own.
     report: CallReport = field(default_factory=CallReport)
+    # The same request in chat-completions form, for a call in another dialect (Responses,
+    # Messages): what the PEP checks and the estimate counts. None: `body` is that form.
+    view: dict[str, Any] | None = None
     # SHA-256 of the canonical body: what replays match on and every entry carries.
     request_hash: str = field(init=False)
 
@@ -83,6 +88,11 @@ class Call:
         self.request_hash = hashlib.sha256(orjson.dumps(self.body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         if self.raw is None:
             self.raw = orjson.dumps(self.body)
+
+    @property
+    def checked(self) -> tuple[Endpoint, dict[str, Any]]:
+        """The endpoint and body the PEP and the estimate see."""
+        return (self.endpoint, self.body) if self.view is None else (Endpoint.CHAT, self.view)
 
     @property
     def idempotency_record(self) -> str | None:
@@ -96,6 +106,7 @@ class Settled:
     cost_nanos: int
     budget_left_nanos: int
     error: GatewayError | None = None
+    entry_id: str = ""  # of the journal entry that closed the call
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +146,16 @@ class Exchange:
         self._reserved = False
         self._outcome: _Outcome | None = None
         self._answer_usage: Usage | None = None  # a complete answer's, before its checks
-        self._meter: StreamMeter | None = None
+        self._meter: StreamMeter | NativeUsage | None = None
         self.plugin_run = plugins.Run(())  # the Assembly's plugins for this call, once authorized
         self._payloads: list[bytes] = []
+        # A dialect call's last events: journaled with the rest, written once it is settled.
+        self.tail: list[bytes] = []
+        # Journal fields for the answer's entry (a dialect call's conversation links).
+        self.extra: dict[str, Any] = {}
+        self.answer_data: dict[str, Any] | None = None  # the complete answer, parsed
         self._closing: asyncio.Future[Settled] | None = None
+        self._entry_id = ""
 
     # -- admission ----------------------------------------------------------------------
 
@@ -151,7 +168,7 @@ class Exchange:
             self.grant: policy.Grant = await self._authorize()
         call.report.model, call.report.stream = self.grant.model.name, self.grant.stream
         self.estimate: Estimate = estimate(
-            self.grant.model, call.endpoint, self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
+            self.grant.model, call.checked[0], self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
         )
         chain = self.assembly.chain(self.grant.model)
         if len(chain) > 1:  # the reservation covers the dearest model that may serve
@@ -200,7 +217,7 @@ class Exchange:
         """The PEP, then the plugins' request hooks; a denial is journaled before it is raised."""
         deps, call = self.deps, self.call
         try:
-            grant = policy.authorize(self.assembly, call.endpoint, call.body, known_models=deps.known_models)
+            grant = policy.authorize(self.assembly, *call.checked, known_models=deps.known_models)
             # The Assembly's plugins for the steps this call could be (plan-level ones without steps).
             chain = plugins.for_call(deps.plugins, self.assembly, grant.candidate_steps)
             self.plugin_run = plugins.Run(chain, deps.metrics.observe_plugin)
@@ -249,16 +266,26 @@ class Exchange:
 
     # -- running ------------------------------------------------------------------------
 
-    async def send(self) -> bytes:
-        """One complete answer, checked by the output PEP and the plugins; its body."""
+    async def send(self, wire: Wire | None = None) -> bytes:
+        """One complete answer, checked by the output PEP and the plugins; its body.
+
+        With a `wire`, the upstream is asked in the call's own dialect and its answer is
+        passed on as it came (see gateway.pipeline.dialects); else in the grant's form.
+        """
         started = time.perf_counter()
+        endpoint, asked = (self.call.checked[0], self.grant.body) if wire is None else (wire.dialect.endpoint, wire.body)
         try:
             with self.deps.tracer.span("upstream"):
-                reply = await self.provider.send(self.call.endpoint, self.grant.body, request_id=self.call.request_id)
+                reply = await self.provider.send(endpoint, asked, request_id=self.call.request_id)
         finally:
             self.upstream_s = time.perf_counter() - started
         self.upstream_headers = reply.headers
-        data = reply.data
+        data = self.answer_data = reply.data
+        if wire is not None:
+            usage = self._answer_usage = wire.usage(data, self.estimate.prompt_tokens, self.grant.model)
+            policy.check_output(self.assembly, self.grant, wire.dialect.tool_names(data))
+            self._outcome = _Outcome(Kind.RESPONSE, usage, reply.body, {})
+            return reply.body
         choices = data.get("choices")
         if choices is not None and not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
             raise UpstreamError("upstream answered with malformed choices")
@@ -271,22 +298,34 @@ class Exchange:
             if message:
                 policy.check_output(self.assembly, self.grant, policy.tool_call_names(message))
         rewritten = self.plugin_run.response(data) if self.plugin_run else None
+        if rewritten is not None:
+            self.answer_data = rewritten
         body = reply.body if rewritten is None else orjson.dumps(rewritten)
         self._outcome = _Outcome(Kind.RESPONSE, usage, body, {})
         return body
 
-    async def stream(self) -> AsyncGenerator[bytes, None]:
+    def restate(self, body: bytes) -> None:
+        """The client gets `body` instead of the answer `send` returned (its translation into
+        the call's dialect); the journal keeps what the client gets."""
+        assert self._outcome is not None
+        self._outcome = dataclasses.replace(self._outcome, body=body)
+
+    async def stream(self, translator: StreamTranslator | None = None) -> AsyncGenerator[bytes, None]:
         """The answer's payloads as the client should see them (one per SSE `data:` event).
 
         The upstream is asked for usage even when the client did not ask; that chunk is
-        metered and dropped. Closing this iterator early closes the upstream call.
+        metered and dropped. Closing this iterator early closes the upstream call. With a
+        `translator`, the payloads are the chunks translated into the call's dialect, and
+        its closing events wait in `tail`.
         """
         body, client_wants_usage = _with_usage(self.grant.body)
+        tokens: Tokens | None = None
+        opened = False
         meter = self._meter = StreamMeter(self.grant.model, self.estimate.prompt_tokens)
         last: dict[str, Any] = {}
         started = time.perf_counter()
         upstream = self.provider.stream(
-            self.call.endpoint, body, request_id=self.call.request_id, headers_out=self.upstream_headers,
+            self.call.checked[0], body, request_id=self.call.request_id, headers_out=self.upstream_headers,
         )
         try:
             # Current in this task from the call to its last chunk: the upstream gets its traceparent.
@@ -301,6 +340,17 @@ class Exchange:
                         delta = choice.get("delta") if isinstance(choice, dict) else None
                         if isinstance(delta, dict):
                             policy.check_output(self.assembly, self.grant, policy.tool_call_names(delta))
+                    if translator is not None:
+                        tokens = chat_tokens(chunk.get("usage")) or tokens
+                        if self.plugin_run and not usage_only:
+                            chunk = self.plugin_run.chunk(chunk) or chunk
+                        events = translator.feed(chunk)
+                        if not opened:  # opened on the first chunk: an upstream refusal is still a JSON error
+                            opened, events = True, [*translator.start(), *events]
+                        for event in events:
+                            self._payloads.append(orjson.dumps(event))
+                            yield self._payloads[-1]
+                        continue
                     if usage_only:
                         if not client_wants_usage:
                             continue  # asked for billing; the client did not ask
@@ -313,6 +363,11 @@ class Exchange:
                     self._payloads.append(payload)
                     yield payload
             for owed in self.plugin_run.stream_end(last) if self.plugin_run else ():
+                if translator is not None:
+                    for event in translator.feed(owed):
+                        self._payloads.append(orjson.dumps(event))
+                        yield self._payloads[-1]
+                    continue
                 payload = orjson.dumps(owed)  # text a plugin held back, e.g. pii_redact's
                 self._payloads.append(payload)
                 yield payload
@@ -320,9 +375,46 @@ class Exchange:
             self.upstream_s = time.perf_counter() - started
             await upstream.aclose()
         ttft_us = None if self.ttft_s is None else int(self.ttft_s * 1e6)
+        usage = meter.final_usage()
+        if translator is not None:
+            closing = translator.finish(tokens or Tokens(usage.prompt_tokens, usage.completion_tokens))
+            self.tail = [orjson.dumps(event) for event in closing]
         self._outcome = _Outcome(
-            Kind.STREAM, meter.final_usage(), b"\n".join(self._payloads),
-            {"chunks": len(self._payloads), "ttft_us": ttft_us, "usage_from": "upstream" if meter.usage else "counted"},
+            Kind.STREAM, usage, b"\n".join([*self._payloads, *self.tail]),
+            {"chunks": len(self._payloads) + len(self.tail), "ttft_us": ttft_us,
+             "usage_from": "upstream" if meter.usage else "counted"},
+        )
+
+    async def stream_native(self, wire: Wire) -> AsyncGenerator[bytes, None]:
+        """A stream from an upstream that speaks the call's dialect: its events as they came,
+        checked by the output PEP and metered; the closing event waits in `tail`."""
+        native = wire.dialect.meter()
+        meter = self._meter = NativeUsage(native, self.estimate.prompt_tokens, self.grant.model)
+        started = time.perf_counter()
+        upstream = self.provider.stream(
+            wire.dialect.endpoint, wire.body, request_id=self.call.request_id, headers_out=self.upstream_headers,
+        )
+        try:
+            async for payload in upstream:
+                if self.ttft_s is None:
+                    self.ttft_s = time.perf_counter() - started
+                meter.chunks += 1
+                policy.check_output(self.assembly, self.grant, native.observe(_chunk(payload)))
+                if native.complete:
+                    self.tail.append(payload)
+                    continue
+                self._payloads.append(payload)  # as the upstream sent it, never re-serialised
+                yield payload
+        finally:
+            self.upstream_s = time.perf_counter() - started
+            await upstream.aclose()
+        if not native.complete:
+            raise UpstreamError("upstream stream ended early")
+        ttft_us = None if self.ttft_s is None else int(self.ttft_s * 1e6)
+        self._outcome = _Outcome(
+            Kind.STREAM, meter.final_usage(), b"\n".join([*self._payloads, *self.tail]),
+            {"chunks": len(self._payloads) + len(self.tail), "ttft_us": ttft_us,
+             "usage_from": "upstream" if native.usage else "counted"},
         )
 
     # -- settlement ---------------------------------------------------------------------
@@ -353,7 +445,7 @@ class Exchange:
             elif keep is not None:
                 kept = keep(cost)
         cost, left = await self._settle(
-            outcome.kind, outcome.usage, advance=True, body=outcome.body, status=200, keep=kept, **outcome.extra,
+            outcome.kind, outcome.usage, advance=True, body=outcome.body, status=200, keep=kept, **outcome.extra, **self.extra,
         )
         gateway_s, usage = self.gateway_s, outcome.usage
         if self.plugin_run:
@@ -368,7 +460,7 @@ class Exchange:
             model=self.served.name, tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens,
             cost_nanos=cost, gateway_s=gateway_s, upstream_s=self.upstream_s, ttft_s=self.ttft_s,
         )
-        return Settled(cost, left)
+        return Settled(cost, left, entry_id=self._entry_id)
 
     async def _settle_failure(self, exc: BaseException | None) -> Settled:
         error = as_gateway_error(exc)
@@ -419,6 +511,7 @@ class Exchange:
                 session_id=self.call.claims.session_id, request_id=self.call.request_id, actual_nanos=cost,
                 actual_tokens=usage.total, advance=advance, entry=entry, tags=self._tags(), answer=keep,
             )
+        self._entry_id = settlement.entry_id
         return cost, settlement.budget_left_nanos
 
     def _usage_so_far(self) -> Usage:

@@ -89,7 +89,7 @@ def test_a_stream_cut_upstream_ends_with_the_dialect_error_event_and_is_charged(
     error = orjson.loads(frames[-2].split("data: ", 1)[1])
     assert error == {"type": "error", "error": {"type": "api_error", "message": "mock upstream cut the stream", "code": "upstream_error"}}
     last = journal(redis_url, opened["session_id"])[-1]
-    assert last["kind"] == "error" and int(last["tok_out"]) > 0 and int(last["cost"]) > 0
+    assert last["kind"] == "error" and int(last["tok_out"]) > 0 and int(last["cost_nanos"]) > 0
     assert int(gw.session(opened["session_id"])["reserved_nanos"]) == 0
 
 
