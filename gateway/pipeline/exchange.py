@@ -44,8 +44,8 @@ from gateway.metrics import GenAI, denial_reason, genai
 from gateway.money import nanos_to_usd_str
 from gateway.pipeline import policy
 from gateway.pipeline.deployments import Deployments
-from gateway.pipeline.fallbacks import FallbackChain
 from gateway.pipeline.dialects import NativeUsage, StreamTranslator, Wire
+from gateway.pipeline.fallbacks import FallbackChain
 from gateway.pipeline.request_fields import redact_overrides
 from gateway.pipeline.usage import Estimate, StreamMeter, Usage, estimate, price, reply_usage
 from gateway.providers.base import Endpoint, Provider

@@ -105,8 +105,8 @@ class ResilientProvider:
         self.name = inner.name
         self.inner = inner
         # What the wrapped provider speaks besides chat (see gateway.pipeline.dialects).
-        self.native_endpoints = getattr(inner, "native_endpoints", frozenset())
-        self.speaks_chat = getattr(inner, "speaks_chat", True)
+        self.native_endpoints: frozenset[Endpoint] = getattr(inner, "native_endpoints", frozenset())
+        self.speaks_chat: bool = getattr(inner, "speaks_chat", True)
         self.breaker = Breaker(breaker)
         self._retries = retries
         self._observe = observe or (lambda provider, outcome: None)
