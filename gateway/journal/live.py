@@ -69,10 +69,11 @@ async def _rerun(deps: Deps, claims: Claims, recorded: RecordedCall) -> dict[str
         "recorded": recorded.outcome.get(b"kind", b"").decode() if recorded.outcome else None,
     }
     got: bytes | str
-    if recorded.endpoint in (Endpoint.RESPONSES, Endpoint.MESSAGES):
+    dialect = recorded.request.get(b"endpoint", b"").decode()
+    if dialect in (Endpoint.RESPONSES, Endpoint.MESSAGES):
         # Not re-executed: their answers carry fresh ids, which later turns would then name.
         result["answer"], result["match"] = None, None
-        result["error"] = {"status": 501, "code": "not_replayable_live", "message": f"/v1/{recorded.endpoint} calls replay in recorded mode only"}
+        result["error"] = {"status": 501, "code": "not_replayable_live", "message": f"/v1/{dialect} calls replay in recorded mode only"}
         return result
     try:
         if recorded.request.get(b"endpoint") == mcp_calls.ENDPOINT.encode():
