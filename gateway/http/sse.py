@@ -120,8 +120,8 @@ async def relay_events(
         assert settled.error is not None
         await _write_quietly(response, sse_event(orjson.dumps(error_event(settled.error, len(sent))), "error"))
         return response
-    await ex.close()
     tail = b"".join(sse_event(payload, event_type(payload)) for payload in ex.tail)
-    await ex.remember(idempotency.Stored(200, headers, b"".join(sent) + tail))
+    # Kept in the settle step for retries with the same Idempotency-Key: the bytes sent.
+    await ex.close(keep=lambda cost: idempotency.Stored(200, headers, b"".join(sent) + tail))
     await _write_quietly(response, tail)
     return response
