@@ -11,7 +11,6 @@ that stops reading: a write blocked past `server.stream_write_timeout_s` counts 
 from __future__ import annotations
 
 import asyncio
-
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -102,15 +101,16 @@ async def relay_events(
         "content-type": "text/event-stream", "cache-control": "no-cache", "x-request-id": ex.call.request_id,
     }
     response = web.StreamResponse(headers=headers)
+    limit_s = ex.deps.settings.server.stream_write_timeout_s
     sent: list[bytes] = []
     try:
         await response.prepare(request)
         if first is not None:
             sent.append(sse_event(first, event_type(first)))
-            await response.write(sent[-1])
+            await _write(response, sent[-1], limit_s)
             async for payload in chunks:
                 sent.append(sse_event(payload, event_type(payload)))
-                await response.write(sent[-1])
+                await _write(response, sent[-1], limit_s)
     except ConnectionResetError as gone:
         await chunks.aclose()
         raise ClientGone("client disconnected mid-stream") from gone
@@ -118,10 +118,10 @@ async def relay_events(
         await chunks.aclose()
         settled = await ex.close(exc)
         assert settled.error is not None
-        await _write_quietly(response, sse_event(orjson.dumps(error_event(settled.error, len(sent))), "error"))
+        await _write_quietly(response, sse_event(orjson.dumps(error_event(settled.error, len(sent))), "error"), limit_s)
         return response
     tail = b"".join(sse_event(payload, event_type(payload)) for payload in ex.tail)
     # Kept in the settle step for retries with the same Idempotency-Key: the bytes sent.
     await ex.close(keep=lambda cost: idempotency.Stored(200, headers, b"".join(sent) + tail))
-    await _write_quietly(response, tail)
+    await _write_quietly(response, tail, limit_s)
     return response

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from gateway.capability import Keyring
-from gateway.settings import ModelSettings, PluginSettings, Price, ProviderSettings, load_settings
+from gateway.settings import ModelSettings, Price, ProviderSettings, load_settings
 from tests.conftest import ROOT, Gateway, make_settings, start_gateway
 from tests.fakes.upstream import FakeUpstream, native_answer, sent_bytes
 from tests.openai_support import assert_no_server_errors, journal
@@ -40,22 +40,15 @@ class Native:
     gw: Gateway
     redis_url: str
 
-    def open(self) -> tuple[str, httpx.AsyncClient]:
-        opened = self.gw.open_session(PLAN)
+    def open(self, plan: dict[str, Any] = PLAN) -> tuple[str, httpx.AsyncClient]:
+        opened = self.gw.open_session(plan)
         client = httpx.AsyncClient(base_url=self.gw.base_url + "/v1", timeout=30,
                                    headers={"Authorization": f"Bearer {opened['token']}"})
         return opened["session_id"], client
 
 
 @pytest.fixture
-def plugin_settings() -> list[PluginSettings]:
-    return []
-
-
-@pytest.fixture
-async def native(
-    redis_url: str, keyring: Keyring, monkeypatch: pytest.MonkeyPatch, plugin_settings: list[PluginSettings]
-) -> AsyncIterator[Native]:
+async def native(redis_url: str, keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Native]:
     monkeypatch.setenv("TEST_NATIVE_KEY", UPSTREAM_KEY)
     async with FakeUpstream(api_key=UPSTREAM_KEY) as fake:
         base = load_settings(ROOT / "config" / "gateway.yaml")
@@ -74,7 +67,6 @@ async def native(
                 ModelSettings(name="claude-x", provider="claude", upstream_model="claude-real", price=price),
                 ModelSettings(name="chat-up", provider="vllm", upstream_model="llama-real", price=price),
             ],
-            plugins=plugin_settings,
         )
         gw = start_gateway(settings, redis_url, keyring)
         try:
@@ -170,9 +162,8 @@ async def test_a_chat_only_upstream_gets_the_responses_call_as_chat(native: Nati
     assert answer.status_code == 200 and answer.json()["output"][0]["content"][0]["text"] == "echo: hello there"
 
 
-@pytest.mark.parametrize("plugin_settings", [[PluginSettings(path="plugins.pii:PiiRedaction")]])
 async def test_with_plugins_on_a_native_upstream_is_asked_in_chat_form(native: Native) -> None:
-    _, client = native.open()
+    _, client = native.open({**PLAN, "name": "native-pii", "plugins": [{"name": "pii_redact"}]})
     async with client:
         answer = await client.post("/responses", json={"model": "native-gpt", "input": "mail me at jo@example.com"})
         sent = native.fake.last_request
