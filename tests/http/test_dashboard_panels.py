@@ -58,7 +58,7 @@ def test_the_panels_count_denials_rank_sessions_and_measure_overhead(gw: Gateway
     assert [(s["session_id"], s["cost_nanos"]) for s in body["top_sessions"]] == ranked
     calls = 6  # spend_on_two_tenants_and_two_models settles six calls
     assert body["overhead"]["count"] == calls and 0 < body["overhead"]["p50_ms"] <= body["overhead"]["p99_ms"]
-    assert body["tools"] is None  # no tool dimension in the cost rollups yet
+    assert body["tools"] == []  # tool calls are priced (MCP), but none ran here
     assert httpx.get(gw.base_url + "/admin/v1/dashboard").status_code == 401
 
 
@@ -82,7 +82,7 @@ async def test_the_dashboard_draws_denials_top_sessions_overhead_and_journals_in
         assert shown["sessions"] == [[s["session_id"], s["cost_usd"], f"#journal={s['session_id']}"] for s in api["top_sessions"]]
         assert shown["p50"] == f"{api['overhead']['p50_ms']:.3f} ms" and shown["p99"] == f"{api['overhead']['p99_ms']:.3f} ms"
         assert shown["count"] == str(api["overhead"]["count"])
-        assert shown["tools"] == {"rows": 0, "empty": "No tool calls are priced by this gateway yet (MCP tools)."}
+        assert shown["tools"] == {"rows": 0, "empty": "No tool spend in this window."}
         assert shown["journal_hidden"] is True
 
         await page.evaluate("document.querySelector('#top-sessions a.journal-link').click()")
