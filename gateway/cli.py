@@ -101,15 +101,19 @@ def _prefork(args: argparse.Namespace, workers: int, host: str, port: int, redis
         while not stopping and all(child.poll() is None for child in children):
             time.sleep(0.2)
     finally:
+        stopped_by_us = set(signalled)
         for child in children:  # a worker died, or one was started as the signal came in
             if child.pid not in signalled and child.poll() is None:
+                stopped_by_us.add(child.pid)
                 child.terminate()
         for child in children:
             child.wait()
         if ours:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     # A worker killed by a signal has a negative returncode; report it the way a shell does.
-    codes = [128 - child.returncode if child.returncode < 0 else child.returncode for child in children]
+    # The worker that died on its own is the cause: its code wins over those we stopped.
+    died = [child for child in children if child.pid not in stopped_by_us] or children
+    codes = [128 - child.returncode if child.returncode < 0 else child.returncode for child in died]
     return max(codes, default=0)
 
 
