@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway import plugins, redis_keys
-from gateway.assembly.model import Assembly, ModelGrant
+from gateway.assembly.model import Assembly, Deployment, FrozenPrice, ModelGrant
 from gateway.capability import Claims
 from gateway.deps import Deps
 from gateway.errors import (
@@ -47,7 +47,15 @@ from gateway.pipeline.deployments import Deployments
 from gateway.pipeline.dialects import NativeUsage, StreamTranslator, Wire
 from gateway.pipeline.fallbacks import FallbackChain
 from gateway.pipeline.request_fields import redact_overrides
-from gateway.pipeline.usage import Estimate, StreamMeter, Usage, estimate, price, reply_usage
+from gateway.pipeline.usage import (
+    Estimate,
+    StreamMeter,
+    Usage,
+    charge,
+    dearest,
+    estimate,
+    reply_usage,
+)
 from gateway.providers.base import Endpoint, Provider
 from gateway.providers.resilience import FAILED_ATTEMPTS
 from gateway.request_log import CallReport
@@ -171,9 +179,9 @@ class Exchange:
             self.grant.model, call.checked[0], self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
         )
         chain = self.assembly.chain(self.grant.model)
-        if len(chain) > 1:  # the reservation covers the dearest model that may serve
+        if len(chain) > 1:  # the reservation covers the dearest model (or deployment) that may serve
             est, worst = self.estimate, Usage(self.estimate.prompt_tokens, self.estimate.max_output_tokens)
-            self.estimate = Estimate(est.prompt_tokens, est.max_output_tokens, max(price(m, worst) for m in chain))
+            self.estimate = Estimate(est.prompt_tokens, est.max_output_tokens, max(dearest(m, worst) for m in chain))
         while True:
             with deps.tracer.span("reserve"):
                 admission = await self._reserve()
@@ -438,7 +446,7 @@ class Exchange:
         kept = None
         if self.call.idempotency_record is not None:
             # Kept in the settle step itself: no crash can part a charge from its answer.
-            cost = price(self.served, outcome.usage)
+            cost = charge(self.served_price, outcome.usage)
             if outcome.kind == Kind.RESPONSE:
                 sent = {"content-type": "application/json", "x-request-id": self.call.request_id, **self.answer_headers(cost, -1)}
                 kept = idempotency.Stored(200, sent, outcome.body, with_budget_left=True)
@@ -491,14 +499,12 @@ class Exchange:
             fields["served_by"] = served.name
         if self.failed_attempts:
             fields["attempts_failed"] = ",".join(self.failed_attempts)
-        answered = self.provider
-        if isinstance(answered, FallbackChain):
-            if answered.attempts:
-                fields["fallbacks_failed"] = ",".join(f"{m}:{code}" for m, code in answered.attempts)
-            answered = answered.served_provider or answered
-        if isinstance(answered, Deployments) and answered.served is not None:
-            fields["deployment"] = f"{answered.served.provider}:{answered.served.upstream_model}"
-        cost = price(served, usage)
+        if isinstance(self.provider, FallbackChain) and self.provider.attempts:
+            fields["fallbacks_failed"] = ",".join(f"{m}:{code}" for m, code in self.provider.attempts)
+        deployment = self.served_deployment
+        if deployment is not None:
+            fields["deployment"] = deployment.label
+        cost = charge(served.price_at(deployment), usage)
         entry = make_entry(
             kind, rid=self.call.request_id, model=self.grant.model.name, asm=self.assembly.id,
             req_hash=self.call.request_hash, tok_in=usage.prompt_tokens, tok_out=usage.completion_tokens,
@@ -530,6 +536,23 @@ class Exchange:
         if isinstance(self.provider, ReplayProvider) and self.provider.served_by:
             return self.assembly.models.get(self.provider.served_by, self.grant.model)
         return self.grant.model
+
+    @property
+    def served_deployment(self) -> Deployment | None:
+        """Which of the serving model's deployments answered; None when it has none."""
+        answered = self.provider
+        if isinstance(answered, FallbackChain):
+            answered = answered.served_provider or answered
+        if isinstance(answered, Deployments):
+            return answered.served
+        if isinstance(answered, ReplayProvider) and answered.deployment:
+            return self.served.deployment(answered.deployment)
+        return None
+
+    @property
+    def served_price(self) -> FrozenPrice:
+        """The frozen price this call is charged: the serving model's, or its deployment's own."""
+        return self.served.price_at(self.served_deployment)
 
     @property
     def tenant(self) -> str:
