@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -24,7 +25,7 @@ from gateway.money import cost_nanos, nanos_to_usd_str
 from gateway.settings import ModelSettings, Price, ProviderSettings
 from tests.conftest import Gateway, make_settings, start_gateway
 from tests.fakes.upstream import FakeUpstream
-from tests.openai_support import async_sdk, journal
+from tests.openai_support import async_sdk, bearer, journal
 
 KEY = "sk-ant-test-SECRET-0123456789"
 PRICE = Price(input_per_mtok=3, output_per_mtok=15)
@@ -166,7 +167,7 @@ def _answer_entry(redis_url: str, session_id: str) -> dict[str, str]:
     finally:
         client.close()
     (entry,) = [{k.decode(): v.decode() for k, v in e.items() if k != b"body"} for e in entries
-                if e[b"kind"] in (b"response", b"stream")]
+                if e[b"kind"] in (b"response", b"stream", b"error")]
     return entry
 
 
@@ -211,3 +212,22 @@ async def test_a_gemini_call_and_stream_are_charged_their_reported_usage(beyond:
     assert (entry["kind"], entry["tok_in"], entry["tok_out"], entry["usage_from"]) == ("stream", "21", "9", "upstream")
     shown = gw.session(streamed["session_id"])
     assert nanos_to_usd_str(shown["spent_nanos"]) == _cost(21, 9) and shown["reserved_nanos"] == 0
+
+
+async def test_a_streamed_bedrock_call_fails_rather_than_being_faked(beyond: tuple[FakeUpstream, Gateway], redis_url: str) -> None:
+    # litellm cannot read a Converse stream without botocore: the call fails, it is not faked.
+    fake, gw = beyond
+    fake.respond_with(json=CONVERSE)
+    opened = gw.open_session(PLAN)
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(gw.openai_base + "/chat/completions", headers=bearer(opened["token"]), json={
+            "model": "bedrock-claude", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["type"] and KEY not in response.text
+    entry = _answer_entry(redis_url, opened["session_id"])
+    # Like any stream that failed before its first chunk: its prompt, nothing generated.
+    assert (entry["kind"], entry["tok_out"]) == ("error", "0")
+    prompt_cost = cost_nanos(int(entry["tok_in"]), IN_NANOS)
+    assert int(entry["cost_nanos"]) == prompt_cost
+    shown = gw.session(opened["session_id"])
+    assert (shown["spent_nanos"], shown["reserved_nanos"]) == (prompt_cost, 0)
