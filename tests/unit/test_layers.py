@@ -26,7 +26,8 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (3, ("gateway.pipeline.exchange", "gateway.journal.recorded", "gateway.mcp.calls")),
     (4, ("gateway.journal.live", "gateway.decision")),
     (5, ("gateway.http", "gateway.mcp.endpoint", "gateway.mcp.demo", "gateway.app", "gateway.server", "gateway.cli",
-         "gateway.demo", "gateway.admin_cli", "gateway.journal_cli", "gateway.plan_cli", "gateway.__main__")),
+         "gateway.demo", "gateway.admin_cli", "gateway.journal_cli", "gateway.plan_cli", "gateway.__main__",
+         "gateway.heap")),
 ]
 
 
