@@ -26,8 +26,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (3, ("gateway.pipeline.exchange", "gateway.journal.recorded", "gateway.mcp.calls")),
     (4, ("gateway.journal.live", "gateway.decision")),
     (5, ("gateway.http", "gateway.mcp.endpoint", "gateway.mcp.demo", "gateway.app", "gateway.server", "gateway.cli",
-         "gateway.demo", "gateway.admin_cli", "gateway.journal_cli", "gateway.plan_cli", "gateway.__main__",
-         "gateway.heap")),
+         "gateway.demo", "gateway.admin_cli", "gateway.journal_cli", "gateway.plan_cli", "gateway.__main__")),
 ]
 
 
