@@ -1,4 +1,5 @@
-"""The one Protocol every provider implements, and the reply it returns.
+"""The one Protocol every provider implements, the reply it returns, and what the wrappers
+around providers (retries, deployments, fallbacks) share: the stream relay, the dialects.
 
 Bodies arrive already checked by the PEP, with `model` set to the pinned upstream
 model. Providers raise `UpstreamError`/`UpstreamTimeout` (or an `InvalidRequest` with
