@@ -25,7 +25,7 @@ from gateway.state.export import read_all
 
 __all__ = ["Outcome", "Request", "SessionLog", "read_session", "read_sessions"]
 
-MODEL_ENDPOINTS = frozenset(e.value for e in Endpoint)
+MODEL_ENDPOINTS = frozenset(e.value for e in Endpoint if e is not Endpoint.TOOLS_CALL)
 # How MCP tool calls are told apart: an endpoint naming MCP or tools/call, or an entry kind.
 TOOL_CALL_KINDS = frozenset({"tool_call", "tool"})
 SETTLED = frozenset({Kind.RESPONSE, Kind.STREAM})

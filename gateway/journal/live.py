@@ -19,7 +19,6 @@ from gateway.capability import Claims
 from gateway.deps import Deps
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.journal.recorded import RecordedCall, recorded_calls
-from gateway.mcp import calls as mcp_calls
 from gateway.pipeline.exchange import Call, exchange
 from gateway.pipeline.usage import StreamMeter
 from gateway.providers.base import Endpoint
@@ -76,20 +75,16 @@ async def _rerun(deps: Deps, claims: Claims, recorded: RecordedCall) -> dict[str
         result["error"] = {"status": 501, "code": "not_replayable_live", "message": f"/v1/{dialect} calls replay in recorded mode only"}
         return result
     try:
-        if recorded.request.get(b"endpoint") == mcp_calls.ENDPOINT.encode():
-            # An MCP tool call: through the tools/call lifecycle, the server asked again.
-            answer = await mcp_calls.call_tool(deps, mcp_calls.ToolCall(request_id, recorded.body, claims))
-            result["answer"], got = Kind.RESPONSE, answer.body
-        else:
-            # The same Exchange a client's call runs through: PEP, plugins, budget, journal.
-            async with exchange(deps, Call(request_id, recorded.endpoint, recorded.body, claims)) as ex:
-                if ex.grant.stream:
-                    meter = StreamMeter(model=ex.grant.model, prompt_estimate=0)
-                    async for payload in ex.stream():
-                        meter.observe(orjson.loads(payload))
-                    result["answer"], got = Kind.STREAM, meter.text
-                else:
-                    result["answer"], got = Kind.RESPONSE, await ex.send()
+        # The same Exchange a client's call runs through: PEP, plugins, budget, journal (an
+        # MCP tool call with its tool's pieces: the server is asked again).
+        async with exchange(deps, Call(request_id, recorded.endpoint, recorded.body, claims)) as ex:
+            if ex.tool is None and ex.grant.stream:
+                meter = StreamMeter(model=ex.grant.model, prompt_estimate=0)
+                async for payload in ex.stream():
+                    meter.observe(orjson.loads(payload))
+                result["answer"], got = Kind.STREAM, meter.text
+            else:
+                result["answer"], got = Kind.RESPONSE, await ex.send()
     except GatewayError as exc:
         result["answer"], got = Kind.ERROR, f"{exc.status} {exc.code}"
         result["error"] = {"status": exc.status, "code": exc.code, "message": exc.message}
