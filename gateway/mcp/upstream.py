@@ -52,13 +52,19 @@ class ToolServer:
 
     async def list_tools(self) -> dict[str, dict[str, Any]]:
         """Every tool the server defines now, by name, as the JSON it sent (camelCase keys)."""
+        import mcp_types as types
+
         client = await self._connected()
         tools: dict[str, dict[str, Any]] = {}
         cursor: str | None = None
         async with self._guard("tools/list"):
             while True:
                 params = None if cursor is None else {"cursor": cursor}
-                page = await client.session.list_tools(params=params)  # type: ignore[arg-type]
+                if self._post is not None:
+                    # Read with the SDK's model, as its client would: the same definitions, the same hashes.
+                    page = types.ListToolsResult.model_validate(await self._post.request("tools/list", params))
+                else:
+                    page = await client.session.list_tools(params=params)  # type: ignore[arg-type]
                 for tool in page.tools:
                     tools[tool.name] = tool.model_dump(mode="json", by_alias=True, exclude_none=True)
                 cursor = page.next_cursor

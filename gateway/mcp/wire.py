@@ -1,10 +1,11 @@
-"""tools/call over streamable HTTP as one JSON-RPC POST, on a session the SDK's client opened.
+"""tools/call and tools/list over streamable HTTP as one JSON-RPC POST each, on a session
+the SDK's client opened.
 
 The SDK's client stack (anyio streams, a task per request, pydantic models both ways) costs
-more than the rest of a gateway call, so the hot tools/call skips it: the SDK still
-connects, negotiates (initialize), lists tools and hears notifications; this POSTs on the
-same session, with its `Mcp-Session-Id` and negotiated protocol version, and reads the
-answer whether it comes as JSON or as an SSE stream.
+more than the rest of a gateway call, so the hot requests skip it: the SDK still connects,
+negotiates (initialize) and hears notifications; this POSTs on the same session, with its
+`Mcp-Session-Id` and negotiated protocol version, and reads the answer whether it comes
+as JSON or as an SSE stream.
 """
 
 from __future__ import annotations
@@ -51,32 +52,42 @@ class ToolPost:
         self._headers = headers
 
     async def call(self, tool: str, arguments: Mapping[str, Any]) -> Reply:
+        """tools/call: the CallToolResult, its JSON as the server sent it."""
+        result = await self.request("tools/call", {"name": tool, "arguments": arguments})
+        if not isinstance(result.get("content", []), list):
+            raise UpstreamError(f"tool server {self.name!r} sent a malformed tools/call result")
+        return Reply(body=orjson.dumps(result), data=result)
+
+    async def request(self, method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """One JSON-RPC request; its result object. A JSON-RPC error is an UpstreamError."""
         # Ids of their own: the SDK's client numbers its requests on the same session from 0.
         rid = f"abc-{next(self._ids)}"
-        message = {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
+        if params is not None:
+            message["params"] = params
         if self._http is None:
             self._http = aiohttp.ClientSession()
         async with self._http.post(self._url, data=orjson.dumps(message), headers=self._headers, allow_redirects=False) as response:
             if response.status == 404 and _SESSION_HEADER in self._headers:
                 raise SessionLost
             if response.status != 200:
-                raise UpstreamError(f"tool server {self.name!r} answered tools/call with HTTP {response.status}")
+                raise UpstreamError(f"tool server {self.name!r} answered {method} with HTTP {response.status}")
             raw = await self._read(response)
             events = response.content_type == "text/event-stream"
         try:
             answer = _answer(raw, rid, events)
         except orjson.JSONDecodeError:
-            raise UpstreamError(f"tool server {self.name!r} answered tools/call with something not JSON") from None
+            raise UpstreamError(f"tool server {self.name!r} answered {method} with something not JSON") from None
         if answer is None:
-            raise UpstreamError(f"tool server {self.name!r} sent no answer to tools/call")
+            raise UpstreamError(f"tool server {self.name!r} sent no answer to {method}")
         error = answer.get("error")
         if error is not None:
             code = error.get("code") if isinstance(error, dict) else None
-            raise UpstreamError(f"tool server {self.name!r} refused tools/call (JSON-RPC error {code})")
+            raise UpstreamError(f"tool server {self.name!r} refused {method} (JSON-RPC error {code})")
         result = answer.get("result")
-        if not isinstance(result, dict) or not isinstance(result.get("content", []), list):
-            raise UpstreamError(f"tool server {self.name!r} sent a malformed tools/call result")
-        return Reply(body=orjson.dumps(result), data=result)
+        if not isinstance(result, dict):
+            raise UpstreamError(f"tool server {self.name!r} sent a malformed {method} result")
+        return result
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         # An SSE answer may carry notifications before the result: room for them too.
