@@ -113,3 +113,24 @@ def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert rank("gateway.state.ledger") == 1 and rank("gateway.http.sse") == 5
     assert rank("gateway.pipeline.exchange") == 3 and rank("gateway.pipeline.policy") == 2
+
+
+def lifecycle_calls() -> dict[str, set[str]]:
+    """Modules outside the ledger that reserve or settle, and what they call: `.reserve(` and
+    `.settle(` on anything named like the ledger."""
+    found: dict[str, set[str]] = {}
+    for name, path in _modules().items():
+        if name.startswith("gateway.state."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("reserve", "settle") and "ledger" in ast.unparse(node.func.value)
+            ):
+                found.setdefault(name, set()).add(node.func.attr)
+    return found
+
+
+def test_only_the_exchange_reserves_and_settles_model_and_tool_calls_alike() -> None:
+    # One lifecycle: a route or a tool-call path with a reserve/settle of its own is a second one.
+    assert lifecycle_calls() == {"gateway.pipeline.exchange": {"reserve", "settle"}}
