@@ -318,6 +318,32 @@ def test_an_unreachable_server_is_a_clear_error_and_releases_the_reservation(
         down.close()
 
 
+def test_a_restarted_server_is_reached_on_a_new_session_and_no_call_is_left_reserved(redis_url: str, keyring: Keyring) -> None:
+    server = McpServerProcess().start()
+    gw = start_gateway(_settings(server), redis_url, keyring)
+    try:
+        opened = gw.open_session(plan())
+
+        async def call(client: Client) -> Any:
+            return (await client.call_tool("shop__weather", {"city": "Oslo"})).content
+
+        async def first_after_restart(client: Client) -> None:
+            with contextlib.suppress(MCPError):  # the call that finds the session gone may fail: upstream_error
+                await call(client)
+
+        assert with_client(gw, opened["token"], call)[0].text == "Sunny in Oslo"
+        server.stop()
+        server.start()  # the same port; this process never saw the gateway's MCP session
+        with_client(gw, opened["token"], first_after_restart)
+        assert with_client(gw, opened["token"], call)[0].text == "Sunny in Oslo"
+        assert server.calls()["weather"] in (1, 2)
+        assert gw.session(opened["session_id"])["reserved_nanos"] == 0
+        assert_no_server_errors(gw)
+    finally:
+        gw.close()
+        server.stop()
+
+
 def test_compiling_names_the_path_of_an_unknown_tool_or_an_unreachable_server(
     shop: McpServerProcess, redis_url: str, keyring: Keyring
 ) -> None:
