@@ -182,3 +182,18 @@ def test_plugins_read_and_rewrite_the_text_blocks_and_structured_strings_of_a_re
     assert out["structuredContent"] == {"status": "sent to [email]", "to": ["[email]", 7]}
     assert run.counts() == {"pii_redact": {"answer_email": 3}}
     assert result["content"][0]["text"] == "mail a@b.io"  # the upstream's reply is not mutated
+
+
+def test_a_direct_post_reads_its_answer_from_json_or_from_sse_events_after_notifications() -> None:
+    from gateway.mcp.wire import _answer
+
+    result = {"jsonrpc": "2.0", "id": "abc-7", "result": {"content": []}}
+    assert _answer(orjson.dumps(result), "abc-7", events=False) == result
+    assert _answer(orjson.dumps({**result, "id": "abc-6"}), "abc-7", events=False) is None
+    progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+    stream = (
+        b"event: message\r\ndata: " + orjson.dumps(progress) + b"\r\n\r\n"
+        + b"id: 2\nevent: message\ndata: " + orjson.dumps(result) + b"\n\n"
+    )
+    assert _answer(stream, "abc-7", events=True) == result
+    assert _answer(stream, "abc-8", events=True) is None
