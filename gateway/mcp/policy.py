@@ -99,7 +99,7 @@ def check_result(tool: McpTool, result: dict[str, Any], body: bytes, run: plugin
 def _through_plugins(run: plugins.Run, result: dict[str, Any]) -> dict[str, Any] | None:
     """The result as the plugins leave it; None when none changed it. They see it as a model's
     answer: one choice per text content block and per string in the structured content."""
-    texts = list(_texts(result))
+    texts = _texts(result)
     if not texts:
         return None
     choices = [
