@@ -6,9 +6,10 @@ sequential calls with the SDK's client: in alternating blocks, directly and thro
 Reports the latency of each path (p50, p99), the p50 overhead, and the gateway process's
 CPU time per call (utime + stime from /proc, over the gateway's blocks only).
 
-Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0] [--profile stacks.txt]
+Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0] [--profile stacks.txt] [--tree DIR]
 (--profile: py-spy samples the gateway during the whole measurement; the top functions
-are printed, the raw stacks kept in the file.)
+are printed, the raw stacks kept in the file. --tree: the gateway's code from another
+source tree, e.g. a checkout from before a change, with this venv's dependencies.)
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--ttl", type=float, default=1.0, help="definitions_ttl_s of the tool server (0: list before every call)")
     parser.add_argument("--profile", type=Path, help="py-spy the gateway while measuring; raw stacks to this file")
+    parser.add_argument("--tree", type=Path, help="run the gateway package of this source tree")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="abc-bench-mcp-"))
     redis_port, mcp_port, gw_port = free_port(), free_port(), free_port()
@@ -161,10 +163,11 @@ def main() -> int:
     config.write_text(yaml.safe_dump(settings))
     env = tool_env(ABC_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", ABC_ADMIN_TOKEN=admin, ABC_SIGNING_KEY=signing)
     base = f"http://127.0.0.1:{gw_port}"
+    gateway_env = env if args.tree is None else {**env, "PYTHONPATH": f"{args.tree.resolve()}{os.pathsep}{env['PYTHONPATH']}"}
     redis_argv = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(work)]
     with child(redis_argv, env), \
             child([sys.executable, "-m", "bench.mcp_upstream", "--port", str(mcp_port)], env, f"http://127.0.0.1:{mcp_port}/"), \
-            child([str(gateway_executable()), "serve", "--config", str(config)], env, base + "/healthz") as gateway:
+            child([str(gateway_executable()), "serve", "--config", str(config)], gateway_env, base + "/healthz") as gateway:
         headers = {"Authorization": f"Bearer {admin}"}
         plan = {
             "name": "bench-mcp", "models": [{"name": "gpt-4o-mini", "max_tokens": 16}],
