@@ -42,6 +42,7 @@ from gateway.state.entries import Kind
 
 __all__ = ["Evaluation", "evaluate", "with_models"]
 
+DIALECTS = frozenset({Endpoint.RESPONSES.value, Endpoint.MESSAGES.value})
 DEAD_SESSION_CODES = frozenset({"invalid_api_key", "session_revoked", "session_expired", "session_not_found"})
 
 
@@ -216,6 +217,10 @@ def _skip_reason(request: Request) -> str | None:
         return "an MCP tool call: not evaluated, its recorded cost is kept"
     if request.endpoint not in MODEL_ENDPOINTS:
         return f"endpoint {request.endpoint!r} is not evaluated; its recorded cost is kept"
+    if request.endpoint in DIALECTS:
+        # The PEP checks these in chat form, which the HTTP layer builds (from stored
+        # responses too); the journal keeps the body as the client sent it.
+        return f"a /v1/{request.endpoint} call: not evaluated, its recorded cost is kept"
     if not request.admitted and request.code in DEAD_SESSION_CODES:
         return "denied because the session was no longer live, not by the plan"
     return None

@@ -161,11 +161,11 @@ async def _session(deps: Deps, candidate: Assembly, log: SessionLog, result: Ses
 
 
 def _not_sent(request: Request, verdict: Verdict, run: LiveRun) -> tuple[str, str] | None:
-    if verdict.verdict == "denied":
-        return "denied", f"not sent: the candidate denies it ({verdict.rule or verdict.code}: {verdict.reason})"
     refused = live.not_replayable(request.endpoint)
     if verdict.verdict == "skipped" or request.endpoint not in MODEL_ENDPOINTS or refused is not None:
         return "not_replayable", (refused or {}).get("message") or verdict.reason or "not a model call"
+    if verdict.verdict == "denied":
+        return "denied", f"not sent: the candidate denies it ({verdict.rule or verdict.code}: {verdict.reason})"
     if run.stopped_at is not None:
         return "not_run", "the cap was reached before it"
     return None

@@ -70,8 +70,8 @@ def mock_calls(gw: Gateway) -> int:
 
 
 def record(gw: Gateway) -> tuple[str, list[str]]:
-    """A chat session on the recorded plan: a question, a tool call, a stream. Returns its
-    id and the text the client got for the two plain answers."""
+    """A chat session on the recorded plan: a question, a tool call, a stream, and a call in
+    the Responses dialect. Returns its id and the text the client got for the two first answers."""
     opened = gw.open_session(RECORDED_PLAN)
     with sdk(gw, opened["token"]) as client:
         first = client.chat.completions.create(model="gpt-4o-mini", messages=ask("Where is order A-7?"))
@@ -80,6 +80,7 @@ def record(gw: Gateway) -> tuple[str, list[str]]:
         stream = client.chat.completions.create(model="gpt-4o-mini", messages=ask("And the refund?"), stream=True,
                                                 stream_options={"include_usage": True})
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        client.responses.create(model="gpt-4o-mini", input="Thanks")
     return opened["session_id"], [first.choices[0].message.content or "", streamed]
 
 
@@ -107,7 +108,8 @@ def test_live_answers_of_the_candidates_model_stand_beside_the_recorded_ones_and
     live = report["live"]
     assert live["cap_usd"] == "1.000000000" and live["cap_default"] and not live["stopped_by_cap"]
     rows = live["calls"]
-    assert [r["status"] for r in rows] == ["run", "denied", "run"]
+    assert [r["status"] for r in rows] == ["run", "denied", "run", "not_replayable"]
+    assert "recorded mode only" in rows[3]["reason"] and rows[3]["recorded"]["kind"] == "response"
 
     # The request the candidate denies (its tool is gone) is not sent: two provider calls.
     assert rows[1]["live"] is None and "tool_not_allowed" in rows[1]["reason"]
@@ -129,7 +131,8 @@ def test_live_answers_of_the_candidates_model_stand_beside_the_recorded_ones_and
 
     # Totals: recorded against live spend, to the nano-dollar, and the journaled session.
     totals = live["totals"]
-    assert (totals["run"], totals["answered"], totals["skipped_denied"], totals["not_run"]) == (2, 2, 1, 0)
+    assert [totals[k] for k in ("requests", "run", "answered", "skipped_denied", "not_replayable", "not_run")] == [
+        4, 2, 2, 1, 1, 0]
     assert totals["recorded_spend_nanos"] == rows[0]["recorded"]["cost_nanos"] + rows[2]["recorded"]["cost_nanos"]
     [session] = live["sessions"]
     evaluation = gw.session(session["session_id"])
@@ -184,7 +187,7 @@ def test_the_cli_prints_the_answers_side_by_side_and_refuses_a_bad_cap(gw: Gatew
     out = ok(*args, "--live", "--live-budget-usd", "0.5", "-o", str(tmp_path / "report.json")).stdout
     assert "stored for its evaluation sessions, not a version" in out
     assert "live: the candidate's answers beside the recorded ones, cap 0.500000000 USD" in out
-    assert "2 run (2 answered), 1 skipped as denied, 0 not replayable, 0 not run" in out
+    assert "2 run (2 answered), 1 skipped as denied, 1 not replayable, 0 not run" in out
     assert "the cap did not stop the run" in out
     lines = out.splitlines()
     at = lines.index(f"  {source} #0 run")
