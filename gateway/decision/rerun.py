@@ -177,7 +177,7 @@ async def _open(deps: Deps, candidate: Assembly, log: SessionLog, result: Sessio
     it refuses is the candidate's budget running out, not the cap). True: the cap binds."""
     left, own = max(run.cap_nanos - run.spent, 0), result.budget_nanos
     cap_binds = own is None or left <= own
-    budget = left if cap_binds or own is None else own
+    budget = left if own is None else min(left, own)
     source = await deps.sessions.get(log.session_id)
     opened = await deps.sessions.open(
         candidate, tenant=candidate.tenant or source.tenant, budget_nanos=budget, ttl_s=None,

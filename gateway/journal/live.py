@@ -5,6 +5,7 @@ source's Assembly, in recorded order. An answer matches when its body is byte-eq
 the recorded one, for a stream when its assembled text (content and tool calls) is equal,
 and for an error when its status and code are. Pages (`offset`, `limit`, `into`) let a
 caller show progress and continue in the same session, so steps keep their order.
+`run_call` is also how `plan evaluate --live` asks a candidate (gateway/decision/rerun.py).
 """
 
 from __future__ import annotations
