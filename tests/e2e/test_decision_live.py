@@ -157,26 +157,39 @@ def worst_case_nanos(gw: Gateway, text: str) -> int:
     return estimate(grant.model, Endpoint.CHAT, grant.body, n=grant.n, max_tokens=grant.max_output_tokens).nanos
 
 
-def test_the_cap_stops_a_live_run_through_the_reservation_and_the_report_says_where(gw: Gateway) -> None:
+def ask_again(gw: Gateway, times: int) -> str:
+    """A session asking the same question `times` times: the same worst case and the same answer."""
     opened = gw.open_session(RECORDED_PLAN)
     with sdk(gw, opened["token"]) as client:
-        for _ in range(4):  # the same question: the same worst case and the same answer each time
+        for _ in range(times):
             client.chat.completions.create(model="gpt-4o-mini", messages=ask("Status of A-9?"))
-    source = opened["session_id"]
-    body = {"plan": CANDIDATE, "sessions": [source], "model_map": SWAP}
-    answer = evaluate(gw, {**body, "live": {}})["live"]["calls"][0]["live"]["cost_nanos"]
-    cap = worst_case_nanos(gw, "Status of A-9?") + answer  # room for two answers, not for a third
+    session_id: str = opened["session_id"]
+    return session_id
+
+
+def test_the_cap_stops_a_live_run_through_the_reservation_across_sessions_and_the_report_says_where(
+    gw: Gateway,
+) -> None:
+    first, second = ask_again(gw, 2), ask_again(gw, 3)
+    body = {"plan": CANDIDATE, "model_map": SWAP}
+    answer = evaluate(gw, {**body, "sessions": [first], "live": {}})["live"]["calls"][0]["live"]["cost_nanos"]
+    worst = worst_case_nanos(gw, "Status of A-9?")
+    # Two answers in the first session; the second session opens with what is left (the
+    # worst case exactly): one answer, then the reservation refuses the next.
+    cap = worst + 2 * answer
     before = mock_calls(gw)
-    report = evaluate(gw, {**body, "live": {"budget_usd": cap / 1e9}})
+    report = evaluate(gw, {**body, "sessions": [first, second], "live": {"budget_usd": cap / 1e9}})
     live = report["live"]
     assert live["cap_nanos"] == cap and not live["cap_default"]
-    assert live["stopped_by_cap"] and live["stopped_at"] == {"session_id": source, "index": 2}
-    assert [r["status"] for r in live["calls"]] == ["run", "run", "run", "not_run"]
-    refused = live["calls"][2]
+    assert [s["budget_usd"] for s in live["sessions"]] == [live["cap_usd"], f"0.{worst:09d}"]
+    assert live["stopped_by_cap"] and live["stopped_at"] == {"session_id": second, "index": 1}
+    assert [(r["session_id"], r["status"]) for r in live["calls"]] == [
+        (first, "run"), (first, "run"), (second, "run"), (second, "run"), (second, "not_run")]
+    refused = live["calls"][3]
     assert refused["live"]["error"]["code"] == "budget_exceeded" and "cap" in refused["reason"]
-    assert mock_calls(gw) - before == 2 == live["totals"]["sent"]
-    assert live["totals"]["live_spend_nanos"] == 2 * answer <= cap
-    assert gw.session(live["sessions"][0]["session_id"])["budget_usd"] == live["cap_usd"]
+    assert mock_calls(gw) - before == 3 == live["totals"]["sent"] == live["totals"]["answered"]
+    assert live["totals"]["live_spend_nanos"] == 3 * answer <= cap
+    assert sum(gw.session(s["session_id"])["spent_nanos"] for s in live["sessions"]) == 3 * answer
 
 
 def test_the_cli_prints_the_answers_side_by_side_and_refuses_a_bad_cap(gw: Gateway, tmp_path: Path) -> None:
