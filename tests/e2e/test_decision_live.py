@@ -35,6 +35,7 @@ LOOKUP = {
     "description": "Find an order by id",
     "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]},
 }
+LOOKUP_TOOL: Any = {"type": "function", "function": LOOKUP}
 RECORDED_PLAN: dict[str, Any] = {
     "name": "live-bot",
     "tenant": "acme",
@@ -76,7 +77,7 @@ def record(gw: Gateway) -> tuple[str, list[str]]:
     with sdk(gw, opened["token"]) as client:
         first = client.chat.completions.create(model="gpt-4o-mini", messages=ask("Where is order A-7?"))
         client.chat.completions.create(model="gpt-4o-mini", messages=ask("Look up A-7"),
-                                       tools=[{"type": "function", "function": LOOKUP}])
+                                       tools=[LOOKUP_TOOL])
         stream = client.chat.completions.create(model="gpt-4o-mini", messages=ask("And the refund?"), stream=True,
                                                 stream_options={"include_usage": True})
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
@@ -94,7 +95,8 @@ def evaluate(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
 def journal_kinds(redis_url: str, session_id: str) -> list[str]:
     client = redis.Redis.from_url(redis_url)
     try:
-        return [f[b"kind"].decode() for _, f in client.xrange(redis_keys.journal(session_id))]
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(redis_keys.journal(session_id))  # type: ignore[assignment]  # sync client
+        return [fields[b"kind"].decode() for _, fields in entries]
     finally:
         client.close()
 
