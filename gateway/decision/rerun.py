@@ -106,6 +106,9 @@ class LiveRun:
             "stopped_by_cap": stop is not None,
             "stopped_at": None if stop is None else {"session_id": stop.session_id, "index": stop.index},
             "journaled": True, "label": EVALUATION_LABEL,
+            "note": ("live calls ran in evaluation sessions on the candidate's Assembly, journaled like any "
+                     f"session and labelled {EVALUATION_LABEL}=<recorded session>; each one's usd budget was "
+                     "what was left of the cap, enforced by the reservation"),
             "sessions": self.sessions,
             "totals": {
                 "requests": len(self.rows),
