@@ -31,7 +31,8 @@ TOOL_CALL_KINDS = frozenset({"tool_call", "tool"})
 SETTLED = frozenset({Kind.RESPONSE, Kind.STREAM})
 # Sessions that copy or re-run other sessions' calls: a replay's, or a live evaluation's
 # (see gateway/decision/rerun.py). Never read as a plan's own sessions.
-REPLAY_LABELS = ("replay_of", "live_replay_of", "evaluation_of")
+EVALUATION_LABEL = "evaluation_of"
+REPLAY_LABELS = ("replay_of", "live_replay_of", EVALUATION_LABEL)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,13 @@ import orjson
 from gateway.assembly.model import Assembly
 from gateway.capability import Claims
 from gateway.decision.evaluate import Evaluation, SessionResult, Verdict
-from gateway.decision.observe import MODEL_ENDPOINTS, Request, SessionLog, read_session
+from gateway.decision.observe import (
+    EVALUATION_LABEL,
+    MODEL_ENDPOINTS,
+    Request,
+    SessionLog,
+    read_session,
+)
 from gateway.deps import Deps
 from gateway.errors import BudgetExceeded
 from gateway.journal import live
@@ -41,7 +47,6 @@ from gateway.state.entries import Kind, entry_body
 __all__ = ["DEFAULT_CAP_NANOS", "EVALUATION_LABEL", "LiveRun", "run_live"]
 
 DEFAULT_CAP_NANOS = usd_to_nanos(1)
-EVALUATION_LABEL = "evaluation_of"
 TEXT_LIMIT = 2000  # characters of each answer in the report; the journals keep them whole
 
 
