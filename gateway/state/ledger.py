@@ -37,6 +37,7 @@ from gateway.errors import (
 from gateway.money import nanos_to_usd_str
 from gateway.state.entries import Entry, Kind, digest, make_entry
 from gateway.state.leases import Backlog, Held, Leases
+from gateway.state.wire import Wire
 
 log = logging.getLogger("gateway.ledger")
 SCRIPT_NAMES = (
@@ -154,6 +155,8 @@ class Ledger:
         count: Callable[[str], None] | None = None,
     ) -> None:
         self.redis = redis
+        # The reserve and settle round trips of a single Redis, without redis-py's pipeline.
+        self._wire = Wire.of(redis)
         self._observe = observe or (lambda op, seconds: None)
         self._count = count or (lambda event: None)
         self._last_bucket = ""  # the hour bucket this process last registered in COST_BUCKETS
@@ -175,17 +178,13 @@ class Ledger:
             raise ServiceUnavailable("budget store unavailable") from exc
 
     async def _run(self, name: str, keys_: list[str], args: list[Any], extra: Sequence[tuple[Any, ...]] = ()) -> Any:
-        """EVALSHA `name` and the `extra` commands in one pipeline; returns the script's result."""
+        """EVALSHA `name` and the `extra` commands in one round trip; returns the script's result."""
         started = time.perf_counter()
         for attempt in (1, 2):
             try:
                 if name not in self._sha:
                     await self.load_scripts()
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.evalsha(self._sha[name], len(keys_), *keys_, *args)
-                    for command in extra:
-                        pipe.execute_command(*command)
-                    results = await pipe.execute(raise_on_error=False)
+                results = await self._send([("EVALSHA", self._sha[name], len(keys_), *keys_, *args), *extra])
             except REDIS_ERRORS as exc:
                 raise _unavailable(exc) from exc
             result = results[0]
@@ -199,6 +198,15 @@ class Ledger:
             self._observe(name, time.perf_counter() - started)
             return result
         raise ServiceUnavailable("budget store unavailable")
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The commands' replies in order, errors among them; one round trip."""
+        if self._wire is not None:
+            return await self._wire.execute(commands)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute(raise_on_error=False)
 
     async def reserve(
         self,
@@ -347,6 +355,8 @@ class Ledger:
             task.cancel()
         if self._releases:
             await asyncio.wait(list(self._releases), timeout=1)
+        if self._wire is not None:
+            await self._wire.close()
 
     async def settle(
         self,
