@@ -1,12 +1,16 @@
 """Providers reached through litellm's translation (Anthropic, Bedrock, Vertex, ...).
 
-litellm is imported here, lazily, only when a provider of kind `litellm` is configured,
-so the gateway starts in well under a second otherwise. Its price map is read from
-the installed package, never fetched.
+litellm is imported here, only when a provider of kind `litellm` is configured, and on
+a thread once the provider is built: its import takes seconds (about 9 s on the 2-core
+machine of the README's figures), and the gateway listens and serves its other models
+meanwhile; a call through litellm that comes first waits for the import. Its price map is
+read from the installed package, never fetched.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -25,6 +29,11 @@ from gateway.providers.base import Endpoint, Reply
 from gateway.providers.openai_compat import scrub
 from gateway.settings import ProviderSettings
 
+log = logging.getLogger("gateway.providers.litellm")
+
+
+_imported: list[Any] = []  # litellm, once imported and configured (by whichever thread)
+
 
 def _import_litellm() -> Any:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -33,15 +42,39 @@ def _import_litellm() -> Any:
 
     litellm.telemetry = False
     litellm.drop_params = False  # a parameter the target can't take is an error, not silently lost
+    _imported[:] = [litellm]
     return litellm
+
+
+def _said_why(importing: asyncio.Future[Any]) -> None:
+    if not importing.cancelled() and importing.exception() is not None:
+        log.error("litellm could not be imported: %s", type(importing.exception()).__name__)
 
 
 class LiteLLMProvider:
     def __init__(self, settings: ProviderSettings) -> None:
         self.name = settings.name
         self._settings = settings
-        self._litellm = _import_litellm()
         self._prefix = settings.litellm_provider or ""
+        self._litellm: Any = _imported[0] if _imported else None
+        self._importing: asyncio.Future[Any] | None = None
+        if self._litellm is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # built outside a loop (a tool, a test): import now
+                self._litellm = _import_litellm()
+            else:
+                self._importing = loop.run_in_executor(None, _import_litellm)
+                self._importing.add_done_callback(_said_why)
+
+    async def _module(self) -> Any:
+        if self._litellm is None:
+            assert self._importing is not None
+            try:
+                self._litellm = await asyncio.shield(self._importing)
+            except Exception:  # logged once, when the import failed
+                raise UpstreamError("the litellm provider is not available on this gateway") from None
+        return self._litellm
 
     def _kwargs(self, body: dict[str, Any]) -> dict[str, Any]:
         model = str(body["model"])
@@ -70,7 +103,7 @@ class LiteLLMProvider:
         return UpstreamError(f"upstream error (status {status or 'unknown'})")
 
     async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
-        llm = self._litellm
+        llm = await self._module()
         call = {Endpoint.CHAT: llm.acompletion, Endpoint.COMPLETIONS: llm.atext_completion, Endpoint.EMBEDDINGS: llm.aembedding}[endpoint]
         try:
             response = await call(**self._kwargs(body))
@@ -85,7 +118,7 @@ class LiteLLMProvider:
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        llm = self._litellm
+        llm = await self._module()
         call = llm.acompletion if endpoint is Endpoint.CHAT else llm.atext_completion
         try:
             response = await call(**self._kwargs(body))

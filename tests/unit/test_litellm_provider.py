@@ -55,3 +55,26 @@ def test_serving_without_a_litellm_provider_never_imports_litellm() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_provider_built_in_the_event_loop_imports_litellm_on_a_thread_and_its_first_call_waits() -> None:
+    # A fresh interpreter: the import must not have happened yet in this process.
+    code = """
+import asyncio, threading
+from gateway.providers import litellm_provider
+from gateway.settings import ProviderSettings
+importers = []
+real = litellm_provider._import_litellm
+def recording():
+    importers.append(threading.current_thread() is threading.main_thread())
+    return real()
+litellm_provider._import_litellm = recording
+async def main():
+    provider = litellm_provider.LiteLLMProvider(ProviderSettings(name="ll", kind="litellm", litellm_provider="openai"))
+    built_without_it = provider._litellm is None
+    module = await provider._module()
+    print(built_without_it, importers, module.drop_params, module.__name__)
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True [False] False litellm"
