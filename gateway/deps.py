@@ -7,14 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-
 from gateway.assembly.store import AssemblyStore
 from gateway.capability import Keyring, Verifier
 from gateway.metrics import Metrics
 from gateway.pipeline.deployments import Balancer
 from gateway.plugins import Plugin
 from gateway.providers.base import Provider
+from gateway.redis_client import AnyRedis
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
 from gateway.state.ledger import Ledger
@@ -23,7 +22,7 @@ from gateway.state.ledger import Ledger
 @dataclass(frozen=True)
 class Deps:
     settings: Settings
-    redis: Redis
+    redis: AnyRedis
     ledger: Ledger
     assemblies: AssemblyStore
     sessions: SessionStore

@@ -1,4 +1,5 @@
-"""Cost reports from the hourly rollups that every settlement writes (`costs:<YYYYMMDDHH>`).
+"""Cost reports from the hourly rollups that every settlement writes (`costs:{idx:K}:<YYYYMMDDHH>`,
+one per index shard K: a report reads every shard of every hour).
 
 Spend is grouped by tenant, session, model or Assembly over whole UTC hours: an hour is in
 a report when it overlaps [since, until). Money stays integer nano-dollars. A series
@@ -13,11 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from redis.asyncio import Redis
-
 from gateway import redis_keys as keys
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.money import nanos_to_usd_str
+from gateway.redis_client import AnyRedis
 from gateway.state.ledger import REDIS_ERRORS
 
 GROUPS = keys.COST_DIMENSIONS
@@ -141,19 +141,19 @@ def _dimension(group_by: str) -> int:
 
 
 async def _rollups(
-    redis: Redis, since: datetime, until: datetime
+    redis: AnyRedis, since: datetime, until: datetime, shards: int
 ) -> list[tuple[int, dict[bytes, bytes]]]:
-    """(bucket YYYYMMDDHH, rollup hash) for every hour that overlaps [since, until)."""
+    """(bucket YYYYMMDDHH, rollup hash) for every hour that overlaps [since, until) and every shard."""
     try:
         found = await redis.zrangebyscore(keys.COST_BUCKETS, _bucket(since), _last_bucket(until))
-        buckets = [int(b) for b in found]
+        wanted = [(int(b), shard) for b in found for shard in range(shards)]
         async with redis.pipeline(transaction=False) as pipe:
-            for bucket in buckets:
-                pipe.hgetall(keys.cost_rollup(str(bucket)))
-            rollups = await pipe.execute() if buckets else []
+            for bucket, shard in wanted:
+                pipe.hgetall(keys.cost_rollup(str(bucket), shard))
+            rollups = await pipe.execute() if wanted else []
     except REDIS_ERRORS as exc:
         raise ServiceUnavailable("cost store unavailable") from exc
-    return list(zip(buckets, rollups, strict=True))
+    return [(bucket, rollup) for (bucket, _), rollup in zip(wanted, rollups, strict=True)]
 
 
 def _spend(rollup: dict[bytes, bytes], part: int) -> Iterator[tuple[str, int]]:
@@ -164,17 +164,21 @@ def _spend(rollup: dict[bytes, bytes], part: int) -> Iterator[tuple[str, int]]:
             yield parts[part], int(value)
 
 
-async def cost_report(redis: Redis, group_by: str, since: datetime, until: datetime) -> CostReport:
+async def cost_report(
+    redis: AnyRedis, group_by: str, since: datetime, until: datetime, *, shards: int = keys.DEFAULT_SHARDS
+) -> CostReport:
     part = _dimension(group_by)
     totals: dict[str, int] = {}
-    for _, rollup in await _rollups(redis, since, until):
+    for _, rollup in await _rollups(redis, since, until, shards):
         for key, nanos in _spend(rollup, part):
             totals[key] = totals.get(key, 0) + nanos
     rows = sorted((CostRow(k, v) for k, v in totals.items() if v), key=lambda r: (-r.nanos, r.key))
     return CostReport(group_by, since, until, tuple(rows))
 
 
-async def cost_series(redis: Redis, group_by: str, since: datetime, until: datetime) -> CostSeries:
+async def cost_series(
+    redis: AnyRedis, group_by: str, since: datetime, until: datetime, *, shards: int = keys.DEFAULT_SHARDS
+) -> CostSeries:
     """The same rollups as `cost_report`, kept apart by hour: its per-key sums are the report."""
     part = _dimension(group_by)
     first, last = _hour(since), _hour(until - timedelta(microseconds=1))
@@ -184,7 +188,7 @@ async def cost_series(redis: Redis, group_by: str, since: datetime, until: datet
     hours = tuple(first + timedelta(hours=i) for i in range(count))
     slot = {_bucket(hour): i for i, hour in enumerate(hours)}
     per_key: dict[str, list[int]] = {}
-    for bucket, rollup in await _rollups(redis, since, until):
+    for bucket, rollup in await _rollups(redis, since, until, shards):
         for key, nanos in _spend(rollup, part):
             per_key.setdefault(key, [0] * count)[slot[bucket]] += nanos
     series = sorted(

@@ -13,14 +13,16 @@ from gateway.reports import cost_report, cost_series, resolve_window
 async def costs(request: web.Request) -> web.Response:
     query = request.query
     since, until = resolve_window(query.get("since"), query.get("until"))
-    report = await cost_report(deps_of(request).redis, query.get("group_by", "tenant"), since, until)
+    deps = deps_of(request)
+    report = await cost_report(deps.redis, query.get("group_by", "tenant"), since, until, shards=deps.settings.redis.shards)
     return web.Response(body=orjson.dumps(report.to_dict()), content_type="application/json")
 
 
 async def costs_series(request: web.Request) -> web.Response:
     query = request.query
     since, until = resolve_window(query.get("since"), query.get("until"))
-    series = await cost_series(deps_of(request).redis, query.get("group_by", "tenant"), since, until)
+    deps = deps_of(request)
+    series = await cost_series(deps.redis, query.get("group_by", "tenant"), since, until, shards=deps.settings.redis.shards)
     return web.Response(body=orjson.dumps(series.to_dict()), content_type="application/json")
 
 

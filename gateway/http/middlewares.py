@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.capability import bearer_token, constant_time_equals
 from gateway.errors import (
@@ -87,7 +87,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except GatewayError as exc:
         status = exc.status
         return error_response(exc, request_id)
-    except RedisError:
+    except (RedisError, RedisClusterException):
         # Whatever path touched Redis, its trouble fails closed: 503, nothing forwarded.
         status = 503
         return error_response(ServiceUnavailable("state store unavailable; request not served"), request_id)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
-from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.errors import InvalidRequest, ServiceUnavailable, StateConflict
+from gateway.redis_client import AnyRedis
 from gateway.state.ledger import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def record_key(claims: Claims, idempotency_key: str) -> str:
     return keys.idempotency(claims.session_id, hashlib.sha256(idempotency_key.encode()).hexdigest())
 
 
-async def await_answer(redis: Redis, record: str, request_hash: str, held: dict[str, bytes]) -> Stored | None:
+async def await_answer(redis: AnyRedis, record: str, request_hash: str, held: dict[str, bytes]) -> Stored | None:
     """The first request's answer; None when the first failed and freed the key (run again)."""
     deadline = time.monotonic() + WAIT_S
     delay = 0.01
@@ -94,7 +94,7 @@ def _stored(held: dict[str, bytes]) -> Stored:
     return Stored(int(held.get("status", b"200")), headers, body)
 
 
-async def remember(redis: Redis, record: str, stored: Stored) -> None:
+async def remember(redis: AnyRedis, record: str, stored: Stored) -> None:
     fields: dict[str, bytes | str | int] = {
         "state": "done", "status": stored.status, "headers": orjson.dumps(stored.headers), "body": stored.body,
     }
@@ -111,7 +111,7 @@ async def remember(redis: Redis, record: str, stored: Stored) -> None:
         log.warning("could not store an idempotent answer; its key stays pending until it expires")
 
 
-async def forget(redis: Redis, record: str) -> None:
+async def forget(redis: AnyRedis, record: str) -> None:
     try:
         await redis.delete(record)
     except REDIS_ERRORS:
