@@ -24,7 +24,10 @@ from bench.targets import Target, child_env, tool_env
 BENCH_DIR = Path(__file__).resolve().parent
 WRK_DIR = BENCH_DIR / "wrk"
 KINDS = ("chat", "stream", "embeddings")
-KIND_LABELS = {"chat": "chat", "stream": "chat stream", "embeddings": "embeddings"}
+KIND_LABELS = {"chat": "chat", "stream": "chat stream", "embeddings": "embeddings",
+               "responses": "Responses API", "messages": "Anthropic Messages"}
+# Kinds only the gateway serves (the mock upstream speaks chat): see bench/dialects.py.
+_PATHS = {"embeddings": "/embeddings", "responses": "/responses", "messages": "/messages"}
 WRK_TIMEOUT = "10s"  # slow answers count in the latency, not as timeouts
 
 
@@ -39,7 +42,7 @@ class Scenario:
 
     @property
     def path(self) -> str:
-        return "/embeddings" if self.kind == "embeddings" else "/chat/completions"
+        return _PATHS.get(self.kind, "/chat/completions")
 
     @property
     def label(self) -> str:

@@ -1,14 +1,20 @@
-"""abc-gateway: serve | demo | compile | admin ... | replay | journal export."""
+"""abc-gateway: serve | demo | compile | admin ... | replay | journal export | plan ..."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from gateway.errors import ConfigError
 
@@ -21,21 +27,27 @@ def _serve(args: argparse.Namespace) -> int:
     # Until the server installs its own handlers, SIGTERM unwinds like Ctrl-C does, so the
     # `finally` below still stops an embedded redis-server (it runs in its own session).
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    from gateway.server import keyring_for, redis_url_for, serve_forever
-    from gateway.settings import load_settings
+    from gateway.request_log import configure
+    from gateway.server import keyring_for, redis_url_for, serve_forever, startup_fields
+    from gateway.settings import config_path, load_settings
 
-    settings = load_settings(args.config)
+    config = config_path(args.config)
+    settings = load_settings(config)
+    configure(settings.log)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers or settings.server.workers
     keyring = keyring_for(settings)
     redis_url, embedded = redis_url_for(settings)
+    started = startup_fields(settings, config=config, redis_url=redis_url, embedded=embedded is not None, host=host, port=port, workers=workers)
     try:
         if workers > 1:
-            return _prefork(args, workers, host, port, redis_url)
+            return _prefork(args, workers, host, port, redis_url, started)
         _install_uvloop()
         try:
-            serve_forever(settings, redis_url=redis_url, keyring=keyring, host=host, port=port, reuse_port=args.reuse_port)
+            # A prefork worker (--reuse-port) leaves the start-up line to its parent.
+            serve_forever(settings, redis_url=redis_url, keyring=keyring, host=host, port=port, reuse_port=args.reuse_port,
+                          started=None if args.reuse_port else started)
         except OSError as exc:  # binding the port is the only OSError that gets out of the server
             raise ConfigError(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}") from None
         return 0
@@ -44,13 +56,27 @@ def _serve(args: argparse.Namespace) -> int:
             embedded.stop()
 
 
-def _prefork(args: argparse.Namespace, workers: int, host: str, port: int, redis_url: str) -> int:
+def _metrics_dir() -> tuple[str, bool]:
+    """The workers' shared metrics directory, emptied: PROMETHEUS_MULTIPROC_DIR when the
+    operator set it, else a fresh one of ours (returns whether we made it)."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not given:
+        return tempfile.mkdtemp(prefix="abc-gateway-metrics-"), True
+    Path(given).mkdir(parents=True, exist_ok=True)
+    for stale in Path(given).glob("*.db"):  # a previous run's values would be summed in
+        stale.unlink()
+    return given, False
+
+
+def _prefork(args: argparse.Namespace, workers: int, host: str, port: int, redis_url: str, started: dict[str, Any]) -> int:
     """N single-worker processes sharing the port with SO_REUSEPORT; the kernel balances.
 
     Workers get their own process group, so a terminal's Ctrl-C reaches only this parent,
     which passes it on once: a second signal would cut a worker's graceful shutdown short.
+    Their metrics go to files in one directory, so any worker's /metrics shows the sum.
     """
-    env = {**os.environ, "ABC_REDIS_URL": redis_url}
+    metrics_dir, ours = _metrics_dir()
+    env = {**os.environ, "ABC_REDIS_URL": redis_url, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     command = [sys.executable, "-m", "gateway", "serve", "--workers", "1", "--reuse-port", "--host", host, "--port", str(port)]
     if args.config:
         command += ["--config", args.config]
@@ -71,16 +97,23 @@ def _prefork(args: argparse.Namespace, workers: int, host: str, port: int, redis
     try:
         while len(children) < workers and not stopping:
             children.append(subprocess.Popen(command, env=env, process_group=0))
+        logging.getLogger("gateway.server").info("listening", extra={"fields": started})
         while not stopping and all(child.poll() is None for child in children):
             time.sleep(0.2)
     finally:
+        stopped_by_us = set(signalled)
         for child in children:  # a worker died, or one was started as the signal came in
             if child.pid not in signalled and child.poll() is None:
+                stopped_by_us.add(child.pid)
                 child.terminate()
         for child in children:
             child.wait()
+        if ours:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     # A worker killed by a signal has a negative returncode; report it the way a shell does.
-    codes = [128 - child.returncode if child.returncode < 0 else child.returncode for child in children]
+    # The worker that died on its own is the cause: its code wins over those we stopped.
+    died = [child for child in children if child.pid not in stopped_by_us] or children
+    codes = [128 - child.returncode if child.returncode < 0 else child.returncode for child in died]
     return max(codes, default=0)
 
 
@@ -95,9 +128,12 @@ def _compile(args: argparse.Namespace) -> int:
 
     from gateway.assembly.compile import compile_plan
     from gateway.assembly.plan import load_plan_file
+    from gateway.mcp.upstream import discover_once
     from gateway.settings import load_settings
 
-    compiled = compile_plan(load_plan_file(args.plan), load_settings(args.config))
+    plan, settings = load_plan_file(args.plan), load_settings(args.config)
+    listings = asyncio.run(discover_once(settings, [entry.server for entry in plan.mcp])) if plan.mcp else None
+    compiled = compile_plan(plan, settings, mcp_listings=listings)
     print(orjson.dumps(orjson.loads(compiled.assembly.canonical_json()), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
     print(f"assembly_id: {compiled.assembly.id}", file=sys.stderr)
     for warning in compiled.warnings:
@@ -139,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.journal_cli import add_journal_commands
 
     add_journal_commands(sub)
+
+    from gateway.plan_cli import add_plan_commands
+
+    add_plan_commands(sub)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 Starts an embedded Redis and the gateway with the built-in mock provider, compiles the
 example plan, opens a session and drives it with the official OpenAI SDK, printing
-what happened: answers, a denial, the cost, a journal excerpt and its verification.
+what happened: answers, a denial, the cost, a journal excerpt and its verification, and
+ends with `plan suggest`: the revision of the plan that the journals argue for.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ import yaml
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 from pydantic import SecretStr
 
+from gateway.mcp.demo import drive_tools, with_demo_tool_server
 from gateway.server import BackgroundServer, keyring_for, redis_url_for
-from gateway.settings import load_settings
+from gateway.settings import LogSettings, load_settings, packaged
 
-PLAN_PATH = Path("config/plans/support-bot.yaml")
+LOCAL_PLAN = Path("config/plans/support-bot.yaml")
+
+
+def plan_path() -> Path:
+    """The example plan: the local copy when there is one, else the one shipped in the package."""
+    return LOCAL_PLAN if LOCAL_PLAN.exists() else packaged("plans/support-bot.yaml")
 
 
 def _say(title: str, detail: str = "") -> None:
@@ -33,7 +40,10 @@ def _say(title: str, detail: str = "") -> None:
 def run_demo(*, config: str | None = None) -> int:
     settings = load_settings(config)
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else secrets.token_urlsafe(32)
-    settings = settings.model_copy(update={"admin_token": SecretStr(admin_token)})
+    update: dict[str, Any] = {"admin_token": SecretStr(admin_token)}
+    if "log" not in settings.model_fields_set:
+        update["log"] = LogSettings(level="error")  # request lines (its denials too) would bury the story told on stdout
+    settings = with_demo_tool_server(settings.model_copy(update=update))
     data_dir = Path(settings.redis.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     keyring = keyring_for(settings, demo_key_dir=data_dir)
@@ -70,9 +80,10 @@ LOOKUP_ORDER: ChatCompletionToolParam = {
 
 
 def _drive(base_url: str, admin: httpx.Client) -> None:
-    plan = yaml.safe_load(PLAN_PATH.read_text(encoding="utf-8"))
+    path = plan_path()
+    plan = yaml.safe_load(path.read_text(encoding="utf-8"))
     compiled = _admin(admin, "POST", "/admin/v1/plans/compile", plan)
-    _say(f"compiled {PLAN_PATH} -> {compiled['assembly_id']}",
+    _say(f"compiled {path} -> {compiled['assembly_id']}",
          "\n".join(f"  warning: {w}" for w in compiled["warnings"]) or "  no warnings")
     opened = _admin(admin, "POST", "/admin/v1/sessions",
                     {"assembly_id": compiled["assembly_id"], "budget_usd": 0.05, "labels": {"source": "demo"}})
@@ -89,6 +100,8 @@ def _drive(base_url: str, admin: httpx.Client) -> None:
     _say("session", f"  step {shown['current_step']}, {shown['requests']} requests admitted, spent ${shown['spent_usd']}, "
          f"reserved ${shown['reserved_usd']}, remaining ${shown['remaining_usd']}")
     _journal(admin, session_id)
+    _journal(admin, drive_tools(base_url, admin, _say))
+    _suggest(admin, compiled["assembly_id"])
 
 
 def _triage(client: openai.OpenAI) -> None:
@@ -155,3 +168,17 @@ def _journal(admin: httpx.Client, session_id: str) -> None:
     _say("journal excerpt (hash-chained, nano-dollars)", "\n".join(lines))
     report = _admin(admin, "POST", f"/admin/v1/sessions/{session_id}/replay", {"mode": "verify"})
     _say("journal verify", "  " + json.dumps(report))
+
+
+def _suggest(admin: httpx.Client, assembly_id: str) -> None:
+    """The decision plane: what the journal suggests for the plan's next version."""
+    versions = _admin(admin, "GET", "/admin/v1/plans/support-bot/versions")["data"]
+    head = versions[-1]
+    found = _admin(admin, "GET", "/admin/v1/plans/support-bot/suggestions")
+    lines = [f"  version {head['version']} ({head['assembly_id']}), {head['sessions']} session(s) opened on it"
+             + (" (this run's)" if head["assembly_id"] == assembly_id else "")]
+    lines += [f"  [{c['action']}] {c['summary']}" for c in found["changes"]] or ["  no change suggested yet"]
+    lines += [f"  (too little data: {note}; run the demo again)" for note in found["notes"]]
+    lines += ["", "  " + found["yaml"].replace("\n", "\n  ").rstrip()]
+    _say(f"plan suggest support-bot: {found['sessions']} session(s), {found['calls']} call(s) read from the journals",
+         "\n".join(lines))

@@ -3,9 +3,12 @@
     Exception
     ├── ConfigError                 operator mistakes: bad settings, bad plans; never a request's fault
     └── GatewayError                one request failed; status/type/code say how
-        ├── InvalidRequest          400  malformed JSON, bad fields
+        ├── InvalidRequest          400  malformed JSON or HTTP, duplicate keys, bad fields
+        │   ├── MethodNotAllowed    405  a route asked with the wrong method
         │   ├── PayloadTooLarge     413  body over `server.max_body_bytes`
-        │   └── MethodNotAllowed    405  a route asked with the wrong method
+        │   ├── UriTooLong          414  request line over aiohttp's limit
+        │   ├── UnsupportedMediaType 415 a body that is not `application/json`
+        │   └── HeaderTooLarge      431  a header, or the header count, over aiohttp's limits
         ├── Unauthenticated         401  missing, bad, expired or revoked token
         ├── CapabilityDenied        403  not in the VCS (model, tool, parameter, upstream override)
         ├── NotFound                404  unknown model or route
@@ -13,7 +16,8 @@
         ├── BudgetExceeded          429  session/tenant budget would be exceeded
         ├── RateLimited             429  RPM/TPM limit
         │   └── UpstreamRateLimited 429  the upstream throttles the gateway's key
-        ├── ServiceUnavailable      503  Redis down or slow: we fail closed
+        ├── ServiceUnavailable      503  Redis down or slow: we fail closed; a plugin missing here
+        │   └── Overloaded          503  past the in-flight cap; carries Retry-After
         ├── UpstreamError           502  provider failed or answered garbage
         │   └── UpstreamUnavailable 502  unreachable, reset, or 500/502/503/504: worth a retry
         ├── UpstreamTimeout         504  provider too slow
@@ -23,7 +27,8 @@
 
 Budget exhaustion is 429 (not 402) everywhere: the OpenAI SDK maps 429 to
 RateLimitError, which clients already handle, and 402 has no SDK class.
-Errors are translated to JSON once, in `gateway.http.middlewares`.
+Errors are translated to JSON once, in `gateway.http.middlewares` (or, for requests
+aiohttp could not parse, in `gateway.http.protocol`).
 """
 
 from __future__ import annotations
@@ -38,20 +43,24 @@ __all__ = [
     "ClientGone",
     "ConfigError",
     "GatewayError",
+    "HeaderTooLarge",
     "InternalError",
     "InvalidRequest",
     "MethodNotAllowed",
     "NotFound",
+    "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
     "RequestCancelled",
     "ServiceUnavailable",
     "StateConflict",
     "Unauthenticated",
+    "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamRateLimited",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "UriTooLong",
 ]
 
 
@@ -63,7 +72,6 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
-
     def __init__(
         self,
         message: str,
@@ -113,6 +121,21 @@ class MethodNotAllowed(InvalidRequest):
     code = "method_not_allowed"
 
 
+class UriTooLong(InvalidRequest):
+    status = 414
+    code = "uri_too_long"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class HeaderTooLarge(InvalidRequest):
+    status = 431
+    code = "request_header_fields_too_large"
+
+
 class Unauthenticated(GatewayError):
     status = 401
     type = "authentication_error"
@@ -153,6 +176,10 @@ class ServiceUnavailable(GatewayError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    code = "overloaded"  # extra["retry_after_s"] becomes the Retry-After header
 
 
 class UpstreamError(GatewayError):

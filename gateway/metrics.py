@@ -1,24 +1,49 @@
-"""Every Prometheus metric, in one place, on a registry owned by the app (not global)."""
+"""Every Prometheus metric, in one place, on a registry owned by the app (not global).
+
+With `serve --workers N` the parent points PROMETHEUS_MULTIPROC_DIR at a fresh directory
+before the workers start: each worker's values live in files there, and any worker's
+/metrics reports the sum over all of them (prometheus-client's multiprocess mode).
+
+Labels stay bounded: tenant, model, Assembly, route, reason, code; never a session or
+request id. The GenAI semantic-convention metrics carry their OpenTelemetry names with the
+dots as underscores and the unit as a suffix, as Prometheus translates OTLP names
+(`gen_ai.server.request.duration` -> `gen_ai_server_request_duration_seconds`).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
     from gateway.errors import GatewayError
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Bucket boundaries the GenAI semantic conventions advise.
+_GENAI_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+_GENAI_DURATION = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+_GENAI_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_GENAI_TPOT = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_GENAI = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model"]
+# gen_ai.operation.name, gen_ai.provider.name, gen_ai.request.model, gen_ai.response.model
+GenAI = tuple[str, str, str, str]
+# gen_ai.operation.name by endpoint (see gateway.providers.base.Endpoint).
+OPERATIONS = {"chat/completions": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         r = self.registry
         self.requests = Counter("abc_requests", "HTTP requests", ["route", "status"], registry=r)
         self.duration = Histogram("abc_request_duration_seconds", "Request latency", ["route"], buckets=_SLOW, registry=r)
+        self.in_flight = Gauge("abc_requests_in_flight", "Requests being served", registry=r, multiprocess_mode="livesum")
         self.overhead = Histogram("abc_gateway_overhead_seconds", "Time spent in the gateway, upstream excluded", buckets=_FAST, registry=r)
         self.upstream = Histogram("abc_upstream_duration_seconds", "Upstream latency", ["model"], buckets=_SLOW, registry=r)
         self.tokens = Counter("abc_tokens", "Tokens", ["tenant", "model", "direction"], registry=r)
@@ -29,6 +54,27 @@ class Metrics:
         self.upstream_attempts = Counter(
             "abc_upstream_attempts", "Upstream attempts by outcome: ok, retried, failed, refused", ["provider", "outcome"], registry=r,
         )
+        self.tool_calls = Counter("abc_tool_calls", "MCP tool calls admitted, by outcome", ["server", "tool", "outcome"], registry=r)
+        self.ledger_events = Counter(
+            "abc_ledger_events", "Requests closed for a dead owner (taken_over, reaped_zero), past their TTL "
+            "(reaped_full), or settled after Redis came back (settle_deferred)", ["event"], registry=r,
+        )
+        self.settle_backlog = Gauge("abc_settle_backlog", "Settlements waiting for Redis to come back", registry=r)
+        self.redis_errors = Counter("abc_redis_errors", "Redis failures (requests refused with 503, reaper passes skipped)", ["where"], registry=r)
+        self.budget_remaining = Gauge(
+            "abc_budget_remaining_nanos", "USD budget left in the tenant's most recently settled session",
+            ["tenant"], registry=r, multiprocess_mode="mostrecent",
+        )
+        # For MCP tool calls (see observe_tool): bounded by the servers and tools plans name.
+        self.tool_cost = Counter("abc_tool_cost_nanos", "Tool-call spend in nano-dollars", ["tenant", "server", "tool"], registry=r)
+        self.reaped = Counter("abc_reaper_settlements", "Reservations a crashed replica left, settled by the reaper", registry=r)
+
+        self.genai_tokens = Histogram("gen_ai_client_token_usage", "gen_ai.client.token.usage: tokens per call", [*_GENAI, "gen_ai_token_type"], buckets=_GENAI_TOKENS, registry=r)
+        self.genai_duration = Histogram("gen_ai_server_request_duration_seconds", "gen_ai.server.request.duration", [*_GENAI, "error_type"], buckets=_GENAI_DURATION, registry=r)
+        self.genai_ttft = Histogram("gen_ai_server_time_to_first_token_seconds", "gen_ai.server.time_to_first_token", _GENAI, buckets=_GENAI_TTFT, registry=r)
+        self.genai_tpot = Histogram("gen_ai_server_time_per_output_token_seconds", "gen_ai.server.time_per_output_token", _GENAI, buckets=_GENAI_TPOT, registry=r)
+        self.overload = Counter("abc_overload_refusals", "Requests or connections refused past a cap", ["what"], registry=r)
+        self.plugin = Histogram("abc_plugin_seconds", "Time in one policy plugin hook", ["plugin", "hook"], buckets=_FAST, registry=r)
 
         # labels() hashes and locks on every call; a request touches half a dozen children.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -39,8 +85,20 @@ class Metrics:
             child = self._children[(metric, values)] = metric.labels(*values)
         return child
 
+    def count_ledger_event(self, event: str) -> None:
+        self._child(self.ledger_events, event).inc()
+
+    def watch_settle_backlog(self, size: Callable[[], int]) -> None:
+        self.settle_backlog.set_function(size)
+
     def observe_journal_write(self, op: str, seconds: float) -> None:
         self._child(self.journal_write, op).observe(seconds)
+
+    def observe_overload(self, what: str) -> None:
+        self._child(self.overload, what).inc()
+
+    def observe_plugin(self, plugin: str, hook: str, seconds: float) -> None:
+        self._child(self.plugin, plugin, hook).observe(seconds)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self._child(self.requests, route, str(status)).inc()
@@ -48,24 +106,109 @@ class Metrics:
 
     def observe_settled(
         self, *, tenant: str, model: str, assembly_id: str, prompt_tokens: int, completion_tokens: int,
-        cost_nanos: int, gateway_s: float, upstream_s: float,
+        cost_nanos: int, gateway_s: float, upstream_s: float, genai: GenAI | None = None,
+        budget_left: int = -1, ttft_s: float | None = None,
     ) -> None:
         self.overhead.observe(gateway_s)
         self._child(self.upstream, model).observe(upstream_s)
         self._child(self.tokens, tenant, model, "input").inc(prompt_tokens)
         self._child(self.tokens, tenant, model, "output").inc(completion_tokens)
         self._child(self.cost, tenant, model, assembly_id).inc(cost_nanos)
+        if budget_left >= 0:
+            self._child(self.budget_remaining, tenant).set(budget_left)
+        if genai is None:
+            return
+        self._child(self.genai_tokens, *genai, "input").observe(prompt_tokens)
+        if completion_tokens:
+            self._child(self.genai_tokens, *genai, "output").observe(completion_tokens)
+        self._child(self.genai_duration, *genai, "").observe(gateway_s + upstream_s)
+        if ttft_s is not None:
+            self._child(self.genai_ttft, *genai).observe(ttft_s)
+            if completion_tokens > 1:
+                self._child(self.genai_tpot, *genai).observe(max(upstream_s - ttft_s, 0.0) / (completion_tokens - 1))
 
-    def observe_failed(self, *, tenant: str, model: str, assembly_id: str, code: str, cost_nanos: int) -> None:
+    def observe_failed(
+        self, *, tenant: str, model: str, assembly_id: str, code: str, cost_nanos: int,
+        genai: GenAI | None = None, duration_s: float = 0.0,
+    ) -> None:
         self._child(self.upstream_errors, model, code).inc()
+        if genai is not None:
+            self._child(self.genai_duration, *genai, code).observe(duration_s)
         if cost_nanos:
             self._child(self.cost, tenant, model, assembly_id).inc(cost_nanos)
 
     def observe_attempt(self, provider: str, outcome: str) -> None:
         self._child(self.upstream_attempts, provider, outcome).inc()
 
+    def observe_reaped(self, count: int) -> None:
+        self.reaped.inc(count)
+
+    def observe_redis_error(self, where: str) -> None:
+        self._child(self.redis_errors, where).inc()
+
+    def observe_tool(
+        self, tenant: str | None, assembly: str, server: str, tool: str, outcome: str, cost: int,
+        gateway_s: float, upstream_s: float,
+    ) -> None:
+        """One settled MCP tool call; its spend joins the models' under model="mcp:<server>__<tool>"."""
+        self._child(self.tool_calls, server, tool, outcome).inc()
+        if cost:
+            self._child(self.cost, tenant or "default", "mcp:" + tool, assembly).inc(cost)
+            self._child(self.tool_cost, tenant or "default", server, tool).inc(cost)
+        if outcome in ("ok", "error_result"):
+            self.overhead.observe(gateway_s)
+            self._child(self.upstream, "mcp:" + tool).observe(upstream_s)
+
     def observe_denial(self, exc: GatewayError) -> None:
-        self.denials.labels(str(exc.extra.get("rule") or exc.code)).inc()
+        self._child(self.denials, denial_reason(exc)).inc()
+
+    def _collected(self) -> CollectorRegistry:
+        """This process's registry, or in multiprocess mode one summing every worker's files."""
+        if not self.multiprocess:
+            return self.registry
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry(auto_describe=False)
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
+        return merged
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._collected())
+
+    def overhead_quantiles(self, *qs: float) -> tuple[int, list[float | None]]:
+        """(count, quantiles in seconds) of the gateway-overhead histogram since start, over
+        all workers; interpolated within buckets as PromQL's histogram_quantile does."""
+        buckets: dict[float, float] = {}
+        for family in self._collected().collect():
+            if family.name == "abc_gateway_overhead_seconds":
+                for sample in family.samples:
+                    if sample.name.endswith("_bucket"):
+                        le = float(sample.labels["le"])
+                        buckets[le] = buckets.get(le, 0.0) + sample.value
+        bounds = sorted(buckets)
+        total = buckets.get(float("inf"), 0.0)
+        return int(total), [_quantile(q, bounds, buckets, total) for q in qs]
+
+
+def _quantile(q: float, bounds: list[float], cumulative: dict[float, float], total: float) -> float | None:
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        count = cumulative[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower  # past the last finite bucket: its bound is all we know
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def denial_reason(exc: GatewayError) -> str:
+    """The PEP rule that denied, else the error code: the denial metrics' and tallies' label."""
+    return str(exc.extra.get("rule") or exc.code)
+
+
+def genai(endpoint: str, provider: str, model: str, served_by: str | None = None) -> GenAI:
+    """The gen_ai.* attributes of one call: operation, provider, requested and serving model."""
+    return OPERATIONS.get(endpoint, endpoint), provider, model, served_by or model

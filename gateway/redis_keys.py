@@ -10,13 +10,15 @@ single keys. Indexes are written in the same pipeline as a script call, never in
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 # Bump the suffix of a script's name whenever its keys or arguments change meaning.
-RESERVE_SCRIPT = "budget_reserve_v2"
-SETTLE_SCRIPT = "budget_settle_v1"
+RESERVE_SCRIPT = "budget_reserve_v3"
+SETTLE_SCRIPT = "budget_settle_v2"
 JOURNAL_APPEND_SCRIPT = "journal_append_v1"
-REAP_SCRIPT = "budget_reap_v1"
+CLOSE_SCRIPT = "budget_close_v1"
+LEASE_SCRIPT = "idem_lease_v1"
 REPLAY_TAKE_SCRIPT = "replay_take_v1"
 TENANT_RESERVE_SCRIPT = "tenant_reserve_v1"
 TENANT_SETTLE_SCRIPT = "tenant_settle_v1"
@@ -44,13 +46,25 @@ def journal_head(session_id: str) -> str:
 
 
 def reservations(session_id: str) -> str:
-    """Hash: request id -> outstanding reservation (nanos, tokens, deadline)."""
+    """Hash: request id -> outstanding reservation "nanos:tokens:reserved_ms[@day]:step";
+    an "R" or "Z" in front marks one closed for its owner (see budget_close_v1)."""
     return "reservations:" + _sess(session_id)
 
 
 def idempotency(session_id: str, key_digest: str) -> str:
-    """Hash: state (pending|done) and the recorded response of one Idempotency-Key."""
+    """Hash: state (pending|done), the request hash and id, the owner and lease of a pending
+    one, and the recorded response of a done one, for one Idempotency-Key."""
     return "idem:" + _sess(session_id) + ":" + key_digest
+
+
+def capped_calls(session_id: str) -> str:
+    """Hash: calls admitted per capped entry (an MCP entry's max_calls), "mcp:<index>" -> count."""
+    return "capped_calls:" + _sess(session_id)
+
+
+def plugin_counters(session_id: str) -> str:
+    """Hash: "<plugin>.<counter>" -> a policy plugin's per-session count (e.g. tool calls)."""
+    return "plugin_counters:" + _sess(session_id)
 
 
 def replay_calls(session_id: str) -> str:
@@ -61,6 +75,11 @@ def replay_calls(session_id: str) -> str:
 def replay_cursor(session_id: str) -> str:
     """Counter: index of the next recorded call a replay session must match."""
     return "replay_cursor:" + _sess(session_id)
+
+
+def responses(session_id: str) -> str:
+    """Hash: Responses API response id -> journal entry id of the answer (stored ones only)."""
+    return "responses:" + _sess(session_id)
 
 
 def session_rate(session_id: str, unit: str, minute: int) -> str:
@@ -82,13 +101,15 @@ def tenant_rate(tenant: str, unit: str, minute: int) -> str:
 
 
 def tenant_holds(tenant: str) -> str:
-    """Hash: "session|request" -> the tenant's part of an open reservation ("nanos:tokens:day")."""
+    """Hash: tenant_hold(...) -> the tenant's part of an open reservation (Redis Cluster only;
+    see tenant_reserve_v1)."""
     return "tenant_holds:" + _ten(tenant)
 
 
-def tenant_hold(session_id: str, request_id: str) -> str:
-    """A hold's field in `tenant_holds`."""
-    return session_id + "|" + request_id
+def tenant_hold(session_id: str, request_id: str, reserved_ms: int) -> str:
+    """A hold's field in `tenant_holds`: one attempt of one request (a request id may be
+    used again once its first reservation was closed)."""
+    return f"{session_id}|{request_id}|{reserved_ms}"
 
 
 def assembly(assembly_id: str) -> str:
@@ -115,16 +136,25 @@ def journal_index(shard: int) -> str:
 
 
 def reservations_due(shard: int) -> str:
-    """Sorted set by reaper deadline: "session|request" (a session reservation) and
-    TENANT_DUE-prefixed "tenant<US>session|request" (a tenant hold)."""
+    """Sorted set by deadline: "session|request" (a session reservation: its owner's lease,
+    renewed while it works, never past the reservation's TTL) and TENANT_DUE-prefixed
+    "tenant<US>session|request|reserved_ms" (a tenant hold, due at the reservation's TTL)."""
     return "reservations_due:" + _idx(shard)
 
 
 TENANT_DUE = "t" + "\x1f"  # prefix of a tenant hold's member in reservations_due
 
 
-def tenant_due(tenant: str, session_id: str, request_id: str) -> str:
-    return TENANT_DUE + tenant + "\x1f" + tenant_hold(session_id, request_id)
+def tenant_due(tenant: str, session_id: str, request_id: str, reserved_ms: int) -> str:
+    return TENANT_DUE + tenant + "\x1f" + tenant_hold(session_id, request_id, reserved_ms)
+
+
+def parse_tenant_due(member: str) -> tuple[str, str, str, int]:
+    """(tenant, session id, request id, reserve time ms) of a tenant_due member."""
+    tenant, _, hold = member[len(TENANT_DUE):].partition("\x1f")
+    session_id, _, rest = hold.partition("|")
+    request_id, _, reserved_ms = rest.rpartition("|")
+    return tenant, session_id, request_id, int(reserved_ms)
 
 
 def cost_rollup(bucket: str, shard: int) -> str:
@@ -144,3 +174,43 @@ def cost_field(tenant: str, session_id: str, model: str, assembly_id: str) -> st
 
 
 COST_BUCKETS = "cost_buckets"  # sorted set of hour buckets that have rollups
+
+
+# The decision plane: one plan's keys share the hash tag `{plan:NAME}`, so a version is
+# recorded by one script in one slot. A name holding a brace would end the tag early, so
+# such names are tagged by their digest instead.
+PLAN_VERSION_SCRIPT = "plan_version_v1"
+
+
+def _plan(name: str) -> str:
+    if "{" in name or "}" in name:
+        return "{plan:#" + hashlib.sha256(name.encode()).hexdigest()[:32] + "}"
+    return "{plan:" + name + "}"
+
+
+def plan_versions(name: str) -> str:
+    """List: the plan's versions in order, each a JSON record (assembly id, parent, by, at)."""
+    return "plan_versions:" + _plan(name)
+
+
+def plan_sources(name: str) -> str:
+    """Hash: assembly id -> the plan (JSON) that compiled to it, as the compiler read it."""
+    return "plan_sources:" + _plan(name)
+
+
+def plan_sessions(name: str) -> str:
+    """Sorted set: ids of sessions opened on any of the plan's Assemblies, by open time."""
+    return "plan_sessions:" + _plan(name)
+
+
+def plan_session_counts(name: str) -> str:
+    """Hash: assembly id -> sessions opened on it (counted when each opens)."""
+    return "plan_session_counts:" + _plan(name)
+
+
+def plan_reports(name: str) -> str:
+    """Hash: "suggestions" and "evaluation" -> the latest report of each (JSON), for people."""
+    return "plan_reports:" + _plan(name)
+def denial_rollup(bucket: str) -> str:
+    """Hash of denials counted per reason for one hour bucket YYYYMMDDHH (the dashboard's)."""
+    return "denials:" + bucket

@@ -9,7 +9,7 @@ a report when it overlaps [since, until). Money stays integer nano-dollars. A se
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,7 +20,13 @@ from gateway.money import nanos_to_usd_str
 from gateway.redis_client import AnyRedis
 from gateway.state.ledger import REDIS_ERRORS
 
-GROUPS = keys.COST_DIMENSIONS
+TOOL_PREFIX = "mcp:"  # MCP tool calls are rolled up under model "mcp:<server>__<tool>"
+# Groups read from a dimension: MCP tool spend by tool ("<server>__<tool>") and by server.
+_DERIVED: dict[str, tuple[str, Callable[[str], str | None]]] = {
+    "tool": ("model", lambda m: m.removeprefix(TOOL_PREFIX) if m.startswith(TOOL_PREFIX) else None),
+    "tool_server": ("model", lambda m: m.removeprefix(TOOL_PREFIX).split("__", 1)[0] if m.startswith(TOOL_PREFIX) else None),
+}
+GROUPS = (*keys.COST_DIMENSIONS, *_DERIVED)
 DEFAULT_SPAN = timedelta(hours=24)
 MAX_SERIES_HOURS = 24 * 31  # a series is dense, one number per hour and key: keep it bounded
 _EPOCH = re.compile(r"^\d{1,12}(\.\d+)?$")
@@ -134,10 +140,15 @@ class CostSeries:
         }
 
 
-def _dimension(group_by: str) -> int:
+_Part = tuple[int, Callable[[str], str | None]]
+
+
+def _dimension(group_by: str) -> _Part:
+    """Which part of a rollup field to group by, and how its value becomes the key (None: skip)."""
     if group_by not in GROUPS:
         raise InvalidRequest(f"group_by must be one of: {', '.join(GROUPS)}", param="group_by")
-    return GROUPS.index(group_by)
+    dimension, key = _DERIVED.get(group_by, (group_by, lambda value: value))
+    return keys.COST_DIMENSIONS.index(dimension), key
 
 
 async def _rollups(
@@ -156,12 +167,13 @@ async def _rollups(
     return [(bucket, rollup) for (bucket, _), rollup in zip(wanted, rollups, strict=True)]
 
 
-def _spend(rollup: dict[bytes, bytes], part: int) -> Iterator[tuple[str, int]]:
-    """(key, nanos) of each rollup field, the key being dimension `part` of the field."""
+def _spend(rollup: dict[bytes, bytes], part: _Part) -> Iterator[tuple[str, int]]:
+    """(key, nanos) of each rollup field, the key being read from dimension `part` of the field."""
+    index, key_of = part
     for field, value in rollup.items():
         parts = field.decode().split(keys.COST_FIELD_SEPARATOR)
-        if len(parts) == len(keys.COST_DIMENSIONS):
-            yield parts[part], int(value)
+        if len(parts) == len(keys.COST_DIMENSIONS) and (key := key_of(parts[index])) is not None:
+            yield key, int(value)
 
 
 async def cost_report(
@@ -195,3 +207,48 @@ async def cost_series(
         ((k, tuple(v)) for k, v in per_key.items() if any(v)), key=lambda s: (-sum(s[1]), s[0])
     )
     return CostSeries(group_by, since, until, hours, tuple(series))
+
+
+async def denial_series(redis: AnyRedis, since: datetime, until: datetime) -> dict[str, Any]:
+    """Denials per reason for every hour that overlaps [since, until), from their hourly tallies."""
+    first, last = _hour(since), _hour(until - timedelta(microseconds=1))
+    count = (last - first) // timedelta(hours=1) + 1
+    if count > MAX_SERIES_HOURS:
+        raise InvalidRequest(f"a series spans at most {MAX_SERIES_HOURS} hours", param="since")
+    hours = [first + timedelta(hours=i) for i in range(count)]
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for hour in hours:
+                pipe.hgetall(keys.denial_rollup(str(_bucket(hour))))
+            tallies: list[dict[bytes, bytes]] = await pipe.execute()
+    except REDIS_ERRORS as exc:
+        raise ServiceUnavailable("denial store unavailable") from exc
+    per_reason: dict[str, list[int]] = {}
+    for i, tally in enumerate(tallies):
+        for reason, counted in tally.items():
+            per_reason.setdefault(reason.decode(), [0] * count)[i] += int(counted)
+    series = sorted(per_reason.items(), key=lambda s: (-sum(s[1]), s[0]))
+    return {
+        "buckets": [_iso(hour) for hour in hours],
+        "series": [{"key": reason, "counts": counts, "total": sum(counts)} for reason, counts in series],
+        "total": sum(sum(counts) for _, counts in series),
+    }
+
+
+TOOL_SEPARATOR = "__"  # MCP tools are named <server>__<tool>
+
+
+async def tool_spend(
+    redis: AnyRedis, since: datetime, until: datetime, *, shards: int = keys.DEFAULT_SHARDS
+) -> list[dict[str, Any]] | None:
+    """Spend per MCP server and tool, or None while cost rollups have no "tool" dimension."""
+    if "tool" not in GROUPS:
+        return None
+    report = await cost_report(redis, "tool", since, until, shards=shards)
+    rows = []
+    for row in report.rows:
+        if not row.key:
+            continue  # a model call: no tool
+        server, _, tool = row.key.partition(TOOL_SEPARATOR)
+        rows.append({"server": server, "tool": tool or server, "cost_nanos": row.nanos, "cost_usd": nanos_to_usd_str(row.nanos)})
+    return rows

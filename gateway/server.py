@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
 import threading
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -15,7 +18,13 @@ from gateway.app import create_app
 from gateway.capability import PREVIOUS_KEYS_ENV, Keyring, generate_ed25519_key
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import ConfigError
+from gateway.http.keys import DEPS
+from gateway.http.overload import CappedSite
+from gateway.http.protocol import GatewayRunner
+from gateway.plugins import Registry
 from gateway.settings import Settings
+
+log = logging.getLogger("gateway.server")
 
 
 def keyring_for(settings: Settings, *, demo_key_dir: Path | None = None) -> Keyring:
@@ -39,6 +48,25 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
     return embedded.start(), embedded
 
 
+def redacted_url(url: str) -> str:
+    """`url` without its password (a Redis URL may carry one)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def startup_fields(settings: Settings, *, config: Path, redis_url: str, embedded: bool, host: str, port: int, workers: int) -> dict[str, Any]:
+    """What the start-up line tells an operator: which settings, which Redis, which providers, where."""
+    return {
+        "config": str(config), "redis": redacted_url(redis_url), "redis_embedded": embedded,
+        "providers": [f"{p.name}:{p.kind}" for p in settings.providers], "models": len(settings.models),
+        "listen": f"http://{host}:{port}", "workers": workers, "tracing": bool(settings.otel.endpoint), "pid": os.getpid(),
+    }
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -46,11 +74,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-async def _start(app: web.Application, host: str, port: int, reuse_port: bool) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+async def _start(app: web.Application, settings: Settings, host: str, port: int, reuse_port: bool) -> web.AppRunner:
+    # auto_decompress off: a compressed body is refused with 415 (overload.refuse_encoded_body),
+    # never inflated, so no zip bomb is expanded in memory before a handler sees it.
+    runner = GatewayRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024).start()
+        await CappedSite(
+            runner, host, port, reuse_port=reuse_port or None, backlog=1024,
+            max_connections=settings.server.max_connections, retry_after_s=settings.server.retry_after_s,
+            metrics=app[DEPS].metrics if DEPS in app else None,
+        ).start()
     except BaseException:
         await runner.cleanup()  # the port is taken: release what startup built
         raise
@@ -60,10 +94,14 @@ async def _start(app: web.Application, host: str, port: int, reuse_port: bool) -
 class BackgroundServer:
     """The gateway on its own thread and event loop, so sync clients can call it."""
 
-    def __init__(self, settings: Settings, *, redis_url: str, keyring: Keyring, host: str = "127.0.0.1", port: int = 0, reaper: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, redis_url: str, keyring: Keyring, host: str = "127.0.0.1", port: int = 0,
+        reaper: bool = True, plugins: Registry | None = None,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self.app = create_app(settings, redis_url=redis_url, keyring=keyring, run_reaper_task=reaper)
+        self.settings = settings
+        self.app = create_app(settings, redis_url=redis_url, keyring=keyring, run_reaper_task=reaper, plugins=plugins)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="abc-gateway", daemon=True)
         self._runner: web.AppRunner | None = None
@@ -74,7 +112,7 @@ class BackgroundServer:
 
     def start(self) -> BackgroundServer:
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(_start(self.app, self.host, self.port, False), self._loop)
+        future = asyncio.run_coroutine_threadsafe(_start(self.app, self.settings, self.host, self.port, False), self._loop)
         self._runner = future.result(timeout=30)
         return self
 
@@ -92,18 +130,27 @@ class BackgroundServer:
         self.stop()
 
 
-def serve_forever(settings: Settings, *, redis_url: str, keyring: Keyring, host: str, port: int, reuse_port: bool = False) -> None:
+def serve_forever(
+    settings: Settings, *, redis_url: str, keyring: Keyring, host: str, port: int, reuse_port: bool = False,
+    started: dict[str, Any] | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully: stop accepting, let
-    requests in flight finish (their settlements and journal writes included), close."""
-    asyncio.run(_serve_until_signalled(create_app(settings, redis_url=redis_url, keyring=keyring), host, port, reuse_port))
+    requests in flight finish (their settlements and journal writes included), close.
+    Once listening, logs `started` (see startup_fields) as the start-up line."""
+    app = create_app(settings, redis_url=redis_url, keyring=keyring)
+    asyncio.run(_serve_until_signalled(app, settings, host, port, reuse_port, started))
 
 
-async def _serve_until_signalled(app: web.Application, host: str, port: int, reuse_port: bool) -> None:
+async def _serve_until_signalled(
+    app: web.Application, settings: Settings, host: str, port: int, reuse_port: bool, started: dict[str, Any] | None,
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = await _start(app, host, port, reuse_port)
+    runner = await _start(app, settings, host, port, reuse_port)
+    if started is not None:
+        log.info("listening", extra={"fields": started})
     try:
         await stop.wait()
     finally:

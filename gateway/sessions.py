@@ -134,12 +134,23 @@ class SessionStore:
             from gateway.errors import ServiceUnavailable
 
             raise ServiceUnavailable("session store unavailable") from exc
+        await self._index_for_plan(assembly, session_id, now)
         entry = make_entry(
             Kind.STATE, event="opened", asm=assembly.id, tenant=tenant, budget=budget, ttl_s=ttl, replay_of=replay_of, ts=int(now * 1000)
         )
         await self.ledger.append(session_id, entry)
         await self._expire_journal(session_id, keep_until)
         return Opened(session_id, token, expires_at, budget)
+
+    async def _index_for_plan(self, assembly: Assembly, session_id: str, now: float) -> None:
+        """For the decision plane: the plan's sessions by open time, and the count per Assembly
+        (one slot per plan). Ids older than any session could live are dropped as we go."""
+        horizon = int((now - MAX_TTL_S - self.retention_s) * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(keys.plan_sessions(assembly.name), {session_id: int(now * 1000)})
+            pipe.zremrangebyscore(keys.plan_sessions(assembly.name), "-inf", horizon)
+            pipe.hincrby(keys.plan_session_counts(assembly.name), assembly.id, 1)
+            await pipe.execute()
 
     async def _expire_journal(self, session_id: str, keep_until: int) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

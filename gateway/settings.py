@@ -7,6 +7,7 @@ fails with a message naming the field. Plans and Assemblies are not settings.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from gateway.errors import ConfigError
+from gateway.price_map import litellm_kind
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 
@@ -54,7 +56,7 @@ class BreakerSettings(_Frozen):
 
 class ProviderSettings(_Frozen):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
-    kind: Literal["openai", "litellm", "mock"]
+    kind: Literal["openai", "anthropic", "litellm", "mock"]
     # Only this base URL is ever contacted for the provider; requests cannot change it.
     api_base: str | None = None
     # Name of the environment variable holding the upstream key (never the key itself).
@@ -66,12 +68,19 @@ class ProviderSettings(_Frozen):
     litellm_provider: str | None = None
     # litellm only: the API version some providers want in the URL (Azure OpenAI).
     api_version: str | None = None
+    # mock only: how long its "slow" models wait before answering.
+    slow_delay_s: Annotated[float, Field(ge=0)] = 2.0
+    # openai only: "native" when the upstream serves /v1/responses itself (OpenAI does; vLLM
+    # and Ollama don't), so Responses calls pass through instead of becoming chat calls.
+    responses: Literal["native", "translate"] = "translate"
 
     @model_validator(mode="after")
     def _api_base_for_openai(self) -> ProviderSettings:
-        if self.kind == "openai":
+        if self.responses == "native" and self.kind != "openai":
+            raise ValueError("responses: native is only for providers of kind 'openai'")
+        if self.kind in ("openai", "anthropic"):
             if not self.api_base:
-                raise ValueError("providers of kind 'openai' need api_base")
+                raise ValueError(f"providers of kind '{self.kind}' need api_base")
             if not self.api_base.startswith(("http://", "https://")):
                 raise ValueError("api_base must be an http:// or https:// URL")
         return self
@@ -97,6 +106,7 @@ class ModelSettings(_Frozen):
     price: Price | None = None
     # tiktoken encoding used for estimates; absent: guessed from the name, else a conservative bound.
     encoding: str | None = None
+    # Absent: litellm's price map says (its "mode"), else chat.
     kind: Literal["chat", "embedding", "completion"] = "chat"
     # More upstreams for this model, sharing its price; the first deployment is the model's
     # own provider and upstream_model, with `weight`.
@@ -116,6 +126,14 @@ class ModelSettings(_Frozen):
                     data["upstream_model"] = first["upstream_model"]
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") is None and isinstance(data.get("name"), str):
+            names = [n for n in (data.get("upstream_model"), data["name"]) if isinstance(n, str)]
+            return {**data, "kind": litellm_kind(*names) or "chat"}
+        return data
+
     @property
     def target(self) -> str:
         return self.upstream_model or self.name
@@ -126,6 +144,14 @@ class ServerSettings(_Frozen):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+    # Requests handled at once; past it a 503 with Retry-After, so memory and queues stay
+    # bounded (see docs/threat-model.md). Health, readiness and metrics are not counted.
+    max_in_flight: Annotated[int, Field(gt=0)] = 512
+    # Open client connections; one past it is answered 503 and closed at once.
+    max_connections: Annotated[int, Field(gt=0)] = 2048
+    # A streamed answer whose client stops reading for this long is cut (and charged).
+    stream_write_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 1
     # Metrics are unauthenticated unless a token is configured (ABC_METRICS_TOKEN).
     metrics_enabled: bool = True
 
@@ -156,9 +182,18 @@ class RedisSettings(_Frozen):
 
 
 class BudgetSettings(_Frozen):
-    # A reservation not settled after this long (a crashed replica) is reaped conservatively.
+    # The backstop: a reservation still open after this long is charged in full.
     reservation_ttl_s: Annotated[int, Field(gt=0)] = 900
-    reaper_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    reaper_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    # A process renews the lease of each request it works on every third of this; once a
+    # lease runs out its process is taken for dead: the reaper closes the reservation and a
+    # retry with the same Idempotency-Key takes the request over.
+    lease_s: Annotated[float, Field(gt=0)] = 3.0
+    # How long a duplicate of a keyed request in progress waits for its answer before 409.
+    idempotency_wait_s: Annotated[float, Field(ge=0)] = 5.0
+    # Settlements that Redis could not take, kept and retried until it does; while this
+    # many wait, new requests get 503 rather than run with nowhere to settle.
+    settle_backlog: Annotated[int, Field(gt=0)] = 1000
 
 
 class JournalSettings(_Frozen):
@@ -167,9 +202,50 @@ class JournalSettings(_Frozen):
     retention_s: Annotated[int, Field(gt=0)] = 30 * 24 * 3600
 
 
-class PluginSettings(_Frozen):
-    path: str  # "package.module:ClassName"
-    options: dict[str, Any] = Field(default_factory=dict)
+class ToolServerSettings(_Frozen):
+    """An MCP server whose tools plans may grant: streamable HTTP at `url`, or a local
+    `command` the gateway starts and talks to over stdio. Clients never see either."""
+
+    # "__" separates server and tool in the names clients see, so it can't be in here.
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$", max_length=64)]
+    kind: Literal["mcp"] = "mcp"
+    url: str | None = None
+    # Header name -> the environment variable holding its value (never the value itself).
+    headers_env: dict[str, str] = Field(default_factory=dict)
+    command: Annotated[list[str], Field(min_length=1)] | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # How long a tools/list answer counts as the server's current definitions when a call
+    # is checked against its frozen hash (the rug-pull check); 0 asks before every call.
+    definitions_ttl_s: Annotated[float, Field(ge=0)] = 1.0
+    max_result_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> ToolServerSettings:
+        if (self.url is None) == (self.command is None):
+            raise ValueError("a tool server needs exactly one of url or command")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("url must be an http:// or https:// URL")
+        return self
+
+    def headers(self) -> dict[str, str]:
+        return {header: os.environ[env] for header, env in self.headers_env.items() if os.environ.get(env)}
+
+class LogSettings(_Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class OtelSettings(_Frozen):
+    # OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); absent: no tracing,
+    # and opentelemetry is never imported.
+    endpoint: str | None = None
+    service_name: str = "abc-gateway"
+
+    @model_validator(mode="after")
+    def _http_endpoint(self) -> OtelSettings:
+        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError("otel.endpoint must be an http:// or https:// URL")
+        return self
 
 
 class Settings(_Frozen):
@@ -179,11 +255,15 @@ class Settings(_Frozen):
     redis: RedisSettings = RedisSettings()
     budget: BudgetSettings = BudgetSettings()
     journal: JournalSettings = JournalSettings()
-    plugins: list[PluginSettings] = Field(default_factory=list)
+    tool_servers: list[ToolServerSettings] = Field(default_factory=list)
+    log: LogSettings = LogSettings()
+    otel: OtelSettings = OtelSettings()
     # Secrets come from the environment only, never from the file.
     admin_token: SecretStr | None = Field(default=None, exclude=True)
     signing_key: SecretStr | None = Field(default=None, exclude=True)
     metrics_token: SecretStr | None = Field(default=None, exclude=True)
+    # Who holds the admin token, recorded with every plan version it compiles (not a secret).
+    admin_token_label: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")] = "admin"
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -196,6 +276,9 @@ class Settings(_Frozen):
             if name in seen:
                 raise ValueError(f"models.{i}.name: {m.name!r} is declared twice (names are case-insensitive)")
             seen.add(name)
+        servers = [t.name for t in self.tool_servers]
+        if len(set(servers)) != len(servers):
+            raise ValueError("tool server names must be unique")
         for i, m in enumerate(self.models):
             if m.provider not in providers:
                 raise ValueError(f"models.{i}.provider: unknown provider {m.provider!r}")
@@ -209,6 +292,9 @@ class Settings(_Frozen):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def tool_server(self, name: str) -> ToolServerSettings | None:
+        return next((t for t in self.tool_servers if t.name == name), None)
 
     def model(self, name: str) -> ModelSettings | None:
         wanted = name.strip().lower()
@@ -234,6 +320,7 @@ def settings_from_dict(data: dict[str, Any], *, source: str = "settings") -> Set
         "admin_token": os.environ.get("ABC_ADMIN_TOKEN") or None,
         "signing_key": os.environ.get("ABC_SIGNING_KEY") or None,
         "metrics_token": os.environ.get("ABC_METRICS_TOKEN") or None,
+        "admin_token_label": os.environ.get("ABC_ADMIN_TOKEN_LABEL") or None,
     }
     for key in env:
         if key in data:
@@ -254,8 +341,22 @@ def settings_from_dict(data: dict[str, Any], *, source: str = "settings") -> Set
         raise ConfigError(_format_validation_error(source, exc)) from None
 
 
+def packaged(name: str) -> Path:
+    """A file shipped inside the package (gateway/defaults/): first-run settings and example plans."""
+    return Path(str(resources.files("gateway").joinpath("defaults", name)))
+
+
+def config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """--config, else ABC_CONFIG, else ./config/gateway.yaml, else the settings shipped in the package."""
+    chosen = path or os.environ.get("ABC_CONFIG")
+    if chosen:
+        return Path(chosen)
+    local = Path(DEFAULT_CONFIG_PATH)
+    return local if local.exists() else packaged("gateway.yaml")
+
+
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    source = Path(path or os.environ.get("ABC_CONFIG") or DEFAULT_CONFIG_PATH)
+    source = config_path(path)
     try:
         raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     except FileNotFoundError:

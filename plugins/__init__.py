@@ -1,1 +1,1 @@
-"""Shipped policy plugins; see gateway/plugins.py for the Protocol."""
+"""Shipped policy plugins, registered as entry points in pyproject.toml; see gateway/plugins.py."""

@@ -20,6 +20,7 @@ import redis
 from pydantic import SecretStr
 
 from gateway.capability import Keyring
+from gateway.plugins import Registry
 from gateway.server import BackgroundServer
 from gateway.settings import Settings, load_settings
 from tests.redis_proc import RedisClusterProcess, RedisProcess, is_cluster_url
@@ -141,8 +142,9 @@ def for_redis(settings: Settings, redis_url: str) -> Settings:
     return settings.model_copy(update={"redis": settings.redis.model_copy(update={"cluster": True, "url": redis_url})})
 
 
-def start_gateway(settings: Settings, redis_url: str, keyring: Keyring) -> Gateway:
-    server = BackgroundServer(for_redis(settings, redis_url), redis_url=redis_url, keyring=keyring).start()
+def start_gateway(settings: Settings, redis_url: str, keyring: Keyring, *, plugins: Registry | None = None) -> Gateway:
+    """`plugins`: what this replica can run; absent, the installed entry points."""
+    server = BackgroundServer(for_redis(settings, redis_url), redis_url=redis_url, keyring=keyring, plugins=plugins).start()
     admin = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
     return Gateway(server, admin)
 

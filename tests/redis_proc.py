@@ -1,5 +1,6 @@
 """Real redis-server child processes for tests: one node, or a Redis Cluster of them, on
-loopback ports, with no persistence, stoppable."""
+loopback ports; no persistence, or an append-only file synced on every write (`aof=True`),
+so a restart keeps all it acknowledged."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, aof: bool = False) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed; run scripts/dev test, which installs it")
         self.workdir = workdir
         self.port = port or free_port()
+        self.aof = aof
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []
 
@@ -34,8 +36,9 @@ class RedisProcess:
 
     def start(self) -> RedisProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
              "--dir", str(self.workdir), "--daemonize", "no", *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

@@ -7,25 +7,41 @@ model, frozen price, normalised tool schemas, the step graph and the VCS.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
+from gateway.assembly.mcp_tools import SEPARATOR, Listing, grant_mcp_tools, qualified
 from gateway.assembly.model import (
     Assembly,
     Budget,
     Deployment,
     Limits,
+    McpTool,
     ModelGrant,
+    PluginGrant,
     Step,
     ToolGrant,
     Vcs,
 )
-from gateway.assembly.plan import Plan, PlanInvalid, PlanModel, PlanStep, PlanTool, Problem
+from gateway.assembly.plan import (
+    Plan,
+    PlanInvalid,
+    PlanModel,
+    PlanPlugin,
+    PlanStep,
+    PlanTool,
+    Problem,
+)
 from gateway.assembly.prices import MAX_NANOS_PER_MTOK, freeze_price
 from gateway.money import cost_nanos, nanos_to_usd_str, usd_to_nanos
 from gateway.settings import ModelSettings, Settings
 from gateway.tokenizer import encoding_name_for
+
+if TYPE_CHECKING:
+    from gateway.plugins import Registry
 
 __all__ = ["Compiled", "compile_plan", "tokens_per_call", "worst_case_nanos"]
 
@@ -89,13 +105,28 @@ def _chain_worst_case(grant: ModelGrant, models: dict[str, ModelGrant], prompt_t
     return max(worst_case_nanos(g, prompt_tokens) for g in chain)
 
 
-def compile_plan(plan: Plan, settings: Settings) -> Compiled:
-    """Freeze `plan` into an Assembly, or raise PlanInvalid listing every problem."""
+def compile_plan(
+    plan: Plan, settings: Settings, *, mcp_listings: Mapping[str, Listing] | None = None,
+    registry: Registry | None = None,
+) -> Compiled:
+    """Freeze `plan` into an Assembly, or raise PlanInvalid listing every problem.
+
+    `mcp_listings`: what each tool server the plan names answered to tools/list
+    (`gateway.mcp.upstream.discover`); compiling stays free of I/O.
+    `registry` names the plugins a plan may select; absent, this process's entry points.
+    """
     report = _Report()
     models = _grant_models(plan.models, settings, report)
     tools = _grant_tools(plan.tools, report)
     builtin = _builtin_tools(plan, report)
-    steps = _compile_steps(plan, models, report)
+    servers = {server.name for server in settings.tool_servers}
+    mcp = grant_mcp_tools(plan, mcp_listings or {}, servers, report.problems, report.warnings)
+    if registry is None and (plan.plugins or any(s.plugins for s in plan.steps)):
+        from gateway.plugins import Registry  # the plugins import the Assembly model
+
+        registry = Registry.from_entry_points()
+    plugins = _grant_plugins(plan.plugins, "plugins", registry, report)
+    steps = _compile_steps(plan, models, mcp, registry, report)
     if report.problems:
         raise PlanInvalid(report.problems, source=f"plan {plan.name!r}")
     budget = Budget(
@@ -109,14 +140,47 @@ def compile_plan(plan: Plan, settings: Settings) -> Compiled:
         tenant=plan.tenant,
         models=models,
         tools=tools,
-        vcs=Vcs(models=tuple(sorted(models)), tools=tuple(sorted(tools)), builtin_tools=builtin),
+        mcp=mcp,
+        vcs=Vcs(
+            models=tuple(sorted(models)), tools=tuple(sorted(tools)), builtin_tools=builtin, mcp_tools=tuple(sorted(mcp))
+        ),
         budget=budget,
         limits=_limits(plan),
         ttl_s=plan.ttl_s,
         steps=steps,
         max_prompt_tokens=plan.max_prompt_tokens,
+        plugins=plugins,
     )
     return Compiled(assembly=assembly, warnings=report.warnings)
+
+
+def _grant_plugins(
+    wanted: Iterable[PlanPlugin], path: str, registry: Registry | None, report: _Report
+) -> tuple[PluginGrant, ...]:
+    """Each selected plugin with its options validated by its own model, and its version."""
+    grants: list[PluginGrant] = []
+    seen: set[str] = set()
+    for i, plugin in enumerate(wanted):
+        where = f"{path}.{i}"
+        if plugin.name in seen:
+            report.problem(f"{where}.name", f"plugin {plugin.name!r} is listed twice")
+            continue
+        seen.add(plugin.name)
+        if registry is None or registry.get(plugin.name) is None:
+            known = ", ".join(registry.names()) if registry is not None else ""
+            report.problem(
+                f"{where}.name", f"unknown plugin {plugin.name!r}; registered: {known or 'none'}"
+            )
+            continue
+        options = _json_value(plugin.options, f"{where}.options", report)
+        try:
+            grants.append(registry.freeze(plugin.name, options))
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                message = err["msg"].removeprefix("Value error, ")
+                report.problem(f"{where}.options" + (f".{loc}" if loc else ""), message)
+    return tuple(grants)
 
 
 def _grant_models(
@@ -296,14 +360,20 @@ def _builtin_tools(plan: Plan, report: _Report) -> tuple[str, ...]:
     return tuple(sorted(seen))
 
 
-def _compile_steps(plan: Plan, models: dict[str, ModelGrant], report: _Report) -> tuple[Step, ...]:
+def _compile_steps(
+    plan: Plan, models: dict[str, ModelGrant], mcp: dict[str, McpTool], registry: Registry | None,
+    report: _Report,
+) -> tuple[Step, ...]:
     ids: set[str] = set()
     for i, step in enumerate(plan.steps):
         if step.id in ids:
             report.problem(f"steps.{i}.id", f"duplicate step id {step.id!r}")
         ids.add(step.id)
     compiled = tuple(
-        _compile_step(i, step, plan, ids, models, report) for i, step in enumerate(plan.steps)
+        _compile_step(i, step, plan, ids, models, mcp, report).model_copy(
+            update={"plugins": _grant_plugins(step.plugins, f"steps.{i}.plugins", registry, report)}
+        )
+        for i, step in enumerate(plan.steps)
     )
     _check_reachable(plan.steps, report)
     if plan.steps:
@@ -317,22 +387,55 @@ def _compile_step(
     plan: Plan,
     ids: set[str],
     models: dict[str, ModelGrant],
+    mcp: dict[str, McpTool],
     report: _Report,
 ) -> Step:
     path = f"steps.{i}"
-    if step.model not in {m.name for m in plan.models}:
+    if step.model is not None and step.model not in {m.name for m in plan.models}:
         report.problem(f"{path}.model", f"model {step.model!r} is not declared under models")
-    declared = {t.name for t in plan.tools} | set(plan.builtin_tools)
-    _check_refs(step.tools, f"{path}.tools", declared, "tool", "tools or builtin_tools", report)
+    tools = _step_tools(step, path, plan, mcp, report)
     _check_refs(step.next, f"{path}.next", ids, "step", "steps", report)
-    grant = models.get(step.model)
+    grant = models.get(step.model) if step.model is not None else None
+    worst = 0 if grant is None else _chain_worst_case(grant, models, plan.max_prompt_tokens)
+    if step.model is None:
+        # A step without a model is one tool call: the dearest of its tools.
+        worst = max((mcp[t].price_nanos for t in tools if t in mcp), default=0)
     return Step(
         id=step.id,
         model=step.model,
-        tools=tuple(sorted(set(step.tools))),
+        tools=tuple(sorted(set(tools))),
         next=tuple(sorted(set(step.next))),
-        worst_case_nanos=0 if grant is None else _chain_worst_case(grant, models, plan.max_prompt_tokens),
+        worst_case_nanos=worst,
     )
+
+
+def _step_tools(step: PlanStep, path: str, plan: Plan, mcp: dict[str, McpTool], report: _Report) -> list[str]:
+    """The step's tools, each resolved: an MCP tool exactly as named (never normalised),
+    any other lower-cased. An MCP tool whose server failed is reported under mcp only."""
+    declared = {t.name for t in plan.tools} | set(plan.builtin_tools)
+    declared_mcp = {qualified(e.server, t) for e in plan.mcp for t in e.tools}
+    servers = {e.server for e in plan.mcp}
+    resolved: list[str] = []
+    named_mcp = False
+    for j, name in enumerate(step.tools):
+        is_mcp = name in declared_mcp or name.split(SEPARATOR, 1)[0] in servers
+        named_mcp = named_mcp or is_mcp
+        ref = name if is_mcp else name.lower()
+        if ref in resolved:
+            report.problem(f"{path}.tools.{j}", f"tool {name!r} is listed twice")
+            continue
+        resolved.append(ref)
+        if is_mcp:
+            if ref not in declared_mcp:
+                report.problem(f"{path}.tools.{j}", f"unknown MCP tool {name!r}: not granted under mcp")
+        elif ref not in declared:
+            where = "tools, builtin_tools or mcp" if plan.mcp else "tools or builtin_tools"
+            report.problem(f"{path}.tools.{j}", f"unknown tool {name!r}: not declared under {where}")
+        elif step.model is None:
+            report.problem(f"{path}.tools.{j}", f"{name!r} is not an MCP tool: a step without a model admits only MCP tools")
+    if step.model is None and not named_mcp:
+        report.problem(f"{path}.model", "required unless the step lists MCP tools")
+    return [ref for ref in resolved if ref in mcp or ref not in declared_mcp]
 
 
 def _check_refs(
@@ -364,7 +467,7 @@ def _check_reachable(steps: tuple[PlanStep, ...], report: _Report) -> None:
 
 
 def _warn_unused(plan: Plan, report: _Report) -> None:
-    used_models = {s.model for s in plan.steps}
+    used_models = {s.model for s in plan.steps if s.model is not None}
     used_tools = {t for s in plan.steps for t in s.tools}
     for i, model in enumerate(plan.models):
         if model.name not in used_models:
@@ -375,6 +478,10 @@ def _warn_unused(plan: Plan, report: _Report) -> None:
     for i, name in enumerate(plan.builtin_tools):
         if name not in used_tools:
             report.warnings.append(f"builtin_tools.{i}: {name!r} is used by no step")
+    for i, entry in enumerate(plan.mcp):
+        for j, bare in enumerate(entry.tools):
+            if qualified(entry.server, bare) not in used_tools:
+                report.warnings.append(f"mcp.{i}.tools.{j}: {qualified(entry.server, bare)!r} is used by no step")
 
 
 def _check_budget(
@@ -385,7 +492,7 @@ def _check_budget(
     report: _Report,
 ) -> None:
     # With steps, each step is one possible call; without, any model may be called.
-    calls = [(f"step {s.id!r}", models[s.model]) for s in steps] or [
+    calls = [(f"step {s.id!r}", models[s.model]) for s in steps if s.model is not None] or [
         (f"model {name!r}", models[name]) for name in sorted(models)
     ]
     if budget.usd_nanos is None:

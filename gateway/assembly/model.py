@@ -70,12 +70,36 @@ class ToolGrant(_Frozen):
     parameters: dict[str, Any] = Field(default_factory=dict)  # normalised JSON schema
 
 
+class McpTool(_Frozen):
+    """One MCP tool as the server defined it at compile time, frozen with its hash."""
+
+    server: str
+    name: str  # the server's own name for it, case kept: what the upstream is called with
+    description: str = ""
+    input_schema: dict[str, Any] = Field(default_factory=dict)
+    output_schema: dict[str, Any] | None = None
+    annotations: dict[str, Any] | None = None
+    definition_hash: str  # sha256 of the canonical definition; see gateway.mcp.definitions
+    price_nanos: int  # per call, whatever its outcome
+    entry: int  # index of the plan's mcp entry: max_calls counts per entry
+    max_calls: int | None = None
+
+
+class PluginGrant(_Frozen):
+    """A policy plugin as the plan selected it: registry name, version and validated options."""
+
+    name: str
+    version: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class Step(_Frozen):
     id: str
-    model: str
+    model: str | None = None  # None: the step admits only its (MCP) tools
     tools: tuple[str, ...] = ()
     next: tuple[str, ...] = ()
     worst_case_nanos: int = 0
+    plugins: tuple[PluginGrant, ...] = ()  # run after the plan-level ones on this step's calls
 
 
 class Budget(_Frozen):
@@ -98,6 +122,7 @@ class Vcs(_Frozen):
     models: tuple[str, ...]
     tools: tuple[str, ...]
     builtin_tools: tuple[str, ...] = ()  # non-function tool types, e.g. "web_search"
+    mcp_tools: tuple[str, ...] = ()  # "<server>__<tool>", exact
 
 
 class Assembly(_Frozen):
@@ -106,6 +131,7 @@ class Assembly(_Frozen):
     tenant: str | None = None
     models: dict[str, ModelGrant]
     tools: dict[str, ToolGrant] = Field(default_factory=dict)
+    mcp: dict[str, McpTool] = Field(default_factory=dict)  # by "<server>__<tool>"
     vcs: Vcs
     budget: Budget = Budget()
     limits: Limits = Limits()
@@ -114,11 +140,23 @@ class Assembly(_Frozen):
     steps: tuple[Step, ...] = ()
     # Largest prompt (tokens) a request may carry, used for worst-case estimates.
     max_prompt_tokens: int = 0
+    # Policy plugins run on every call, in this order (see gateway/plugins.py).
+    plugins: tuple[PluginGrant, ...] = ()
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     def canonical_json(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json", by_alias=True))
+        data = self.model_dump(mode="json", by_alias=True)
+        # Fields added after schema 1 are left out while empty, so the plans that
+        # existed before them keep their Assembly ids.
+        if not data["mcp"]:
+            del data["mcp"]
+            del data["vcs"]["mcp_tools"]
+        # Absent, not empty: an Assembly without plugins keeps the id it had before they existed.
+        _drop_empty_plugins(data)
+        for step in data["steps"]:
+            _drop_empty_plugins(step)
+        return canonical_json(data)
 
     @functools.cached_property
     def id(self) -> str:
@@ -145,6 +183,11 @@ class Assembly(_Frozen):
             if s.id == step_id:
                 return s
         return None
+
+
+def _drop_empty_plugins(data: dict[str, Any]) -> None:
+    if not data.get("plugins"):
+        data.pop("plugins", None)
 
 
 def canonical_json(data: Any) -> bytes:

@@ -23,7 +23,9 @@ __all__ = [
     "PlanBudget",
     "PlanInvalid",
     "PlanLimits",
+    "PlanMcp",
     "PlanModel",
+    "PlanPlugin",
     "PlanStep",
     "PlanTool",
     "Problem",
@@ -90,6 +92,24 @@ ToolName = Annotated[
     BeforeValidator(_normalise),
     _matching(r"[a-z0-9_-]{1,64}", "1-64 characters of a-z, 0-9, '_' or '-'"),
 ]
+# MCP tool names are case-sensitive and never normalised; "<server>__<tool>" in steps.
+McpToolName = Annotated[
+    str, BeforeValidator(_trim), _matching(r"[A-Za-z0-9_.-]{1,128}", "1-128 characters of A-Z, a-z, 0-9, '_', '.' or '-'")
+]
+ServerName = Annotated[str, BeforeValidator(_normalise), _matching(r"[a-z0-9][a-z0-9_-]{0,63}", "a tool server's name")]
+
+
+def _step_tool(value: Any) -> Any:
+    """A step's tool: an MCP tool ("<server>__<tool>", case kept) or a function/builtin tool (lower-cased)."""
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    return value if "__" in value.strip("_") else value.lower()
+
+
+StepTool = Annotated[
+    str, BeforeValidator(_step_tool), _matching(r"[A-Za-z0-9_.-]{1,200}", "a tool name, or <server>__<tool> for an MCP tool")
+]
 StepId = Annotated[
     str,
     BeforeValidator(_normalise),
@@ -139,6 +159,15 @@ class PlanTool(_Strict):
     parameters: dict[str, Any] | None = None  # JSON schema; absent: no arguments
 
 
+class PlanMcp(_Strict):
+    """Tools granted from one MCP server of the gateway's settings, at a price per call."""
+
+    server: ServerName
+    tools: Annotated[tuple[McpToolName, ...], Field(min_length=1)]
+    price_per_call_usd: Usd
+    max_calls: Count | None = None  # per session, over all the tools of this entry
+
+
 class PlanBudget(_Strict):
     usd: Usd | None = None
     tokens: Count | None = None
@@ -153,11 +182,25 @@ class PlanLimits(_Strict):
     tenant_usd_per_day: Usd | None = None
 
 
+# Registry names (entry points in `abc_gateway.plugins`), never import paths.
+PluginName = Annotated[
+    str,
+    BeforeValidator(_normalise),
+    _matching(r"[a-z][a-z0-9_]{0,63}", "1-64 characters of a-z, 0-9 or '_', starting with a letter"),
+]
+
+
+class PlanPlugin(_Strict):
+    name: PluginName
+    options: dict[str, Any] = Field(default_factory=dict)  # validated by the plugin's own model
+
+
 class PlanStep(_Strict):
     id: StepId
-    model: ModelName
-    tools: tuple[ToolName, ...] = ()  # function tools or builtin tools
+    model: ModelName | None = None  # absent: the step admits no model call, only its tools
+    tools: tuple[StepTool, ...] = ()  # function, builtin or MCP tools
     next: tuple[StepId, ...] = ()
+    plugins: tuple[PlanPlugin, ...] = ()  # run after the plan's own on this step's calls
 
 
 class Plan(_Strict):
@@ -166,6 +209,7 @@ class Plan(_Strict):
     models: Annotated[tuple[PlanModel, ...], AfterValidator(_non_empty)]
     tools: tuple[PlanTool, ...] = ()
     builtin_tools: tuple[ToolName, ...] = ()  # non-function tool types, e.g. "web_search"
+    mcp: tuple[PlanMcp, ...] = ()
     budget: PlanBudget = PlanBudget()
     limits: PlanLimits | None = None
     ttl_s: Annotated[int, Field(gt=0, le=366 * 24 * 3600)] = 3600
@@ -173,6 +217,8 @@ class Plan(_Strict):
     max_prompt_tokens: Tokens = 8192
     # Optional; absent: any order within the VCS. steps[0] is the entry step.
     steps: tuple[PlanStep, ...] = ()
+    # Policy plugins on every call, in this order; each step may add its own.
+    plugins: tuple[PlanPlugin, ...] = ()
 
 
 def _problems_of(exc: ValidationError) -> list[Problem]:

@@ -6,22 +6,16 @@ it costs seconds and a lot of memory), once per process, on first use.
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
-import importlib.util
-import json
-from collections.abc import Mapping
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
 from gateway.assembly.model import FrozenPrice
 from gateway.money import NANOS_PER_USD, TOKENS_PER_MTOK
+from gateway.price_map import candidates, price_map
 from gateway.settings import ModelSettings
 
 __all__ = ["MAX_NANOS_PER_MTOK", "freeze_price", "litellm_price", "price_from_usd_per_mtok"]
 
-PRICE_MAP_FILE = "model_prices_and_context_window_backup.json"
 # $1M per million tokens: anything above is a typo, and would overflow 64-bit budgets.
 MAX_NANOS_PER_MTOK = 10**15
 
@@ -50,33 +44,6 @@ def price_from_usd_per_mtok(input_usd: float | Decimal, output_usd: float | Deci
     )
 
 
-@functools.cache
-def _price_map() -> tuple[str, Mapping[str, Any]] | None:
-    """(source, entries) from the installed litellm's bundled map, or None without litellm."""
-    spec = importlib.util.find_spec("litellm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / PRICE_MAP_FILE
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-        version = importlib.metadata.version("litellm")
-    except (OSError, ValueError, importlib.metadata.PackageNotFoundError):
-        return None
-    if not isinstance(entries, dict):
-        return None
-    return f"litellm:{version}", entries
-
-
-def _candidates(names: tuple[str, ...]) -> list[str]:
-    found: list[str] = []
-    for name in names:
-        bare = name.split("/", 1)[1] if "/" in name else name
-        for candidate in (name, name.lower(), bare, bare.lower()):
-            if candidate and candidate not in found:
-                found.append(candidate)
-    return found
-
-
 def _entry_price(entry: Any, source: str) -> FrozenPrice | None:
     if not isinstance(entry, dict):
         return None
@@ -95,11 +62,11 @@ def _entry_price(entry: Any, source: str) -> FrozenPrice | None:
 
 def litellm_price(*names: str) -> FrozenPrice | None:
     """The first of `names` litellm prices, also trying lower-case and no "provider/" prefix."""
-    loaded = _price_map()
+    loaded = price_map()
     if loaded is None:
         return None
     source, entries = loaded
-    for candidate in _candidates(names):
+    for candidate in candidates(names):
         price = _entry_price(entries.get(candidate), source)
         if price is not None:
             return price

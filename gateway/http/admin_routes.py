@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.assembly.compile import compile_plan
 from gateway.assembly.plan import PlanInvalid, parse_plan
-from gateway.errors import GatewayError
+from gateway.decision.versions import PlanVersions
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.http.bodies import json_response, read_json_object, validated
-from gateway.http.keys import deps_of
+from gateway.http.keys import ADMIN_LABEL, deps_of
 from gateway.money import usd_to_nanos
 
 
@@ -39,21 +40,39 @@ class OpenSession(BaseModel):
 async def compile_route(request: web.Request) -> web.Response:
     deps = deps_of(request)
     body = await read_json_object(request)
+    actor = _actor(request)
     try:
-        compiled = compile_plan(parse_plan(body), deps.settings)
+        plan = parse_plan(body)
+        # Tool servers are asked for their tools now; the compiler itself does no I/O.
+        listings = await deps.tool_servers.discover(entry.server for entry in plan.mcp)
+        compiled = compile_plan(plan, deps.settings, mcp_listings=listings, registry=deps.plugins)
     except PlanInvalid as exc:
         raise PlanRejected(
             f"invalid plan: {len(exc.problems)} problem(s)", extra={"problems": [p.to_dict() for p in exc.problems]}
         ) from None
     await deps.assemblies.put(compiled.assembly)
+    version, _ = await PlanVersions(deps.redis).record(plan, compiled.assembly, by=request[ADMIN_LABEL], actor=actor)
     return json_response(
         {
             "assembly_id": compiled.assembly.id,
             "assembly": orjson.Fragment(compiled.assembly.canonical_json()),
             "warnings": compiled.warnings,
+            "version": version.version,
+            "parent": version.parent,
         },
         status=201,
     )
+
+
+def _actor(request: web.Request) -> str | None:
+    """Who says they compiled (`x-abc-actor`), recorded beside the admin token's label.
+    Self-declared: every holder of the one admin token can name anyone."""
+    actor = request.headers.get("x-abc-actor")
+    if actor is None:
+        return None
+    if not 0 < len(actor) <= 64 or not all(0x20 < ord(c) < 0x7F for c in actor):
+        raise InvalidRequest("x-abc-actor must be 1-64 printable ASCII characters without spaces", param="x-abc-actor")
+    return actor
 
 
 async def get_assembly(request: web.Request) -> web.Response:

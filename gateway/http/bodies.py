@@ -1,19 +1,21 @@
-"""Request and response bodies: size-limited JSON in (parsed once, objects only), JSON out."""
+"""Request and response bodies: size-limited JSON in (`application/json` only, parsed once
+and strictly by `gateway.pipeline.request_body`), JSON out."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.http.keys import deps_of
+from gateway.http.overload import refuse_encoded_body
+from gateway.pipeline.request_body import parse_body
 
-# orjson reads 1024 levels but writes only 254, and every body is written again (journal,
-# request hash, upstream); deeper ones are refused here rather than failing later as a 500.
-MAX_DEPTH = 128
+_UTF8 = frozenset({"utf-8", "utf8"})
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -23,6 +25,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 async def read_json_request(request: web.Request) -> tuple[dict[str, Any], bytes]:
     """The body parsed, and the bytes it came as (what the journal keeps)."""
+    require_json(request)
+    refuse_encoded_body(request)
     limit = deps_of(request).settings.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
@@ -30,28 +34,25 @@ async def read_json_request(request: web.Request) -> tuple[dict[str, Any], bytes
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body over {limit} bytes") from None
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("malformed JSON body", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
-    # Counting brackets is C-speed; only a body with that many containers is walked.
-    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _too_deep(body):
-        message = f"the request body is nested deeper than {MAX_DEPTH} levels"
-        raise InvalidRequest(message, code="invalid_json")
-    return body, raw
+    except HttpProcessingError:  # e.g. a broken chunked encoding: the client's fault
+        raise InvalidRequest("malformed request body framing", code="invalid_body") from None
+    return parse_body(raw), raw
 
 
-def _too_deep(body: dict[str, Any]) -> bool:
-    stack: list[tuple[Any, int]] = [(body, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
+def require_json(request: web.Request) -> None:
+    """`Content-Type: application/json`, any case, with no charset or UTF-8 (RFC 8259). An
+    absent header is refused too: a body must say what it is."""
+    # aiohttp lower-cases the media type and parses the parameters.
+    charset = request.charset
+    if (
+        hdrs.CONTENT_TYPE not in request.headers
+        or request.content_type != "application/json"
+        or (charset is not None and charset.lower() not in _UTF8)
+    ):
+        raise UnsupportedMediaType(
+            "the request body must be JSON: send Content-Type: application/json (UTF-8)",
+            param="Content-Type",
+        )
 
 
 def validated(model: type[BaseModel], body: dict[str, Any]) -> Any:

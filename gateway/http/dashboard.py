@@ -1,4 +1,5 @@
-"""GET /admin/dashboard: the built-in cost page, one static HTML shell (dashboard.html).
+"""GET /admin/dashboard: the built-in cost page, one static HTML shell (dashboard.html),
+and GET /admin/dashboard/plans: a plan's page (plan_dashboard.html).
 
 Auth design. A browser can't attach a bearer header to a page load, so the shell is the one
 /admin path served without the admin token (`TOKENLESS_ADMIN_PAGES` in middlewares.py). It
@@ -26,6 +27,9 @@ from gateway.errors import Unauthenticated
 from gateway.http.keys import deps_of
 
 PATH = "/admin/dashboard"
+# The plan page (plan_dashboard.html): lineage, latest suggestions and last evaluation of one
+# plan, read with the same token from GET /admin/v1/plans/{name}. Same rules as the cost page.
+PLANS_PATH = "/admin/dashboard/plans"
 _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 
 
@@ -59,8 +63,13 @@ def shell_response_headers(html: str) -> dict[str, str]:
 
 
 def add_routes(app: web.Application) -> None:
+    _add_shell(app, PATH, "dashboard.html")
+    _add_shell(app, PLANS_PATH, "plan_dashboard.html")
+
+
+def _add_shell(app: web.Application, path: str, filename: str) -> None:
     # The HTML parser turns CRLF into LF before the browser hashes a script: serve what it hashes.
-    html = resources.files("gateway.http").joinpath("dashboard.html").read_text("utf-8")
+    html = resources.files("gateway.http").joinpath(filename).read_text("utf-8")
     html = html.replace("\r\n", "\n")
     body, headers = html.encode(), shell_response_headers(html)
 
@@ -69,4 +78,4 @@ def add_routes(app: web.Application) -> None:
             raise Unauthenticated("admin API disabled: set ABC_ADMIN_TOKEN", code="admin_disabled")
         return web.Response(body=body, content_type="text/html", charset="utf-8", headers=headers)
 
-    app.router.add_get(PATH, dashboard)
+    app.router.add_get(path, dashboard)

@@ -6,10 +6,18 @@ from aiohttp import web
 
 from gateway.capability import Claims
 from gateway.deps import Deps
+from gateway.request_log import CallReport
 
 DEPS = web.AppKey("deps", Deps)
 REQUEST_ID = "abc_request_id"  # request-scoped values are plain string keys in aiohttp
 CLAIMS = "abc_claims"
+ADMIN_LABEL = "abc_admin_label"  # the label of the admin token a request carried
+REPORT = "abc_report"  # the request's CallReport, filled as it goes, logged at its end
+
+
+def report_of(request: web.Request) -> CallReport:
+    report: CallReport = request[REPORT]
+    return report
 
 
 def deps_of(request: web.Request) -> Deps:

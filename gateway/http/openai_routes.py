@@ -8,7 +8,7 @@ from aiohttp import web
 from gateway.errors import InvalidRequest
 from gateway.http import sse
 from gateway.http.bodies import read_json_request
-from gateway.http.keys import REQUEST_ID, claims_of, deps_of
+from gateway.http.keys import REQUEST_ID, claims_of, deps_of, report_of
 from gateway.pipeline.exchange import Call, exchange, journal_refusal, require_live_session
 from gateway.providers.base import Endpoint
 from gateway.state import idempotency
@@ -22,7 +22,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         raise await journal_refusal(deps, claims, request[REQUEST_ID], refused) from None
     call = Call(
         request[REQUEST_ID], endpoint, body, claims,
-        idempotency_key=idempotency.key_of(request.headers.get(idempotency.HEADER)), raw=raw,
+        idempotency_key=idempotency.key_of(request.headers.get(idempotency.HEADER)), raw=raw, report=report_of(request),
     )
     async with exchange(deps, call) as ex:
         if ex.stored is not None:

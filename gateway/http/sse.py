@@ -2,17 +2,25 @@
 
 Errors before the first payload are ordinary JSON errors (the exchange raises them before
 anything is written). After it, an error goes out as a `data: {"error": ...}` event and
-`[DONE]`. The exchange settles before the tail goes out, so the tail can carry the cost.
-A client that hangs up raises `ClientGone`; leaving the exchange settles it.
+`[DONE]`. The exchange settles before the tail goes out, so the tail can carry the cost;
+a keyed stream's bytes are kept for retries in that same settle step.
+A client that hangs up raises `ClientGone`; leaving the exchange settles it. So does one
+that stops reading: a write blocked past `server.stream_write_timeout_s` counts as gone.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import orjson
 from aiohttp import web
 
-from gateway.errors import ClientGone
+from gateway.errors import ClientGone, GatewayError
 from gateway.pipeline.exchange import Exchange
 from gateway.state import idempotency
+from gateway.translate.common import event_type, sse_event
 
 DONE = b"data: [DONE]\n\n"
 
@@ -29,16 +37,17 @@ async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
         "content-type": "text/event-stream", "cache-control": "no-cache", "x-request-id": ex.call.request_id,
     }
     response = web.StreamResponse(headers=headers)
+    limit_s = ex.deps.settings.server.stream_write_timeout_s
     sent: list[bytes] = []
     try:
         # Inside the try: a client gone before the headers go out is settled like one gone later.
         await response.prepare(request)
         if first is not None:
             sent.append(event(first))
-            await response.write(sent[-1])
+            await _write(response, sent[-1], limit_s)
             async for payload in chunks:
                 sent.append(event(payload))
-                await response.write(sent[-1])
+                await _write(response, sent[-1], limit_s)
     except ConnectionResetError as gone:
         await chunks.aclose()
         raise ClientGone("client disconnected mid-stream") from gone
@@ -46,19 +55,73 @@ async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
         await chunks.aclose()
         settled = await ex.close(exc)
         assert settled.error is not None
-        await _write_quietly(response, event(settled.error.to_json()) + DONE)
+        await _write_quietly(response, event(settled.error.to_json()) + DONE, limit_s)
         return response
-    settled = await ex.close()
-    # SSE comment lines are ignored by clients; this one carries the settled cost.
-    tail = b": abc-cost-usd " + ex.answer_headers(settled.cost_nanos, -1)["x-abc-cost-usd"].encode() + b"\n\n" + DONE
-    await ex.remember(idempotency.Stored(200, headers, b"".join(sent) + tail))
-    await _write_quietly(response, tail)
+    # Kept in the settle step for retries with the same Idempotency-Key: the bytes sent.
+    settled = await ex.close(keep=lambda cost: idempotency.Stored(200, headers, b"".join(sent) + _tail(ex, cost)))
+    await _write_quietly(response, _tail(ex, settled.cost_nanos), limit_s)
     return response
 
 
-async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+def _tail(ex: Exchange, cost: int) -> bytes:
+    # SSE comment lines are ignored by clients; this one carries the settled cost.
+    return b": abc-cost-usd " + ex.answer_headers(cost, -1)["x-abc-cost-usd"].encode() + b"\n\n" + DONE
+
+
+async def _write(response: web.StreamResponse, data: bytes, limit_s: float) -> None:
+    """A client that stops reading fills the socket and blocks the write; past the limit it
+    counts as gone, so it can't hold a stream, an upstream call and an in-flight slot."""
     try:
-        await response.write(data)
-        await response.write_eof()
-    except ConnectionResetError:
+        async with asyncio.timeout(limit_s):
+            await response.write(data)
+    except TimeoutError:
+        raise ConnectionResetError("client stopped reading") from None
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes, limit_s: float) -> None:
+    try:
+        await _write(response, data, limit_s)
+        async with asyncio.timeout(limit_s):
+            await response.write_eof()
+    except (ConnectionResetError, TimeoutError):
         pass  # settled and journaled already; nothing more is owed to a gone client
+
+
+async def relay_events(
+    request: web.Request, ex: Exchange, chunks: AsyncGenerator[bytes, None], error_event: Callable[[GatewayError, int], dict[str, Any]],
+) -> web.StreamResponse:
+    """A dialect's stream (Responses, Messages) as typed events, `event: <type>` then `data:`.
+
+    Its closing events (`ex.tail`) go out after the exchange settled them; an error after
+    the first byte is the dialect's own error event, numbered after the events sent.
+    """
+    first = await anext(chunks, None)  # upstream errors before the first byte propagate as JSON
+    headers = {
+        **ex.answer_headers(None, ex.budget_left_at_admission),
+        "content-type": "text/event-stream", "cache-control": "no-cache", "x-request-id": ex.call.request_id,
+    }
+    response = web.StreamResponse(headers=headers)
+    limit_s = ex.deps.settings.server.stream_write_timeout_s
+    sent: list[bytes] = []
+    try:
+        await response.prepare(request)
+        if first is not None:
+            sent.append(sse_event(first, event_type(first)))
+            await _write(response, sent[-1], limit_s)
+            async for payload in chunks:
+                sent.append(sse_event(payload, event_type(payload)))
+                await _write(response, sent[-1], limit_s)
+    except ConnectionResetError as gone:
+        await chunks.aclose()
+        raise ClientGone("client disconnected mid-stream") from gone
+    except Exception as exc:  # after the first byte, whatever failed becomes an error event
+        await chunks.aclose()
+        settled = await ex.close(exc)
+        assert settled.error is not None
+        await _write_quietly(response, sse_event(orjson.dumps(error_event(settled.error, len(sent))), "error"), limit_s)
+        return response
+    tail = b"".join(sse_event(payload, event_type(payload)) for payload in ex.tail)
+    # Kept in the settle step for retries with the same Idempotency-Key: the bytes sent.
+    await ex.close(keep=lambda cost: idempotency.Stored(200, headers, b"".join(sent) + tail))
+    await _write_quietly(response, tail, limit_s)
+    return response

@@ -19,8 +19,10 @@ from gateway.capability import Claims
 from gateway.deps import Deps
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.journal.recorded import RecordedCall, recorded_calls
+from gateway.mcp import calls as mcp_calls
 from gateway.pipeline.exchange import Call, exchange
 from gateway.pipeline.usage import StreamMeter
+from gateway.providers.base import Endpoint
 from gateway.state.entries import Kind, entry_body
 
 LIVE_LABEL = "live_replay_of"
@@ -61,22 +63,33 @@ async def _session_claims(deps: Deps, source: str, into: str | None) -> Claims:
 
 
 async def _rerun(deps: Deps, claims: Claims, recorded: RecordedCall) -> dict[str, Any]:
-    call = Call("rpl_" + secrets.token_hex(12), recorded.endpoint, recorded.body, claims)
+    request_id = "rpl_" + secrets.token_hex(12)
     result: dict[str, Any] = {
-        "index": recorded.index, "recorded_request_id": recorded.request_id, "request_id": call.request_id,
+        "index": recorded.index, "recorded_request_id": recorded.request_id, "request_id": request_id,
         "recorded": recorded.outcome.get(b"kind", b"").decode() if recorded.outcome else None,
     }
     got: bytes | str
+    dialect = recorded.request.get(b"endpoint", b"").decode()
+    if dialect in (Endpoint.RESPONSES, Endpoint.MESSAGES):
+        # Not re-executed: their answers carry fresh ids, which later turns would then name.
+        result["answer"], result["match"] = None, None
+        result["error"] = {"status": 501, "code": "not_replayable_live", "message": f"/v1/{dialect} calls replay in recorded mode only"}
+        return result
     try:
-        # The same Exchange a client's call runs through: PEP, plugins, budget, journal.
-        async with exchange(deps, call) as ex:
-            if ex.grant.stream:
-                meter = StreamMeter(model=ex.grant.model, prompt_estimate=0)
-                async for payload in ex.stream():
-                    meter.observe(orjson.loads(payload))
-                result["answer"], got = Kind.STREAM, meter.text
-            else:
-                result["answer"], got = Kind.RESPONSE, await ex.send()
+        if recorded.request.get(b"endpoint") == mcp_calls.ENDPOINT.encode():
+            # An MCP tool call: through the tools/call lifecycle, the server asked again.
+            answer = await mcp_calls.call_tool(deps, mcp_calls.ToolCall(request_id, recorded.body, claims))
+            result["answer"], got = Kind.RESPONSE, answer.body
+        else:
+            # The same Exchange a client's call runs through: PEP, plugins, budget, journal.
+            async with exchange(deps, Call(request_id, recorded.endpoint, recorded.body, claims)) as ex:
+                if ex.grant.stream:
+                    meter = StreamMeter(model=ex.grant.model, prompt_estimate=0)
+                    async for payload in ex.stream():
+                        meter.observe(orjson.loads(payload))
+                    result["answer"], got = Kind.STREAM, meter.text
+                else:
+                    result["answer"], got = Kind.RESPONSE, await ex.send()
     except GatewayError as exc:
         result["answer"], got = Kind.ERROR, f"{exc.status} {exc.code}"
         result["error"] = {"status": exc.status, "code": exc.code, "message": exc.message}

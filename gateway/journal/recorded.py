@@ -179,6 +179,8 @@ class ReplayProvider:
     """Answers one call from its recorded outcome: the body, the stream payloads, or the error."""
 
     name = "replay"
+    # A dialect call's recording is the answer as its client got it: replayed as it is.
+    native_endpoints = frozenset({Endpoint.RESPONSES, Endpoint.MESSAGES})
 
     def __init__(self, outcome: Mapping[bytes, bytes] | None) -> None:
         self._outcome = outcome

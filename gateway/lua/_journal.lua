@@ -3,7 +3,7 @@
 --
 -- journal_append(journal, head, digest, step, first): append an entry whose content
 -- fields are ARGV[first..] (name, value, ...). The link is
--- sha1(prev | seq | digest | step); gateway/journal/events.py verifies it.
+-- sha1(prev | seq | digest | step); gateway/state/entries.py verifies it.
 local function journal_append(journal, head, digest, step, first)
   local last = redis.call('HMGET', head, 'seq', 'hash')
   local seq = string.format('%d', tonumber(last[1] or '0') + 1)

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import hashlib
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -40,16 +40,21 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.journal.recorded import ReplayProvider, recorded_provider
+from gateway.metrics import GenAI, denial_reason, genai
 from gateway.money import nanos_to_usd_str
 from gateway.pipeline import policy
 from gateway.pipeline.deployments import Deployments
+from gateway.pipeline.dialects import NativeUsage, StreamTranslator, Wire
 from gateway.pipeline.fallbacks import FallbackChain
 from gateway.pipeline.request_fields import redact_overrides
 from gateway.pipeline.usage import Estimate, StreamMeter, Usage, estimate, price, reply_usage
 from gateway.providers.base import Endpoint, Provider
+from gateway.providers.resilience import FAILED_ATTEMPTS
+from gateway.request_log import CallReport
 from gateway.state import idempotency
 from gateway.state.entries import Kind, make_entry
-from gateway.state.ledger import REDIS_ERRORS, Admission, CostTags
+from gateway.state.ledger import REDIS_ERRORS, Admission, CostTags, denial_tally
+from gateway.translate.common import Tokens, chat_tokens
 
 __all__ = ["Call", "Exchange", "Settled", "exchange", "journal_refusal", "require_live_session", "shielded"]
 
@@ -71,6 +76,11 @@ class Call:
     # The body's bytes as the client sent them, journaled as they are; absent (a call
     # made by the gateway itself, e.g. a live replay), the body is serialised once here.
     raw: bytes | None = None
+    # What the request log tells of this call; the HTTP layer passes the request's own.
+    report: CallReport = field(default_factory=CallReport)
+    # The same request in chat-completions form, for a call in another dialect (Responses,
+    # Messages): what the PEP checks and the estimate counts. None: `body` is that form.
+    view: dict[str, Any] | None = None
     # SHA-256 of the canonical body: what replays match on and every entry carries.
     request_hash: str = field(init=False)
 
@@ -78,6 +88,11 @@ class Call:
         self.request_hash = hashlib.sha256(orjson.dumps(self.body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         if self.raw is None:
             self.raw = orjson.dumps(self.body)
+
+    @property
+    def checked(self) -> tuple[Endpoint, dict[str, Any]]:
+        """The endpoint and body the PEP and the estimate see."""
+        return (self.endpoint, self.body) if self.view is None else (Endpoint.CHAT, self.view)
 
     @property
     def idempotency_record(self) -> str | None:
@@ -91,6 +106,7 @@ class Settled:
     cost_nanos: int
     budget_left_nanos: int
     error: GatewayError | None = None
+    entry_id: str = ""  # of the journal entry that closed the call
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,35 +146,53 @@ class Exchange:
         self._reserved = False
         self._outcome: _Outcome | None = None
         self._answer_usage: Usage | None = None  # a complete answer's, before its checks
-        self._meter: StreamMeter | None = None
+        self._meter: StreamMeter | NativeUsage | None = None
+        self.plugin_run = plugins.Run(())  # the Assembly's plugins for this call, once authorized
         self._payloads: list[bytes] = []
+        # A dialect call's last events: journaled with the rest, written once it is settled.
+        self.tail: list[bytes] = []
+        # Journal fields for the answer's entry (a dialect call's conversation links).
+        self.extra: dict[str, Any] = {}
+        self.answer_data: dict[str, Any] | None = None  # the complete answer, parsed
         self._closing: asyncio.Future[Settled] | None = None
+        self._entry_id = ""
 
     # -- admission ----------------------------------------------------------------------
 
     async def __aenter__(self) -> Exchange:
         deps, call = self.deps, self.call
         self.assembly: Assembly = await deps.assemblies.get(call.claims.assembly_id)
-        self.grant: policy.Grant = await self._authorize()
+        requested = call.body.get("model")
+        call.report.model = requested if isinstance(requested, str) else None
+        with deps.tracer.span("pep"):
+            self.grant: policy.Grant = await self._authorize()
+        call.report.model, call.report.stream = self.grant.model.name, self.grant.stream
         self.estimate: Estimate = estimate(
-            self.grant.model, call.endpoint, self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
+            self.grant.model, call.checked[0], self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
         )
         chain = self.assembly.chain(self.grant.model)
         if len(chain) > 1:  # the reservation covers the dearest model that may serve
             est, worst = self.estimate, Usage(self.estimate.prompt_tokens, self.estimate.max_output_tokens)
             self.estimate = Estimate(est.prompt_tokens, est.max_output_tokens, max(price(m, worst) for m in chain))
         while True:
-            admission = await self._reserve()
+            with deps.tracer.span("reserve"):
+                admission = await self._reserve()
             if admission.held is None:
                 break
             record = call.idempotency_record
             assert record is not None
-            self.stored = await idempotency.await_answer(deps.redis, record, call.request_hash, admission.held)
+            self.stored = await idempotency.await_answer(
+                deps.ledger, call.claims.session_id, record, call.request_hash, admission.held,
+                wait_s=deps.settings.budget.idempotency_wait_s,
+            )
             if self.stored is not None:
                 return self
-            # The first attempt failed and freed its key: this one runs the request.
+            # The first attempt failed and freed its key, or died and was taken over: run it.
         self._reserved = True
         self.admission: Admission = admission
+        # Retries inside a provider are recorded here (the context is this call's task).
+        self.failed_attempts: list[str] = []
+        FAILED_ATTEMPTS.set(self.failed_attempts)
         self.provider: Provider = self._provider_for(self.grant.model)
         if len(chain) > 1:
             self.provider = FallbackChain(chain, self._provider_for)
@@ -183,9 +217,13 @@ class Exchange:
         """The PEP, then the plugins' request hooks; a denial is journaled before it is raised."""
         deps, call = self.deps, self.call
         try:
-            grant = policy.authorize(self.assembly, call.endpoint, call.body, known_models=deps.known_models)
-            if deps.plugins:
-                grant = dataclasses.replace(grant, body=plugins.run_request(deps.plugins, grant.body))
+            grant = policy.authorize(self.assembly, *call.checked, known_models=deps.known_models)
+            # The Assembly's plugins for the steps this call could be (plan-level ones without steps).
+            chain = plugins.for_call(deps.plugins, self.assembly, grant.candidate_steps)
+            self.plugin_run = plugins.Run(chain, deps.metrics.observe_plugin)
+            if self.plugin_run:
+                await self.plugin_run.load_session(deps.redis, call.claims.session_id)
+                grant = dataclasses.replace(grant, body=self.plugin_run.request(grant.body))
             return grant
         except GatewayError as exc:
             denial: GatewayError = exc
@@ -228,15 +266,26 @@ class Exchange:
 
     # -- running ------------------------------------------------------------------------
 
-    async def send(self) -> bytes:
-        """One complete answer, checked by the output PEP and the plugins; its body."""
+    async def send(self, wire: Wire | None = None) -> bytes:
+        """One complete answer, checked by the output PEP and the plugins; its body.
+
+        With a `wire`, the upstream is asked in the call's own dialect and its answer is
+        passed on as it came (see gateway.pipeline.dialects); else in the grant's form.
+        """
         started = time.perf_counter()
+        endpoint, asked = (self.call.checked[0], self.grant.body) if wire is None else (wire.dialect.endpoint, wire.body)
         try:
-            reply = await self.provider.send(self.call.endpoint, self.grant.body, request_id=self.call.request_id)
+            with self.deps.tracer.span("upstream"):
+                reply = await self.provider.send(endpoint, asked, request_id=self.call.request_id)
         finally:
             self.upstream_s = time.perf_counter() - started
         self.upstream_headers = reply.headers
-        data = reply.data
+        data = self.answer_data = reply.data
+        if wire is not None:
+            usage = self._answer_usage = wire.usage(data, self.estimate.prompt_tokens, self.grant.model)
+            policy.check_output(self.assembly, self.grant, wire.dialect.tool_names(data))
+            self._outcome = _Outcome(Kind.RESPONSE, usage, reply.body, {})
+            return reply.body
         choices = data.get("choices")
         if choices is not None and not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
             raise UpstreamError("upstream answered with malformed choices")
@@ -248,82 +297,170 @@ class Exchange:
             message = choice.get("message")
             if message:
                 policy.check_output(self.assembly, self.grant, policy.tool_call_names(message))
-        rewritten = plugins.run_response(self.deps.plugins, data) if self.deps.plugins else None
+        rewritten = self.plugin_run.response(data) if self.plugin_run else None
+        if rewritten is not None:
+            self.answer_data = rewritten
         body = reply.body if rewritten is None else orjson.dumps(rewritten)
         self._outcome = _Outcome(Kind.RESPONSE, usage, body, {})
         return body
 
-    async def stream(self) -> AsyncGenerator[bytes, None]:
+    def restate(self, body: bytes) -> None:
+        """The client gets `body` instead of the answer `send` returned (its translation into
+        the call's dialect); the journal keeps what the client gets."""
+        assert self._outcome is not None
+        self._outcome = dataclasses.replace(self._outcome, body=body)
+
+    async def stream(self, translator: StreamTranslator | None = None) -> AsyncGenerator[bytes, None]:
         """The answer's payloads as the client should see them (one per SSE `data:` event).
 
         The upstream is asked for usage even when the client did not ask; that chunk is
-        metered and dropped. Closing this iterator early closes the upstream call.
+        metered and dropped. Closing this iterator early closes the upstream call. With a
+        `translator`, the payloads are the chunks translated into the call's dialect, and
+        its closing events wait in `tail`.
         """
         body, client_wants_usage = _with_usage(self.grant.body)
+        tokens: Tokens | None = None
+        opened = False
         meter = self._meter = StreamMeter(self.grant.model, self.estimate.prompt_tokens)
-        states: dict[str, dict[str, Any]] = {}
+        last: dict[str, Any] = {}
         started = time.perf_counter()
         upstream = self.provider.stream(
-            self.call.endpoint, body, request_id=self.call.request_id, headers_out=self.upstream_headers,
+            self.call.checked[0], body, request_id=self.call.request_id, headers_out=self.upstream_headers,
         )
         try:
-            async for payload in upstream:
-                if self.ttft_s is None:
-                    self.ttft_s = time.perf_counter() - started
-                chunk = _chunk(payload)
-                usage_only = meter.observe(chunk)
-                choices = chunk.get("choices")
-                for choice in choices if isinstance(choices, list) else ():
-                    delta = choice.get("delta") if isinstance(choice, dict) else None
-                    if isinstance(delta, dict):
-                        policy.check_output(self.assembly, self.grant, policy.tool_call_names(delta))
-                if usage_only:
-                    if not client_wants_usage:
-                        continue  # asked for billing; the client did not ask
-                elif self.deps.plugins:
-                    rewritten = plugins.run_chunk(self.deps.plugins, chunk, states)
-                    if rewritten is not None:
-                        chunk, payload = rewritten, orjson.dumps(rewritten)
-                if not client_wants_usage and "usage" in chunk:
-                    payload = _without_usage(payload, chunk)
+            # Current in this task from the call to its last chunk: the upstream gets its traceparent.
+            with self.deps.tracer.span("upstream"):
+                async for payload in upstream:
+                    if self.ttft_s is None:
+                        self.ttft_s = time.perf_counter() - started
+                    chunk = last = _chunk(payload)
+                    usage_only = meter.observe(chunk)
+                    choices = chunk.get("choices")
+                    for choice in choices if isinstance(choices, list) else ():
+                        delta = choice.get("delta") if isinstance(choice, dict) else None
+                        if isinstance(delta, dict):
+                            policy.check_output(self.assembly, self.grant, policy.tool_call_names(delta))
+                    if translator is not None:
+                        tokens = chat_tokens(chunk.get("usage")) or tokens
+                        if self.plugin_run and not usage_only:
+                            chunk = self.plugin_run.chunk(chunk) or chunk
+                        events = translator.feed(chunk)
+                        if not opened:  # opened on the first chunk: an upstream refusal is still a JSON error
+                            opened, events = True, [*translator.start(), *events]
+                        for event in events:
+                            self._payloads.append(orjson.dumps(event))
+                            yield self._payloads[-1]
+                        continue
+                    if usage_only:
+                        if not client_wants_usage:
+                            continue  # asked for billing; the client did not ask
+                    elif self.plugin_run:
+                        rewritten = self.plugin_run.chunk(chunk)
+                        if rewritten is not None:
+                            chunk, payload = rewritten, orjson.dumps(rewritten)
+                    if not client_wants_usage and "usage" in chunk:
+                        payload = _without_usage(payload, chunk)
+                    self._payloads.append(payload)
+                    yield payload
+            for owed in self.plugin_run.stream_end(last) if self.plugin_run else ():
+                if translator is not None:
+                    for event in translator.feed(owed):
+                        self._payloads.append(orjson.dumps(event))
+                        yield self._payloads[-1]
+                    continue
+                payload = orjson.dumps(owed)  # text a plugin held back, e.g. pii_redact's
                 self._payloads.append(payload)
                 yield payload
         finally:
             self.upstream_s = time.perf_counter() - started
             await upstream.aclose()
         ttft_us = None if self.ttft_s is None else int(self.ttft_s * 1e6)
+        usage = meter.final_usage()
+        if translator is not None:
+            closing = translator.finish(tokens or Tokens(usage.prompt_tokens, usage.completion_tokens))
+            self.tail = [orjson.dumps(event) for event in closing]
         self._outcome = _Outcome(
-            Kind.STREAM, meter.final_usage(), b"\n".join(self._payloads),
-            {"chunks": len(self._payloads), "ttft_us": ttft_us, "usage_from": "upstream" if meter.usage else "counted"},
+            Kind.STREAM, usage, b"\n".join([*self._payloads, *self.tail]),
+            {"chunks": len(self._payloads) + len(self.tail), "ttft_us": ttft_us,
+             "usage_from": "upstream" if meter.usage else "counted"},
+        )
+
+    async def stream_native(self, wire: Wire) -> AsyncGenerator[bytes, None]:
+        """A stream from an upstream that speaks the call's dialect: its events as they came,
+        checked by the output PEP and metered; the closing event waits in `tail`."""
+        native = wire.dialect.meter()
+        meter = self._meter = NativeUsage(native, self.estimate.prompt_tokens, self.grant.model)
+        started = time.perf_counter()
+        upstream = self.provider.stream(
+            wire.dialect.endpoint, wire.body, request_id=self.call.request_id, headers_out=self.upstream_headers,
+        )
+        try:
+            async for payload in upstream:
+                if self.ttft_s is None:
+                    self.ttft_s = time.perf_counter() - started
+                meter.chunks += 1
+                policy.check_output(self.assembly, self.grant, native.observe(_chunk(payload)))
+                if native.complete:
+                    self.tail.append(payload)
+                    continue
+                self._payloads.append(payload)  # as the upstream sent it, never re-serialised
+                yield payload
+        finally:
+            self.upstream_s = time.perf_counter() - started
+            await upstream.aclose()
+        if not native.complete:
+            raise UpstreamError("upstream stream ended early")
+        ttft_us = None if self.ttft_s is None else int(self.ttft_s * 1e6)
+        self._outcome = _Outcome(
+            Kind.STREAM, meter.final_usage(), b"\n".join([*self._payloads, *self.tail]),
+            {"chunks": len(self._payloads) + len(self.tail), "ttft_us": ttft_us,
+             "usage_from": "upstream" if native.usage else "counted"},
         )
 
     # -- settlement ---------------------------------------------------------------------
 
-    async def close(self, exc: BaseException | None = None) -> Settled:
+    async def close(self, exc: BaseException | None = None, *, keep: Callable[[int], idempotency.Stored] | None = None) -> Settled:
         """Settle once: the answer when there is one and nothing failed, else the failure.
-        Later calls return the first settlement. Runs shielded from cancellation."""
+        Later calls return the first settlement. Runs shielded from cancellation. `keep`:
+        a streamed answer as its client received it, given its cost, for retries with its
+        Idempotency-Key (a complete one is kept as it is answered)."""
         if self._closing is None:
-            work = self._settle_answer() if exc is None and self._outcome is not None else self._settle_failure(exc)
+            work = self._settle_answer(keep) if exc is None and self._outcome is not None else self._settle_failure(exc)
             self._closing = asyncio.ensure_future(work)
             self.deps.tasks.add(self._closing)
             self._closing.add_done_callback(self.deps.tasks.discard)
         self.settled = await asyncio.shield(self._closing)
         return self.settled
 
-    async def _settle_answer(self) -> Settled:
+    async def _settle_answer(self, keep: Callable[[int], idempotency.Stored] | None) -> Settled:
         outcome = self._outcome
         assert outcome is not None
-        cost, left = await self._settle(outcome.kind, outcome.usage, advance=True, body=outcome.body, status=200, **outcome.extra)
+        kept = None
+        if self.call.idempotency_record is not None:
+            # Kept in the settle step itself: no crash can part a charge from its answer.
+            cost = price(self.served, outcome.usage)
+            if outcome.kind == Kind.RESPONSE:
+                sent = {"content-type": "application/json", "x-request-id": self.call.request_id, **self.answer_headers(cost, -1)}
+                kept = idempotency.Stored(200, sent, outcome.body, with_budget_left=True)
+            elif keep is not None:
+                kept = keep(cost)
+        cost, left = await self._settle(
+            outcome.kind, outcome.usage, advance=True, body=outcome.body, status=200, keep=kept, **outcome.extra, **self.extra,
+        )
+        gateway_s, usage = self.gateway_s, outcome.usage
+        if self.plugin_run:
+            await self.plugin_run.save_session(self.deps.redis, self.call.claims.session_id, self.call.claims.expires_at)
         self.deps.metrics.observe_settled(
             tenant=self.tenant, model=self.served.name, assembly_id=self.assembly.id,
-            prompt_tokens=outcome.usage.prompt_tokens, completion_tokens=outcome.usage.completion_tokens,
-            cost_nanos=cost, gateway_s=self.gateway_s, upstream_s=self.upstream_s,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cost_nanos=cost, gateway_s=gateway_s, upstream_s=self.upstream_s,
+            genai=self._genai(), budget_left=left, ttft_s=self.ttft_s,
         )
-        record = self.call.idempotency_record
-        if record is not None and outcome.kind == Kind.RESPONSE:
-            sent = {"content-type": "application/json", "x-request-id": self.call.request_id, **self.answer_headers(cost, left)}
-            await idempotency.remember(self.deps.redis, record, idempotency.Stored(200, sent, outcome.body))
-        return Settled(cost, left)
+        self.call.report.settled(
+            model=self.served.name, tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens,
+            cost_nanos=cost, gateway_s=gateway_s, upstream_s=self.upstream_s, ttft_s=self.ttft_s,
+        )
+        return Settled(cost, left, entry_id=self._entry_id)
 
     async def _settle_failure(self, exc: BaseException | None) -> Settled:
         error = as_gateway_error(exc)
@@ -332,20 +469,28 @@ class Exchange:
         if self._meter is not None:
             extra = {"chunks": self._meter.chunks, "body": b"\n".join(self._payloads)}
         cost, left = await self._settle(
-            Kind.ERROR, usage, advance=False, status=error.status, code=error.code, message=error.message, **extra,
+            Kind.ERROR, usage, advance=False, status=error.status, code=error.code, rule=error.extra.get("rule"),
+            message=error.message, **extra,
         )
         self.deps.metrics.observe_failed(
             tenant=self.tenant, model=self.grant.model.name, assembly_id=self.assembly.id, code=error.code, cost_nanos=cost,
+            genai=self._genai(), duration_s=time.perf_counter() - self.call.started,
         )
-        record = self.call.idempotency_record
-        if record is not None:
-            await idempotency.forget(self.deps.redis, record)  # so a retry runs again
-        return Settled(cost, left, error)
+        self.call.report.settled(
+            model=self.served.name, tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens,
+            cost_nanos=cost, gateway_s=self.gateway_s, upstream_s=self.upstream_s, ttft_s=self.ttft_s, code=error.code,
+        )
+        return Settled(cost, left, error)  # its Idempotency-Key was freed in the settle step
 
-    async def _settle(self, kind: str, usage: Usage, *, advance: bool, body: bytes | None = None, **fields: Any) -> tuple[int, int]:
+    async def _settle(
+        self, kind: str, usage: Usage, *, advance: bool, body: bytes | None = None,
+        keep: idempotency.Stored | None = None, **fields: Any,
+    ) -> tuple[int, int]:
         served = self.served
         if served is not self.grant.model:
             fields["served_by"] = served.name
+        if self.failed_attempts:
+            fields["attempts_failed"] = ",".join(self.failed_attempts)
         answered = self.provider
         if isinstance(answered, FallbackChain):
             if answered.attempts:
@@ -358,12 +503,15 @@ class Exchange:
             kind, rid=self.call.request_id, model=self.grant.model.name, asm=self.assembly.id,
             req_hash=self.call.request_hash, tok_in=usage.prompt_tokens, tok_out=usage.completion_tokens,
             cost_nanos=cost, gw_us=int(self.gateway_s * 1e6), up_us=int(self.upstream_s * 1e6),
-            ts=int(time.time() * 1000), body=body, compress_over=self.deps.settings.journal.compress_over_bytes, **fields,
+            ts=int(time.time() * 1000), body=body, compress_over=self.deps.settings.journal.compress_over_bytes,
+            plugins=self.plugin_run.counts(), **fields,
         )
-        settlement = await self.deps.ledger.settle(
-            session_id=self.call.claims.session_id, request_id=self.call.request_id, actual_nanos=cost,
-            actual_tokens=usage.total, advance=advance, entry=entry, tags=self._tags(),
-        )
+        with self.deps.tracer.span("settle"):
+            settlement = await self.deps.ledger.settle(
+                session_id=self.call.claims.session_id, request_id=self.call.request_id, actual_nanos=cost,
+                actual_tokens=usage.total, advance=advance, entry=entry, tags=self._tags(), answer=keep,
+            )
+        self._entry_id = settlement.entry_id
         return cost, settlement.budget_left_nanos
 
     def _usage_so_far(self) -> Usage:
@@ -404,18 +552,15 @@ class Exchange:
             headers["x-abc-budget-remaining-usd"] = nanos_to_usd_str(left)
         return headers
 
-    async def remember(self, stored: idempotency.Stored) -> None:
-        """Keep a streamed answer, as the client received it, for retries with its key."""
-        record = self.call.idempotency_record
-        if record is not None:
-            await shielded(self.deps, idempotency.remember(self.deps.redis, record, stored))
-
     # -- helpers ------------------------------------------------------------------------
 
     def _provider_for(self, model: ModelGrant) -> Provider:
         if model.deployments:
             return Deployments(model, self.deps.providers, self.deps.balancer)
         return self.deps.providers[model.provider]
+
+    def _genai(self) -> GenAI:
+        return genai(self.call.endpoint.value, self.served.provider, self.grant.model.name, self.served.name)
 
     def _tags(self) -> CostTags:
         return CostTags(tenant=self.tenant, session_id=self.call.claims.session_id, model=self.served.name, assembly_id=self.assembly.id)
@@ -431,7 +576,7 @@ class Exchange:
             status=denial.status, code=denial.code, rule=denial.extra.get("rule"), message=denial.message,
             ts=int(time.time() * 1000), body=body, compress_over=deps.settings.journal.compress_over_bytes,
         )
-        await deps.ledger.append(call.claims.session_id, entry)
+        await deps.ledger.append(call.claims.session_id, entry, extra=denial_tally(denial_reason(denial), time.time()))
 
     def _candidates(self) -> str:
         """Encode, for the reserve script, from which states each candidate step may run."""

@@ -22,6 +22,7 @@ from gateway.pipeline.request_fields import (
     reject_unknown_fields,
     show,
 )
+from gateway.pipeline.request_schema import check_shape
 from gateway.providers.base import Endpoint
 
 __all__ = ["Grant", "authorize", "check_output", "tool_call_names"]
@@ -59,6 +60,7 @@ def authorize(
         raise invalid("invalid_body", "the request body must be a JSON object")
     reject_overrides(body)  # before the allow-list, so an override is a 403, not a 400
     reject_unknown_fields(endpoint, body)
+    check_shape(endpoint, body)
     model = _resolve_model(assembly, endpoint, body.get("model"), known_models)
     functions: frozenset[str] = frozenset()
     if endpoint is Endpoint.CHAT:
@@ -115,7 +117,7 @@ def _resolve_model(
 def _check_tools(assembly: Assembly, functions: frozenset[str], builtins: frozenset[str]) -> None:
     # Sorted, so the same request is always denied with the same message.
     for name in sorted(functions):
-        if name not in assembly.tools or name not in assembly.vcs.tools:
+        if not _granted_function(assembly, name):
             message = f"tool '{show(name)}' is not in this session's VCS"
             raise denied("tool_not_allowed", message, param="tools")
     for kind in sorted(builtins):
@@ -127,6 +129,14 @@ def _check_tools(assembly: Assembly, functions: frozenset[str], builtins: frozen
             )
 
 
+def _granted_function(assembly: Assembly, name: str) -> bool:
+    """A function tool of the VCS, or an MCP tool (its lower-case name: function names are
+    compared case-folded) that a model may be offered and the client then calls via /mcp."""
+    if name in assembly.tools and name in assembly.vcs.tools:
+        return True
+    return name in assembly.mcp and name in assembly.vcs.mcp_tools
+
+
 def _freeze_tool_definitions(assembly: Assembly, upstream: dict[str, Any]) -> None:
     """Send the Assembly's frozen description and schema for every function offered.
 
@@ -134,8 +144,13 @@ def _freeze_tool_definitions(assembly: Assembly, upstream: dict[str, Any]) -> No
     client can't widen a schema or reword a description the model will read.
     """
     def frozen(function: dict[str, Any]) -> dict[str, Any]:
-        grant = assembly.tools[normalise_name(function["name"])]
-        out = {"name": function["name"], "description": grant.description, "parameters": grant.parameters}
+        name = normalise_name(function["name"])
+        if name in assembly.tools:
+            grant = assembly.tools[name]
+            out = {"name": function["name"], "description": grant.description, "parameters": grant.parameters}
+        else:  # an MCP tool offered to the model: the client calls it through /mcp
+            tool = assembly.mcp[name]
+            out = {"name": function["name"], "description": tool.description, "parameters": tool.input_schema}
         if "strict" in function:
             out["strict"] = function["strict"]
         return out
@@ -270,7 +285,7 @@ def check_output(assembly: Assembly, grant: Grant, tool_names: Iterable[str]) ->
     """A tool call in the answer must be in the VCS and among the tools the request offered."""
     for raw in tool_names:
         name = normalise_name(raw)
-        if name not in assembly.tools or name not in assembly.vcs.tools:
+        if not _granted_function(assembly, name):
             reason = "which is not in this session's VCS"
         elif name not in grant.tools:
             reason = "which this request did not offer"

@@ -17,6 +17,10 @@ class Endpoint(enum.StrEnum):
     CHAT = "chat/completions"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    # Dialects the PEP checks in chat form; only a provider listing them in
+    # `native_endpoints` is sent them as they are (see gateway.pipeline.dialects).
+    RESPONSES = "responses"
+    MESSAGES = "messages"
 
 
 @dataclass(slots=True)

@@ -309,6 +309,8 @@ def _answer(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
             return completion(body)
         case Endpoint.EMBEDDINGS:
             return embeddings(body)
+        case Endpoint.RESPONSES | Endpoint.MESSAGES:
+            raise InvalidRequest(f"the mock speaks chat completions, not /v1/{endpoint}")
         case _:
             assert_never(endpoint)
 
@@ -321,6 +323,8 @@ def _chunks(endpoint: Endpoint, body: dict[str, Any], faults: Faults) -> list[di
             return completion_chunks(body, faults)
         case Endpoint.EMBEDDINGS:
             raise InvalidRequest("embeddings cannot be streamed", param="stream")
+        case Endpoint.RESPONSES | Endpoint.MESSAGES:
+            raise InvalidRequest(f"the mock speaks chat completions, not /v1/{endpoint}")
         case _:
             assert_never(endpoint)
 
@@ -332,8 +336,10 @@ class MockProvider:
         self.name = settings.name
         self._timeout_s = settings.timeouts.first_byte_s
         self._slow_delay_s = slow_delay_s
+        self.calls = 0  # calls received (send and stream), so tests can see none were made
 
     async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
+        self.calls += 1
         faults = Faults.of(_model(body))
         await self._before_answer(faults)
         if faults.cut:
@@ -345,6 +351,7 @@ class MockProvider:
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
+        self.calls += 1
         faults = Faults.of(_model(body))
         await self._before_answer(faults)
         # Built whole up front: answers are small, and it keeps cut points and usage exact.

@@ -27,9 +27,11 @@ from gateway.errors import (
 )
 from gateway.providers.base import Endpoint, Reply
 from gateway.settings import ProviderSettings
+from gateway.tracing import NOOP, Tracer
 
 __all__ = [
     "PASSTHROUGH_HEADERS",
+    "AnthropicProvider",
     "OpenAICompatProvider",
     "SSEParser",
     "make_client_session",
@@ -63,6 +65,10 @@ MAX_EVENT_BYTES: Final = 8 * 1024 * 1024
 # After [DONE], how long to wait for the end of the HTTP body so the connection can be reused.
 _DRAIN_AFTER_DONE_S: Final = 0.1
 _DONE: Final = b"[DONE]"
+# Typed-event streams end with their own last event (response.completed, message_stop),
+# not [DONE]; whether that event came is the relay's to check.
+_ENDS_WITHOUT_DONE: Final = frozenset({Endpoint.RESPONSES, Endpoint.MESSAGES})
+ANTHROPIC_VERSION: Final = "2023-06-01"
 _REDACTED: Final = "***"
 # Shorter "keys" (e.g. Ollama's placeholder "x") are not secrets and would shred every message.
 _MIN_SECRET_LEN: Final = 4
@@ -168,10 +174,11 @@ class SSEParser:
 class OpenAICompatProvider:
     """Forwards checked request bodies to one OpenAI-compatible `api_base` and maps its answers."""
 
-    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession, *, tracer: Tracer = NOOP) -> None:
         if not settings.api_base:
             raise ValueError(f"provider {settings.name!r}: api_base is required")
         self.name = settings.name
+        self._tracer = tracer  # adds `traceparent` to upstream calls when tracing
         self._session = session
         base = settings.api_base.rstrip("/")
         # Fixed here, once: nothing in a request body is ever read to build a URL.
@@ -184,10 +191,9 @@ class OpenAICompatProvider:
         key = settings.api_key()
         parts = urlsplit(base)
         self._secrets: tuple[str | None, ...] = (key, base, parts.netloc, parts.password)
+        self.native_endpoints = frozenset({Endpoint.RESPONSES}) if settings.responses == "native" else frozenset()
         # aiohttp's default User-Agent would tell the upstream our Python and aiohttp versions.
-        common = {"User-Agent": "abc-gateway"}
-        if key:
-            common["Authorization"] = f"Bearer {key}"
+        common = {"User-Agent": "abc-gateway", **self._auth_headers(key)}
         self._json_headers: dict[str, str] = {
             **common,
             "Content-Type": "application/json",
@@ -201,10 +207,13 @@ class OpenAICompatProvider:
             "Accept-Encoding": "identity",
         }
 
+    def _auth_headers(self, key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     async def send(
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None
     ) -> Reply:
-        headers = _with_request_id(self._json_headers, request_id)
+        headers = self._tracer.inject(_with_request_id(self._json_headers, request_id))
         try:
             async with await self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:
@@ -225,7 +234,7 @@ class OpenAICompatProvider:
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        headers = _with_request_id(self._sse_headers, request_id)
+        headers = self._tracer.inject(_with_request_id(self._sse_headers, request_id))
         try:
             async with await self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:
@@ -246,7 +255,10 @@ class OpenAICompatProvider:
                         if done:
                             break
                     else:
-                        done = parser.finish() == _DONE
+                        last = parser.finish()
+                        done = last == _DONE or endpoint in _ENDS_WITHOUT_DONE
+                        if last is not None and last != _DONE:
+                            yield last
                     if not done:
                         raise UpstreamError("upstream stream ended early")
                     await _drain(resp)
@@ -317,6 +329,45 @@ class OpenAICompatProvider:
 
     def _scrub(self, text: str) -> str:
         return scrub(text, self._secrets)
+
+
+class AnthropicProvider(OpenAICompatProvider):
+    """`kind: anthropic`: Anthropic's own API, for Messages calls, passed through as they are.
+
+    Chat-form calls (chat completions, Responses) are refused: this provider does not
+    translate them; route those models through `kind: litellm` instead.
+    """
+
+    speaks_chat = False
+
+    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession, *, tracer: Tracer = NOOP) -> None:
+        super().__init__(settings, session, tracer=tracer)
+        self.native_endpoints = frozenset({Endpoint.MESSAGES})
+
+    def _auth_headers(self, key: str | None) -> dict[str, str]:
+        headers = {"anthropic-version": ANTHROPIC_VERSION}
+        if key:
+            headers["x-api-key"] = key
+        return headers
+
+    def _check(self, endpoint: Endpoint) -> None:
+        if endpoint is not Endpoint.MESSAGES:
+            raise InvalidRequest(
+                f"provider {self.name!r} speaks Anthropic's Messages API only: call /v1/messages",
+                code="endpoint_not_supported",
+            )
+
+    async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
+        self._check(endpoint)
+        return await super().send(endpoint, body, request_id=request_id)
+
+    async def stream(
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
+        headers_out: dict[str, str] | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        self._check(endpoint)
+        async for payload in super().stream(endpoint, body, request_id=request_id, headers_out=headers_out):
+            yield payload
 
 
 def _with_request_id(headers: dict[str, str], request_id: str | None) -> dict[str, str]:

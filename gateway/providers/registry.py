@@ -9,26 +9,31 @@ import aiohttp
 
 from gateway.providers.base import Provider
 from gateway.providers.mock import MockProvider
-from gateway.providers.openai_compat import OpenAICompatProvider
+from gateway.providers.openai_compat import AnthropicProvider, OpenAICompatProvider
 from gateway.providers.resilience import Observe, ResilientProvider
 from gateway.settings import ProviderSettings, Settings
+from gateway.tracing import NOOP, Tracer
 
 
-def build_providers(settings: Settings, http: aiohttp.ClientSession, *, observe: Observe | None = None) -> dict[str, Provider]:
+def build_providers(
+    settings: Settings, http: aiohttp.ClientSession, *, observe: Observe | None = None, tracer: Tracer = NOOP,
+) -> dict[str, Provider]:
     providers: dict[str, Provider] = {}
     for spec in settings.providers:
-        provider = _build(spec, http)
+        provider = _build(spec, http, tracer)
         if spec.retries.max or spec.breaker.failures:
             provider = ResilientProvider(provider, spec.retries, spec.breaker, observe=observe)
         providers[spec.name] = provider
     return providers
 
 
-def _build(spec: ProviderSettings, http: aiohttp.ClientSession) -> Provider:
+def _build(spec: ProviderSettings, http: aiohttp.ClientSession, tracer: Tracer) -> Provider:
     if spec.kind == "mock":
-        return MockProvider(spec)
+        return MockProvider(spec, slow_delay_s=spec.slow_delay_s)
     if spec.kind == "openai":
-        return OpenAICompatProvider(spec, http)
+        return OpenAICompatProvider(spec, http, tracer=tracer)
+    if spec.kind == "anthropic":
+        return AnthropicProvider(spec, http, tracer=tracer)
     from gateway.providers.litellm_provider import LiteLLMProvider
 
     return LiteLLMProvider(spec)

@@ -17,6 +17,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncGenerator, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from gateway.errors import (
@@ -28,9 +29,13 @@ from gateway.errors import (
 from gateway.providers.base import Endpoint, Provider, Reply
 from gateway.settings import BreakerSettings, RetrySettings
 
-__all__ = ["Breaker", "ResilientProvider", "retry_after_s", "retryable"]
+__all__ = ["FAILED_ATTEMPTS", "Breaker", "ResilientProvider", "retry_after_s", "retryable"]
 
 Observe = Callable[[str, str], None]  # (provider, outcome of one attempt)
+
+# The failed attempts of the current call, "provider:code" each, when its caller wants them:
+# providers are shared by all calls, so a call's own record lives in its context.
+FAILED_ATTEMPTS: ContextVar[list[str] | None] = ContextVar("failed_attempts", default=None)
 
 
 def retryable(exc: BaseException) -> bool:
@@ -99,6 +104,9 @@ class ResilientProvider:
     ) -> None:
         self.name = inner.name
         self.inner = inner
+        # What the wrapped provider speaks besides chat (see gateway.pipeline.dialects).
+        self.native_endpoints: frozenset[Endpoint] = getattr(inner, "native_endpoints", frozenset())
+        self.speaks_chat: bool = getattr(inner, "speaks_chat", True)
         self.breaker = Breaker(breaker)
         self._retries = retries
         self._observe = observe or (lambda provider, outcome: None)
@@ -153,6 +161,9 @@ class ResilientProvider:
             self._observe(self.name, "refused")
             raise exc
         self.breaker.record(ok=False)
+        failed = FAILED_ATTEMPTS.get()
+        if failed is not None:
+            failed.append(f"{self.name}:{exc.status}")
         if attempt >= self._retries.max:
             self._observe(self.name, "failed")
             raise exc

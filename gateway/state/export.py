@@ -23,7 +23,8 @@ INT_FIELDS = frozenset({
     "seq", "est_nanos", "est_tokens", "tok_in", "tok_out", "cost", "cost_nanos", "gw_us", "up_us", "status",
     "ts", "chunks", "ttft_us", "tokens", "budget", "ttl_s",
 })
-BOOL_FIELDS = frozenset({"stream"})
+BOOL_FIELDS = frozenset({"is_error", "stream"})
+JSON_FIELDS = frozenset({"plugins"})  # what each policy plugin did, by plugin name
 
 Raw = tuple[bytes, dict[bytes, bytes]]
 
@@ -58,6 +59,8 @@ def decoded(entry_id: bytes, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
             out[name] = int(text)
         elif name in BOOL_FIELDS:
             out[name] = text == "1"
+        elif name in JSON_FIELDS:
+            out[name] = orjson.loads(value)
         else:
             out[name] = text
     body = entry_body(fields)

@@ -1,50 +1,44 @@
 """Idempotency-Key: a retried request in the same session gets the first answer, byte for byte.
 
 The reserve script looks the key up and marks it pending in the round trip that admits
-the request, so a request without the header pays nothing. After settlement the answer
-(status, headers, body; a stream as the exact bytes sent) is stored; a failed request
-frees its key so a retry runs again. A duplicate arriving while the first is in flight
-polls the record until the answer is there, and never calls upstream itself.
+the request, so a request without the header pays nothing. The settle step stores the
+answer (status, headers, body; a stream as the exact bytes sent), so no crash can leave
+a request charged with no answer for its retry; a failed request's settle step frees
+its key so a retry runs again. A duplicate arriving while the
+first is in flight polls the record until the answer is there, and never calls upstream
+itself while the first is alive.
 
-The same key with a different body is 422 (`idempotency_key_reused`); a duplicate still
-waiting after WAIT_S gives up with 409 (`idempotency_key_in_use`).
+A pending record carries its owner and a lease the owner renews while it works (see
+`leases`). A duplicate that finds the lease run out takes the request over at once: the
+dead attempt is closed (`aborted`, charged nothing) and the key freed in one script, and
+the duplicate runs the request; of several duplicates, one does and the rest wait for it.
+
+The same key with a different body is 422 (`idempotency_key_reused`); a duplicate of a
+live first still waiting after `wait_s` gets 409 (`idempotency_key_in_use`) with Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import time
 import zlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
 
 from gateway import redis_keys as keys
 from gateway.errors import InvalidRequest, ServiceUnavailable, StateConflict
-from gateway.redis_client import AnyRedis
-from gateway.state.ledger import REDIS_ERRORS
+from gateway.money import nanos_to_usd_str
+from gateway.state.ledger import REDIS_ERRORS, Ledger, Stored
 
 if TYPE_CHECKING:
     from gateway.capability import Claims
 
-log = logging.getLogger("gateway.idempotency")
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 255
-DONE_TTL_S = 24 * 3600
-WAIT_S = 120.0
-COMPRESS_OVER = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """The first answer to a keyed request, as its client received it."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
+RETRY_AFTER_S = 1
+__all__ = ["HEADER", "Stored", "await_answer", "key_of", "record_key"]
 
 
 def key_of(header_value: str | None) -> str | None:
@@ -60,9 +54,12 @@ def record_key(claims: Claims, idempotency_key: str) -> str:
     return keys.idempotency(claims.session_id, hashlib.sha256(idempotency_key.encode()).hexdigest())
 
 
-async def await_answer(redis: AnyRedis, record: str, request_hash: str, held: dict[str, bytes]) -> Stored | None:
-    """The first request's answer; None when the first failed and freed the key (run again)."""
-    deadline = time.monotonic() + WAIT_S
+async def await_answer(
+    ledger: Ledger, session_id: str, record: str, request_hash: str, held: dict[str, bytes], *, wait_s: float
+) -> Stored | None:
+    """The first request's answer; None when the key is free again (the first failed, or
+    its process died and we took it over): run the request."""
+    deadline = time.monotonic() + wait_s
     delay = 0.01
     while True:
         if held.get("req", b"").decode() != request_hash:
@@ -71,14 +68,18 @@ async def await_answer(redis: AnyRedis, record: str, request_hash: str, held: di
             )
         if held.get("state") == b"done":
             return _stored(held)
+        if _lease_ran_out(held):
+            await ledger.take_over(session_id, record, held.get("rid", b"").decode())
+            return None  # taken over, by us or a concurrent duplicate: the next reserve says who runs it
         if time.monotonic() > deadline:
             raise StateConflict(
-                f"a request with this {HEADER} is still in progress; retry later", code="idempotency_key_in_use"
+                f"a request with this {HEADER} is still in progress; retry later",
+                code="idempotency_key_in_use", extra={"retry_after_s": RETRY_AFTER_S},
             )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.2)
         try:
-            raw = await redis.hgetall(record)  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
+            raw = await ledger.redis.hgetall(record)  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
         except REDIS_ERRORS as exc:
             raise ServiceUnavailable("idempotency store unavailable") from exc
         if not raw:
@@ -86,33 +87,18 @@ async def await_answer(redis: AnyRedis, record: str, request_hash: str, held: di
         held = {k.decode(): v for k, v in raw.items()}
 
 
+def _lease_ran_out(held: dict[str, bytes]) -> bool:
+    # A record written before leases existed has none: it is waited for, as it was then.
+    lease = held.get("lease")
+    return held.get("state") == b"pending" and lease is not None and int(lease) < time.time() * 1000
+
+
 def _stored(held: dict[str, bytes]) -> Stored:
     body = held.get("body", b"")
     if held.get("enc") == b"zlib":
         body = zlib.decompress(body)
     headers = orjson.loads(held.get("headers", b"{}"))
+    left = int(held.get("left", b"-1"))
+    if left >= 0:
+        headers["x-abc-budget-remaining-usd"] = nanos_to_usd_str(left)
     return Stored(int(held.get("status", b"200")), headers, body)
-
-
-async def remember(redis: AnyRedis, record: str, stored: Stored) -> None:
-    fields: dict[str, bytes | str | int] = {
-        "state": "done", "status": stored.status, "headers": orjson.dumps(stored.headers), "body": stored.body,
-    }
-    if len(stored.body) > COMPRESS_OVER:
-        fields["body"] = zlib.compress(stored.body, 1)
-        fields["enc"] = "zlib"
-    try:
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.hset(record, mapping=fields)
-            pipe.expire(record, DONE_TTL_S)
-            await pipe.execute()
-    except REDIS_ERRORS:
-        # The answer still goes out; duplicates wait for the pending record to expire.
-        log.warning("could not store an idempotent answer; its key stays pending until it expires")
-
-
-async def forget(redis: AnyRedis, record: str) -> None:
-    try:
-        await redis.delete(record)
-    except REDIS_ERRORS:
-        log.warning("could not free an idempotency key; it stays pending until it expires")

@@ -1,28 +1,36 @@
-"""The Redis side of every request: reserve, settle, reap and journal, as versioned Lua.
+"""The Redis side of every request: reserve, settle, close and journal, as versioned Lua.
 
-Each script touches the keys of one hash slot only: the session's (`{sess:ID}`) or, for
-tenant limits, the tenant's (`{ten:NAME}`). On one Redis node a call is one round trip:
-the script plus, in the same pipeline, the writes to the sharded global indexes. On
-Redis Cluster the index write a reservation needs to be found again (its due entry) goes
-first, then the script, then the other index writes, on the nodes that hold them.
-Any Redis trouble becomes `ServiceUnavailable`: callers fail closed and nothing is forwarded.
+On one Redis node each call is one round trip: the script plus, in the same pipeline, the
+writes to the (sharded) global indexes. Any Redis trouble becomes `ServiceUnavailable`:
+callers fail closed and nothing is forwarded. A settlement Redis could not take is kept
+and written when it is back (see `leases`).
 
-Tenant limits span two slots, so they are a protocol of two scripts (README: "Tenant
-limits"): hold the worst case on the tenant's slot, then reserve on the session's; give
-the hold back if the session refuses; settle both; the reaper closes what nobody settles.
+On Redis Cluster every script touches the keys of one hash slot only: the session's
+(`{sess:ID}`) or the tenant's (`{ten:NAME}`). The index write a reservation needs to be
+found again (its due entry) goes first, then the script, then the other index writes, on
+the nodes that hold them. Tenant limits span two slots there, so they are a protocol of
+two scripts (README, "Tenant limits on Redis Cluster"): hold the worst case on the
+tenant's slot, then reserve on the session's; give the hold back if the session refuses;
+settle both; the reaper closes what nobody settles. On one node the reserve script checks
+the tenant's counters itself, in the same round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import logging
+import secrets
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import orjson
 from redis import exceptions as rx
 from redis.asyncio.cluster import RedisCluster
 
@@ -38,20 +46,33 @@ from gateway.errors import (
 )
 from gateway.money import nanos_to_usd_str
 from gateway.redis_client import AnyRedis
-from gateway.state.entries import Entry, Kind, make_entry
+from gateway.state.entries import Entry, Kind, digest, make_entry
+from gateway.state.leases import Backlog, Held, Leases
 
+log = logging.getLogger("gateway.ledger")
 SCRIPT_NAMES = (
     keys.RESERVE_SCRIPT,
     keys.SETTLE_SCRIPT,
     keys.JOURNAL_APPEND_SCRIPT,
-    keys.REAP_SCRIPT,
+    keys.CLOSE_SCRIPT,
+    keys.LEASE_SCRIPT,
     keys.REPLAY_TAKE_SCRIPT,
     keys.TENANT_RESERVE_SCRIPT,
     keys.TENANT_SETTLE_SCRIPT,
 )
 # RedisClusterException is no RedisError: the cluster client raises it when no node covers a slot.
 REDIS_ERRORS = (rx.RedisError, rx.RedisClusterException, OSError, TimeoutError)
-log = logging.getLogger("gateway.ledger")
+# Redis away, stalled or not yet ready: a settlement that met one of these is tried again.
+TRANSIENT = (
+    rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, rx.ReadOnlyError, rx.TryAgainError,
+    rx.ClusterDownError, rx.MasterDownError, rx.OutOfMemoryError, OSError, TimeoutError,
+    rx.RedisClusterException, rx.SlotNotCoveredError,
+)
+# How long shutdown waits for deferred settlements to be written.
+DRAIN_ON_CLOSE_S = 5.0
+# An answer kept for an Idempotency-Key: for a day, compressed when large.
+KEPT_ANSWER_TTL_MS = 24 * 3600 * 1000
+KEPT_COMPRESS_OVER = 4096
 # After a reserve timed out, when to look for the reservation it may still have made.
 RELEASE_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MAX_PENDING_RELEASES = 10_000
@@ -74,9 +95,37 @@ class Admission:
 
 
 @dataclass(frozen=True, slots=True)
+class Stored:
+    """The first answer to a keyed request, as its client received it."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    # The budget left after settlement goes into the headers; only the settle step knows it.
+    with_budget_left: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A settlement, as Ledger.settle takes it; kept to write once Redis is back."""
+
+    session_id: str
+    request_id: str
+    actual_nanos: int
+    actual_tokens: int
+    advance: bool
+    entry: Entry
+    tags: CostTags
+    record: str | None  # the request's Idempotency-Key record: settled in the same step
+    answer: Stored | None  # kept in the record; None: the request failed, the key is freed
+    reserved_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Settlement:
     budget_left_nanos: int
     seq: int
+    entry_id: str = ""  # of the journal entry that closed the call
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +148,13 @@ def _day(now: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class TenantHold:
-    """A tenant hold this process made and has yet to settle: where its counters are."""
+    """Redis Cluster: a tenant hold this process made and has yet to settle, and where its
+    counters are (the day and minute it was made in)."""
 
     tenant: str
     day: str
     minute: int
+    reserved_ms: int
 
     def keys(self) -> list[str]:
         return [
@@ -113,6 +164,23 @@ class TenantHold:
             keys.tenant_rate(self.tenant, "tok", self.minute),
         ]
 
+    def field(self, session_id: str, request_id: str) -> str:
+        return keys.tenant_hold(session_id, request_id, self.reserved_ms)
+
+
+class RedisAway(ServiceUnavailable):
+    """Redis was unreachable, stalled or not ready: worth trying again later."""
+
+
+class NotReplicated(RedisAway):
+    """A script ran on its master, but fewer replicas than `wait_replicas` acknowledged it in time."""
+
+
+def _transient(exc: BaseException | None) -> bool:
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, rx.ResponseError) and str(exc).startswith("BUSY")
+
 
 class Ledger:
     def __init__(
@@ -121,22 +189,33 @@ class Ledger:
         *,
         reservation_ttl_s: int,
         journal_retention_s: int,
+        lease_s: float = 3.0,
+        settle_backlog: int = 1000,
         shards: int = keys.DEFAULT_SHARDS,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 500,
+        tenant_holds: bool | None = None,
         observe: Callable[[str, float], None] | None = None,
+        count: Callable[[str], None] | None = None,
     ) -> None:
+        """`tenant_holds`: tenant limits by the two-slot protocol (default: on a cluster only)."""
         self.redis = redis
         self.cluster = isinstance(redis, RedisCluster)
         self.shards = shards
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
-        self._observe = observe or (lambda op, seconds: None)
+        self.tenant_holds = self.cluster if tenant_holds is None else tenant_holds
         # Tenant holds of requests in flight here, by (session, request): settle closes them.
         self._holds: dict[tuple[str, str], TenantHold] = {}
+        self._observe = observe or (lambda op, seconds: None)
+        self._count = count or (lambda event: None)
         self._last_bucket = ""  # the hour bucket this process last registered in COST_BUCKETS
         self.reservation_ttl_ms = reservation_ttl_s * 1000
         self.index_retention_ms = journal_retention_s * 1000
+        # This process, as the owner of the leases it renews.
+        self.owner = "gw_" + secrets.token_hex(8)
+        self.leases = Leases(lease_ms=int(lease_s * 1000), ttl_ms=self.reservation_ttl_ms)
+        self.backlog: Backlog[Deferred] = Backlog(settle_backlog, self._write_deferred, RedisAway)
         self._sources = _load_sources()
         # A script's SHA1 is known without asking Redis, so concurrent requests never race
         # over a cache of them; Redis is (re)taught the sources when it answers NOSCRIPT.
@@ -145,8 +224,8 @@ class Ledger:
         self._releases: set[asyncio.Task[None]] = set()
 
     async def load_scripts(self, node: Any = None) -> None:
-        """Teach Redis the scripts: every master, or (cluster) the one `node` that answered NOSCRIPT,
-        e.g. a replica just promoted, which the client may not list among the masters yet."""
+        """Teach Redis the scripts: every master, or (cluster) the one `node` that answered
+        NOSCRIPT, e.g. a replica just promoted, which the client may not list as a master yet."""
         where = {} if node is None else {"target_nodes": node}
         try:
             for source in self._sources.values():
@@ -168,19 +247,20 @@ class Ledger:
     ) -> Any:
         """EVALSHA `name` and the index commands `extra`; returns the script's result.
 
-        `first` must be written before the script runs (a reservation's due entry, so the
-        reaper can always find it); on a cluster, `extra` goes after it ran. `wait`: the
-        script's writes must reach `wait_replicas` replicas before we answer (WAIT, on the
-        script's own connection).
+        One node: `first`, the script and `extra`, in one pipeline. Cluster: `first` (what
+        must be written before the script runs: a reservation's due entry, so the reaper can
+        always find it) in its own round trip, then the script, then `extra`, once it ran: a
+        due entry removed while its settle failed would hide a reservation for good.
+        `wait`: the script's writes must reach `wait_replicas` replicas before we answer
+        (WAIT, on the script's own connection).
         """
         started = time.perf_counter()
         after: Sequence[tuple[Any, ...]] = ()
         if self.cluster:
-            # Slots on other nodes are written in order around the script, never beside it:
-            # a due entry removed while its settle failed would hide a reservation for good.
             if first:
                 await self._commands(first)
             first, extra, after = (), (), extra
+        waiting = wait and self.wait_replicas > 0
         for attempt in (1, 2):
             try:
                 if not self._loaded:
@@ -191,7 +271,7 @@ class Ledger:
                     for command in first:
                         pipe.execute_command(*command)
                     pipe.execute_command("EVALSHA", self._sha[name], len(keys_), *keys_, *args)
-                    if wait and self.wait_replicas:
+                    if waiting:
                         # Same connection as the script: on a cluster, its slot's master.
                         where = {"target_nodes": self._node_of(keys_[0])} if self.cluster else {}
                         pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **where)
@@ -199,22 +279,20 @@ class Ledger:
                         pipe.execute_command(*command)
                     results = await pipe.execute(raise_on_error=False)
             except REDIS_ERRORS as exc:
-                raise ServiceUnavailable("budget store unavailable; request not forwarded") from exc
+                raise _unavailable(exc) from exc
             result = results[len(first)]
             if isinstance(result, rx.NoScriptError) and attempt == 1:
                 # Redis restarted, or a replica was promoted, and lost its script cache:
-                # load and retry the script alone (the index commands already ran).
+                # load and retry the script alone (the other commands already ran).
                 first, extra = (), ()
                 continue
-            failed = next((r for r in results if isinstance(r, Exception)), None)
-            if failed is not None:
-                raise ServiceUnavailable("budget store unavailable; request not forwarded") from (
-                    result if isinstance(result, Exception) else failed
-                )
-            if wait and self.wait_replicas:
-                acked = results[len(first) + 1]
-                if int(acked) < self.wait_replicas:
-                    raise ServiceUnavailable("budget store not replicated; answer withheld")
+            if isinstance(result, Exception):
+                raise _unavailable(result) from result
+            acked = results[len(first) + 1] if waiting else None
+            if waiting and (isinstance(acked, Exception) or int(acked) < self.wait_replicas):
+                if after:
+                    await self._index(after)  # the script ran: its index entries belong with it
+                raise NotReplicated("budget store not replicated in time; request not served")
             if after:
                 await self._index(after)
             self._observe(name, time.perf_counter() - started)
@@ -242,7 +320,7 @@ class Ledger:
                     pipe.execute_command(*command)
                 await pipe.execute()
         except REDIS_ERRORS as exc:
-            raise ServiceUnavailable("budget store unavailable; request not forwarded") from exc
+            raise _unavailable(exc) from exc
 
     def _node_of(self, key: str) -> Any:
         assert isinstance(self.redis, RedisCluster)
@@ -264,23 +342,41 @@ class Ledger:
         entry: Entry,
         idempotency_key: str | None = None,
         request_hash: str = "",
+        capped: tuple[str, int] | None = None,
         now: float | None = None,
     ) -> Admission:
         """`idempotency_key` is the record's Redis key; with it, a held key wins over everything but
-        the session's own state, and a new one is marked pending in the same step."""
+        the session's own state, and a new one is marked pending, under this process's lease,
+        in the same step. An admitted request is held (its leases renewed) until settled.
+        `capped` (counter, cap): the call is counted there and refused once the cap is reached."""
+        if self.backlog.full:
+            raise ServiceUnavailable(
+                "settlements are waiting for the budget store; not admitting new requests",
+                extra={"retry_after_s": 1},
+            )
         now = time.time() if now is None else now
         now_ms = int(now * 1000)
         minute = now_ms // 60000
-        due_at = now_ms + self.reservation_ttl_ms
-        due = ["ZADD", keys.reservations_due(self._shard(session_id)), due_at, f"{session_id}|{request_id}"]
-        hold = None
-        if tenant is not None and (limits.tenant_rpm or limits.tenant_tpm or limits.tenant_usd_nanos_per_day is not None):
-            hold = TenantHold(tenant, _day(now), minute)
-            due += [due_at, keys.tenant_due(tenant, session_id, request_id)]
-            await self._hold_tenant(hold, session_id, request_id, est_nanos, est_tokens, limits, due)
-        # Tenant limits are the tenant script's: the session's sees none, and stand-in keys
-        # in the session's slot (never read) keep it to one slot.
-        tenant_keys = [keys.session_rate(session_id, f"t{u}", minute) for u in ("usd", "req", "tok")]
+        tenant_limited = tenant is not None and (
+            limits.tenant_rpm or limits.tenant_tpm or limits.tenant_usd_nanos_per_day is not None
+        )
+        if tenant_limited and self.tenant_holds:
+            assert tenant is not None
+            return await self._reserve_held(
+                TenantHold(tenant, _day(now), minute, now_ms), session_id=session_id, request_id=request_id,
+                est_nanos=est_nanos, est_tokens=est_tokens, step_candidates=step_candidates, limits=limits,
+                entry=entry, idempotency_key=idempotency_key, request_hash=request_hash, capped=capped,
+            )
+        if tenant_limited:
+            assert tenant is not None
+            tenant_keys = [
+                keys.tenant_spend(tenant, _day(now)),
+                keys.tenant_rate(tenant, "req", minute),
+                keys.tenant_rate(tenant, "tok", minute),
+            ]
+        else:
+            # No tenant limits: stand-in keys in the session's slot, never read as limits.
+            tenant_keys = [keys.session_rate(session_id, f"t{u}", minute) for u in ("usd", "req", "tok")]
         script_keys = [
             keys.session(session_id),
             keys.reservations(session_id),
@@ -290,6 +386,7 @@ class Ledger:
             keys.session_rate(session_id, "tok", minute),
             *tenant_keys,
             idempotency_key or keys.idempotency(session_id, "-"),
+            keys.capped_calls(session_id),
         ]
 
         def opt(v: int | None) -> str:
@@ -297,49 +394,92 @@ class Ledger:
 
         args = [
             now_ms, request_id, est_nanos, est_tokens, step_candidates,
-            opt(limits.session_rpm), opt(limits.session_tpm), "", "", "",
+            opt(limits.session_rpm), opt(limits.session_tpm),
+            opt(limits.tenant_rpm if tenant_limited else None),
+            opt(limits.tenant_tpm if tenant_limited else None),
+            opt(limits.tenant_usd_nanos_per_day if tenant_limited else None),
             "" if idempotency_key is None else self.reservation_ttl_ms, request_hash,
+            *(capped or ("", "")), now_ms + self.leases.lease_ms, self.owner,
+            entry.digest, *entry.flat(),
+        ]
+        due = ("ZADD", keys.reservations_due(self._shard(session_id)), self.leases.deadline(now_ms, now_ms), f"{session_id}|{request_id}")
+        try:
+            if self.cluster:
+                result = await self._run(keys.RESERVE_SCRIPT, script_keys, args, first=[due], wait=True)
+            else:
+                result = await self._run(keys.RESERVE_SCRIPT, script_keys, args, [due], wait=True)
+        except ServiceUnavailable as exc:
+            if _may_have_run(exc):
+                self._release_later(session_id, tenant, entry)
+            raise
+        admission = _admission(result)
+        if admission.held is None:
+            self.leases.hold(session_id, request_id, Held(now_ms, idempotency_key))
+        return admission
+
+    async def _reserve_held(
+        self, hold: TenantHold, *, session_id: str, request_id: str, est_nanos: int, est_tokens: int,
+        step_candidates: str, limits: Limits, entry: Entry, idempotency_key: str | None, request_hash: str,
+        capped: tuple[str, int] | None,
+    ) -> Admission:
+        """The two-slot reserve (Redis Cluster): hold the worst case on the tenant's slot,
+        then reserve on the session's, with no tenant limit left for the session's script to
+        check; give the hold back when the session refuses. The due entries of both sides are
+        written first, so the reaper finds either whatever fails after."""
+        now_ms = hold.reserved_ms
+        key = (session_id, request_id)
+        due = (
+            "ZADD", keys.reservations_due(self._shard(session_id)),
+            self.leases.deadline(now_ms, now_ms), f"{session_id}|{request_id}",
+            # The hold is due after its reservation's backstop: a late settle up to then corrects both.
+            now_ms + 2 * self.reservation_ttl_ms, keys.tenant_due(hold.tenant, session_id, request_id, now_ms),
+        )
+        await self._hold_tenant(hold, session_id, request_id, est_nanos, est_tokens, limits, due)
+        # Stand-in keys in the session's slot, never read: the session's script sees no tenant limit.
+        stand_ins = [keys.session_rate(session_id, f"t{u}", hold.minute) for u in ("usd", "req", "tok")]
+        script_keys = [
+            keys.session(session_id), keys.reservations(session_id), keys.journal(session_id),
+            keys.journal_head(session_id), keys.session_rate(session_id, "req", hold.minute),
+            keys.session_rate(session_id, "tok", hold.minute), *stand_ins,
+            idempotency_key or keys.idempotency(session_id, "-"), keys.capped_calls(session_id),
+        ]
+        args = [
+            now_ms, request_id, est_nanos, est_tokens, step_candidates, _opt(limits.session_rpm),
+            _opt(limits.session_tpm), "", "", "", "" if idempotency_key is None else self.reservation_ttl_ms,
+            request_hash, *(capped or ("", "")), now_ms + self.leases.lease_ms, self.owner,
             entry.digest, *entry.flat(),
         ]
         try:
-            result = await self._run(keys.RESERVE_SCRIPT, script_keys, args, first=[] if hold else [tuple(due)])
-            admission = _admission(result)
+            admission = _admission(await self._run(keys.RESERVE_SCRIPT, script_keys, args, wait=True))
         except ServiceUnavailable as exc:
-            if isinstance(exc.__cause__, (rx.TimeoutError, rx.ConnectionError, TimeoutError)):
-                # It may have run: a later look settles it at zero, and its tenant hold with it.
-                if hold is not None:
-                    self._holds[(session_id, request_id)] = hold
-                self._release_later(session_id, tenant, entry)
-            elif hold is not None:
+            if _may_have_run(exc):
+                # Settled at nothing later if it did run, and its hold with it (see _release).
+                self._holds[key] = hold
+                self._release_later(session_id, hold.tenant, entry)
+            else:
                 await self._close_hold(hold, session_id, request_id, 0, release=True)
             raise
         except asyncio.CancelledError:
             # Cancelled mid-call, the reserve may have run: giving the hold back now could
             # leave the session charged and the tenant not. Look later, as after a timeout.
-            if hold is not None:
-                self._holds[(session_id, request_id)] = hold
-                self._release_later(session_id, tenant, entry)
+            self._holds[key] = hold
+            self._release_later(session_id, hold.tenant, entry)
             raise
         except BaseException:
-            if hold is not None:  # refused: the tenant's hold goes back
-                await self._close_hold(hold, session_id, request_id, 0, release=True)
+            await self._close_hold(hold, session_id, request_id, 0, release=True)  # refused: give it back
             raise
-        if hold is not None:
-            if admission.held is None:
-                self._holds[(session_id, request_id)] = hold
-            else:  # an Idempotency-Key already in use: this request reserved nothing
-                await self._close_hold(hold, session_id, request_id, 0, release=True)
+        if admission.held is not None:  # an Idempotency-Key already in use: nothing was reserved
+            await self._close_hold(hold, session_id, request_id, 0, release=True)
+            return admission
+        self._holds[key] = hold
+        self.leases.hold(session_id, request_id, Held(now_ms, idempotency_key))
         return admission
 
     async def _hold_tenant(
-        self, hold: TenantHold, session_id: str, request_id: str, est_nanos: int, est_tokens: int, limits: Limits, due: list[Any]
+        self, hold: TenantHold, session_id: str, request_id: str, est_nanos: int, est_tokens: int, limits: Limits,
+        due: tuple[Any, ...],
     ) -> None:
-        """Step one of a tenant-limited reserve: hold the worst case in the tenant's slot.
-        The due entries of both steps are written first, so the reaper finds either side."""
-
-        def opt(v: int | None) -> str:
-            return "" if v is None else str(v)
-
+        """Step one of the two-slot reserve: hold the worst case on the tenant's slot."""
         tenant_keys = [
             keys.tenant_spend(hold.tenant, hold.day),
             keys.tenant_rate(hold.tenant, "req", hold.minute),
@@ -347,23 +487,24 @@ class Ledger:
             keys.tenant_holds(hold.tenant),
         ]
         args = [
-            keys.tenant_hold(session_id, request_id), est_nanos, est_tokens,
-            opt(limits.tenant_rpm), opt(limits.tenant_tpm), opt(limits.tenant_usd_nanos_per_day), hold.day,
+            hold.field(session_id, request_id), est_nanos, est_tokens, _opt(limits.tenant_rpm),
+            _opt(limits.tenant_tpm), _opt(limits.tenant_usd_nanos_per_day), hold.day,
         ]
-        result = await self._run(keys.TENANT_RESERVE_SCRIPT, tenant_keys, args, first=[tuple(due)])
+        result = await self._run(keys.TENANT_RESERVE_SCRIPT, tenant_keys, args, first=[due])
         status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
         if status != "ok":
+            with contextlib.suppress(ServiceUnavailable):  # else the reaper drops them, later
+                await self._commands([("ZREM", due[1], due[3], due[5])])
             _admission(result)  # raises the refusal, shaped as the session script's
             raise ServiceUnavailable("unexpected answer from the budget store")
 
     async def _close_hold(self, hold: TenantHold, session_id: str, request_id: str, actual_nanos: int, *, release: bool) -> None:
         """Settle or give back a tenant hold; if Redis fails, the reaper closes it (charged in full)."""
         self._holds.pop((session_id, request_id), None)
+        args = [hold.field(session_id, request_id), actual_nanos, "release" if release else "settle"]
+        due = keys.tenant_due(hold.tenant, session_id, request_id, hold.reserved_ms)
         try:
-            await self._run(
-                keys.TENANT_SETTLE_SCRIPT, hold.keys(),
-                [keys.tenant_hold(session_id, request_id), actual_nanos, "release" if release else "settle"],
-            )
+            await self._run(keys.TENANT_SETTLE_SCRIPT, hold.keys(), args, [("ZREM", keys.reservations_due(self._shard(session_id)), due)])
         except ServiceUnavailable:
             log.warning("a tenant hold could not be closed; the reaper will charge it in full")
 
@@ -385,9 +526,9 @@ class Ledger:
                 held = await self.redis.hget(keys.reservations(session_id), rid)  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
                 if held is None:
                     continue  # not run yet, or never will
-                if held.startswith(b"R"):
+                if held.startswith((b"R", b"Z")):
                     self._holds.pop((session_id, rid), None)  # the reaper closes the hold too
-                    return  # reaped meanwhile: charged in full already
+                    return  # closed by the reaper meanwhile
                 field = request.fields.get
                 entry = make_entry(
                     Kind.ERROR, rid=rid, model=field(b"model"), asm=field(b"asm"), req_hash=field(b"req_hash"),
@@ -398,10 +539,7 @@ class Ledger:
                     tenant=tenant or "default", session_id=session_id,
                     model=(field(b"model") or b"").decode(), assembly_id=(field(b"asm") or b"").decode(),
                 )
-                await self.settle(
-                    session_id=session_id, request_id=rid, actual_nanos=0, actual_tokens=0,
-                    advance=False, entry=entry, tags=tags,
-                )
+                await self._settle(Deferred(session_id, rid, 0, 0, False, entry, tags, None, None, None))
                 return
             except (ServiceUnavailable, *REDIS_ERRORS):
                 continue
@@ -409,8 +547,40 @@ class Ledger:
         if hold is not None:  # the session's reserve never ran: its tenant hold goes back
             await self._close_hold(hold, session_id, rid, 0, release=True)
 
+    async def keep_leases(self, stop: asyncio.Event) -> None:
+        """Renew every lease this process holds, every third of a lease, until `stop`."""
+        interval = self.leases.lease_ms / 3000
+        while not stop.is_set():
+            with contextlib.suppress(ServiceUnavailable, *REDIS_ERRORS):
+                await self.renew_leases()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    async def renew_leases(self, now: float | None = None) -> None:
+        """One pipeline: one ZADD for every reservation held, one script call per pending key."""
+        now_ms = int((time.time() if now is None else now) * 1000)
+        scores, records = self.leases.renewal(now_ms)
+        if not scores:
+            return
+        if not self._loaded:
+            await self.load_scripts()
+        by_shard: dict[int, list[Any]] = {}
+        for i in range(0, len(scores), 2):
+            by_shard.setdefault(self._shard(scores[i + 1].partition("|")[0]), []).extend(scores[i:i + 2])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            # XX: a reservation settled (or closed) meanwhile is not brought back.
+            for shard, pairs in by_shard.items():
+                pipe.execute_command("ZADD", keys.reservations_due(shard), "XX", *pairs)
+            for record, request_id, lease in records:
+                pipe.execute_command("EVALSHA", self._sha[keys.LEASE_SCRIPT], 1, record, request_id, lease)
+            results = await pipe.execute(raise_on_error=False)
+        if any(isinstance(r, rx.NoScriptError) for r in results):
+            self._loaded = False  # Redis lost its scripts (a restart, a promoted replica): loaded again next time
+
     async def aclose(self) -> None:
-        """Stop pending releases (shutdown); the reaper settles what they leave."""
+        """Shutdown: write what settlements wait (for a while), stop pending releases; the
+        reaper settles what is left."""
+        await self.backlog.aclose(DRAIN_ON_CLOSE_S)
         for task in list(self._releases):
             task.cancel()
         if self._releases:
@@ -426,28 +596,71 @@ class Ledger:
         advance: bool,
         entry: Entry,
         tags: CostTags,
-        now: float | None = None,
+        answer: Stored | None = None,
     ) -> Settlement:
-        now = time.time() if now is None else now
+        """Settle, and journal `entry`. A keyed request's Idempotency-Key is settled in the
+        same step: `answer` is kept for retries, or, without one, the key is freed (the
+        request failed; a retry runs again). If Redis is unavailable the settlement is
+        deferred (written once it is back) and the caller still gets `ServiceUnavailable`."""
+        held = self.leases.get(session_id, request_id)
+        job = Deferred(
+            session_id, request_id, actual_nanos, actual_tokens, advance, entry, tags,
+            None if held is None else held.record, answer, None if held is None else held.reserved_ms,
+        )
+        try:
+            settlement = await self._settle(job)
+        except RedisAway:
+            # Charged when written, with its answer kept: a retry with its key gets it then.
+            self.backlog.push(dataclasses.replace(job, entry=_deferred(entry)))
+            self._count("settle_deferred")
+            raise
+        self.leases.drop(session_id, request_id)
+        if held is not None and not settlement.seq:
+            # Our reservation is gone (lost in a failover, or taken over): nothing journaled, nothing served.
+            raise ServiceUnavailable("this request's reservation was lost by the budget store; answer withheld")
+        return settlement
+
+    async def _settle(self, job: Deferred, *, retried: bool = False) -> Settlement:
+        """One round trip; a retried settlement (which may have run already) sends the index
+        writes only once the script says it settled, so reports never count it twice."""
+        now = time.time()
+        session_id = job.session_id
         script_keys = [
             keys.session(session_id),
             keys.reservations(session_id),
             keys.journal(session_id),
             keys.journal_head(session_id),
-            # The tenant's counters are tenant_settle's; a never-charged stand-in in the session's slot.
-            keys.session_rate(session_id, "tusd", 0),
+            # With tenant holds, the tenant's counters are tenant_settle's: a stand-in in the session's slot.
+            keys.session_rate(session_id, "tusd", 0) if self.tenant_holds else keys.tenant_spend(job.tags.tenant, _day(now)),
+            job.record or keys.idempotency(session_id, "-"),
         ]
-        args = [request_id, actual_nanos, actual_tokens, "1" if advance else "0", entry.digest, *entry.flat()]
-        extra = self._index_commands(entry, tags, actual_nanos, now)
-        hold = self._holds.pop((session_id, request_id), None)
-        if hold is not None:
-            hold_keys = hold.keys()
-            extra.append((
-                "EVALSHA", self._sha[keys.TENANT_SETTLE_SCRIPT], len(hold_keys), *hold_keys,
-                keys.tenant_hold(session_id, request_id), actual_nanos, "settle",
-            ))
-        result = await self._run(keys.SETTLE_SCRIPT, script_keys, args, extra, wait=True)
-        return Settlement(budget_left_nanos=int(result[0]), seq=int(result[1]))
+        args = [
+            job.request_id, job.actual_nanos, job.actual_tokens, "1" if job.advance else "0",
+            "" if job.reserved_ms is None else job.reserved_ms, *_record_args(job),
+            job.entry.digest, *job.entry.flat(),
+        ]
+        extra = self._index_commands(job.entry, job.tags, job.actual_nanos, now)
+        result = await self._run(keys.SETTLE_SCRIPT, script_keys, args, () if retried else extra, wait=True)
+        entry_id = result[2].decode() if isinstance(result[2], bytes) else str(result[2] or "")
+        settlement = Settlement(budget_left_nanos=int(result[0]), seq=int(result[1]), entry_id=entry_id)
+        if retried and settlement.seq:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for command in extra:
+                        pipe.execute_command(*command)
+                    await pipe.execute()
+            except REDIS_ERRORS:
+                log.warning("a deferred settlement was written, but not its cost report entries")
+        hold = self._holds.get((session_id, job.request_id))
+        if hold is not None:  # the tenant's side, once the session's is settled
+            await self._close_hold(hold, session_id, job.request_id, job.actual_nanos, release=False)
+        return settlement
+
+    async def _write_deferred(self, job: Deferred) -> None:
+        settlement = await self._settle(job, retried=True)
+        self.leases.drop(job.session_id, job.request_id)
+        if settlement.seq:
+            log.info("wrote a settlement deferred while Redis was unavailable")
 
     def _index_commands(self, entry: Entry, tags: CostTags, nanos: int, now: float) -> list[tuple[Any, ...]]:
         bucket = _hour_bucket(now)
@@ -469,11 +682,15 @@ class Ledger:
                 self._last_bucket = bucket
         return commands
 
-    async def append(self, session_id: str, entry: Entry, *, step: str = "", set_field: tuple[str, str] | None = None) -> int | None:
-        """Journal one entry outside a request's reserve/settle (denials, state changes)."""
+    async def append(
+        self, session_id: str, entry: Entry, *, step: str = "", set_field: tuple[str, str] | None = None,
+        extra: Sequence[tuple[Any, ...]] = (),
+    ) -> int | None:
+        """Journal one entry outside a request's reserve/settle (denials, state changes);
+        `extra` commands (a denial's tally) go in the same round trip."""
         field, value = set_field or ("", "")
         script_keys = [keys.journal(session_id), keys.journal_head(session_id), keys.session(session_id)]
-        result = await self._run(keys.JOURNAL_APPEND_SCRIPT, script_keys, [entry.digest, step, field, value, *entry.flat()])
+        result = await self._run(keys.JOURNAL_APPEND_SCRIPT, script_keys, [entry.digest, step, field, value, *entry.flat()], extra)
         return None if result is None else int(result[0])
 
     async def take_recorded(self, session_id: str, request_hash: str) -> tuple[str, int, str]:
@@ -482,32 +699,105 @@ class Ledger:
         status, index, call = await self._run(keys.REPLAY_TAKE_SCRIPT, script_keys, [request_hash])
         return status.decode(), int(index), call.decode()
 
-    async def reap(self, session_id: str, request_id: str, reservation: bytes, entry: Entry) -> bool:
+    async def reap(self, session_id: str, request_id: str, reservation: bytes, entry: Entry, *, charge: str = "full") -> bool:
+        """Close a reservation as read (compare-and-set): "full" charges it all (past its
+        TTL), "zero" nothing (its owner's lease ran out). True if it was closed."""
+        extra = [("ZREM", keys.reservations_due(self._shard(session_id)), f"{session_id}|{request_id}")]
+        _, closed = await self._close(session_id, request_id, entry, reservation=reservation, charge=charge, extra=extra)
+        if closed:
+            self._count("reaped_" + charge)
+        return closed
+
+    async def take_over(self, session_id: str, record: str, request_id: str) -> bool:
+        """A duplicate found the lease on `record` run out: close the dead attempt at
+        nothing and free the key, atomically, if nobody else did first. True if we did."""
+        now_ms = int(time.time() * 1000)
+        entry = make_entry(
+            Kind.ABORTED, rid=request_id, cost_nanos=0, tokens=0, ts=now_ms,
+            reason="its process stopped renewing the lease; a retry took the request over",
+        )
+        extra = [("ZREM", keys.reservations_due(self._shard(session_id)), f"{session_id}|{request_id}")]
+        taken, _ = await self._close(session_id, request_id, entry, record=record, lease_before_ms=now_ms, extra=extra)
+        if taken:
+            self._count("taken_over")
+        return taken
+
+    async def _close(
+        self, session_id: str, request_id: str, entry: Entry, *, reservation: bytes = b"", charge: str = "zero",
+        record: str | None = None, lease_before_ms: int | None = None, extra: Sequence[tuple[Any, ...]] = (),
+    ) -> tuple[bool, bool]:
         script_keys = [
             keys.session(session_id),
             keys.reservations(session_id),
             keys.journal(session_id),
             keys.journal_head(session_id),
+            record or keys.idempotency(session_id, "-"),
         ]
-        extra = [("ZREM", keys.reservations_due(self._shard(session_id)), f"{session_id}|{request_id}")]
-        result = await self._run(keys.REAP_SCRIPT, script_keys, [request_id, reservation, entry.digest, *entry.flat()], extra)
-        return bool(result)
+        args = [request_id, reservation, charge, "" if lease_before_ms is None else lease_before_ms, entry.digest, *entry.flat()]
+        taken, closed = await self._run(keys.CLOSE_SCRIPT, script_keys, args, extra)
+        return bool(taken), bool(closed)
 
-    async def reap_hold(self, tenant: str, session_id: str, request_id: str) -> bool:
-        """Close a tenant hold nobody will settle (its session's reservation is gone): it stays
-        charged in full, the conservative side. Idempotent: two reapers change nothing more."""
+    async def reap_hold(self, tenant: str, session_id: str, request_id: str, reserved_ms: int) -> bool:
+        """Close a tenant hold nobody will settle (its reservation is closed, settled or was
+        never made): it stays charged in full, the conservative side. Running it twice changes nothing."""
+        field = keys.tenant_hold(session_id, request_id, reserved_ms)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hdel(keys.tenant_holds(tenant), keys.tenant_hold(session_id, request_id))
-                pipe.zrem(keys.reservations_due(self._shard(session_id)), keys.tenant_due(tenant, session_id, request_id))
+                pipe.hdel(keys.tenant_holds(tenant), field)
+                pipe.zrem(keys.reservations_due(self._shard(session_id)), keys.tenant_due(tenant, session_id, request_id, reserved_ms))
                 removed, _ = await pipe.execute()
         except REDIS_ERRORS as exc:
-            raise ServiceUnavailable("budget store unavailable") from exc
+            raise _unavailable(exc) from exc
         return bool(removed)
+
+
+# Denial tallies are for the dashboard's recent history, not an audit record (the journal is).
+DENIAL_TALLY_TTL_S = 35 * 24 * 3600
+
+
+def denial_tally(reason: str, now: float) -> list[tuple[Any, ...]]:
+    """Commands counting one denial in its hour's rollup, by reason."""
+    rollup = keys.denial_rollup(_hour_bucket(now))
+    return [("HINCRBY", rollup, reason, 1), ("EXPIRE", rollup, DENIAL_TALLY_TTL_S)]
 
 
 def request_id_of(entry: Entry) -> str:
     return entry.fields.get(b"rid", b"").decode()
+
+
+def _opt(v: int | None) -> str:
+    return "" if v is None else str(v)
+
+
+def _may_have_run(exc: ServiceUnavailable) -> bool:
+    """A reserve that failed this way may have run in Redis all the same."""
+    return isinstance(exc, NotReplicated) or isinstance(exc.__cause__, (rx.TimeoutError, rx.ConnectionError, TimeoutError))
+
+
+def _unavailable(cause: BaseException) -> ServiceUnavailable:
+    if _transient(cause):
+        return RedisAway("budget store unavailable; request not forwarded")
+    return ServiceUnavailable("budget store unavailable; request not forwarded")
+
+
+def _record_args(job: Deferred) -> list[Any]:
+    """The settle script's arguments 6 to 12: what becomes of the request's Idempotency-Key."""
+    answer = job.answer
+    if job.record is None:
+        return ["", "", "", "", "", "", ""]
+    if answer is None:
+        return ["free", "", "", "", "", "", ""]
+    body, enc = answer.body, ""
+    if len(body) > KEPT_COMPRESS_OVER:
+        body, enc = zlib.compress(body, 1), "zlib"
+    left = "1" if answer.with_budget_left else ""
+    return ["keep", answer.status, orjson.dumps(answer.headers), body, enc, KEPT_ANSWER_TTL_MS, left]
+
+
+def _deferred(entry: Entry) -> Entry:
+    """The entry, marked as written after Redis came back (the client was answered 503)."""
+    fields = {**entry.fields, b"deferred": b"1"}
+    return Entry(fields=fields, digest=digest(fields))
 
 
 def _admission(result: list[Any]) -> Admission:
@@ -536,6 +826,11 @@ def _admission(result: list[Any]) -> Admission:
     if status == "budget":
         what, left = rest[0], int(rest[1])
         shown = nanos_to_usd_str(left) if what in ("usd", "tenant_usd_day") else str(left)
+        if what == "max_calls":
+            raise BudgetExceeded(
+                "budget exhausted: this tool's max_calls for the session is reached",
+                code="budget_exceeded", extra={"budget": what, "remaining": shown},
+            )
         raise BudgetExceeded(
             f"budget exhausted: {what} left {shown}; this request could cost more",
             code="budget_exceeded",

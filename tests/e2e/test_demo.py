@@ -36,7 +36,7 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 def run_demo(cwd: Path) -> str:
     begin = time.monotonic()
     done = subprocess.run([str(ABC_GATEWAY), "demo"], cwd=cwd, env=clean_env(),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=180)
     print(f"\ndemo ran in {time.monotonic() - begin:.2f} s")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
@@ -69,6 +69,15 @@ def test_demo_runs_everything_and_cleans_up(workdir: Path) -> None:
     assert "stream" in journal and "capability_denied" in journal
     verify = json.loads(section(out, "journal verify").splitlines()[1])
     assert verify["integrity"] == "ok" and verify["entries"] == len(re.findall(r"^\s+#\d+", journal, re.M))
+    # The MCP part: a stdio tool server the gateway started, driven with the MCP SDK's client.
+    assert "['shop__lookup_order']" in section(out, "MCP tools/list through the gateway")
+    assert "'status': 'shipped'" in section(out, "MCP tools/call shop__lookup_order")
+    assert "(capability_denied)" in section(out, "denied: a case variant of the tool's name")
+    assert "spent $0.001000000" in section(out, "tool session")
+    suggested = section(out, "plan suggest support-bot: 1 session(s), 3 call(s)")
+    assert "version 1 (asm_33387b12578f05741d0909a32438fb8b), 1 session(s) opened on it" in suggested
+    assert "too little data: 1 session(s); budgets need 3" in suggested
+    assert "  name: support-bot" in suggested and out.rstrip().endswith("next: [answer]")
 
     var = workdir / "var"
     key = var / "demo-signing-ed25519.pem"
@@ -82,4 +91,5 @@ def test_demo_runs_everything_and_cleans_up(workdir: Path) -> None:
     pem = key.read_bytes()
     again = run_demo(workdir)
     assert "journal verify" in again and key.read_bytes() == pem
+    assert "version 1 (asm_33387b12578f05741d0909a32438fb8b), 2 session(s) opened on it" in again
     assert pids_mentioning(str(var)) == []

@@ -1,7 +1,10 @@
 """A scripted fake OpenAI upstream over real HTTP (aiohttp on 127.0.0.1, a free port).
 
 Each request pops the next scripted answer (`respond_with`, `stream_with`); with none
-queued it answers like a tiny deterministic OpenAI (echo chat/completions, embeddings).
+queued it answers like a tiny deterministic OpenAI (echo chat/completions, embeddings),
+and natively in the Responses API (`/responses`) and Anthropic's Messages (`/messages`,
+keyed by `x-api-key`): pretty-printed JSON bodies and `event:`-typed streams, as those
+upstreams send them, so a pass-through can be checked byte for byte.
 """
 
 from __future__ import annotations
@@ -161,9 +164,9 @@ class FakeUpstream:
                 request.query_string,
             )
         )
-        if self.api_key is not None and request.headers.get("Authorization") != (
-            f"Bearer {self.api_key}"
-        ):
+        anthropic = request.path.endswith("/messages")
+        offered = request.headers.get("x-api-key") if anthropic else request.headers.get("Authorization")
+        if self.api_key is not None and offered != (self.api_key if anthropic else f"Bearer {self.api_key}"):
             return _json(401, _error("Incorrect API key provided", "invalid_api_key"))
         answer = self._script.popleft() if self._script else default_answer(request, parsed)
         if isinstance(answer, StreamAnswer):
@@ -245,6 +248,8 @@ def default_answer(request: web.Request, body: Any) -> Answer:
         return _completion(body)
     if request.method == "POST" and path == "/embeddings":
         return JsonAnswer(json=_embeddings(body))
+    if request.method == "POST" and path in ("/responses", "/messages"):
+        return native_answer(path, body)
     return JsonAnswer(status=404, json=_error(f"no route {request.path}", "unknown_url"))
 
 
@@ -318,7 +323,10 @@ def _delta(index: int, delta: dict[str, Any], finish: str | None = None) -> dict
 
 def _completion(body: dict[str, Any]) -> Answer:
     prompt_text = body.get("prompt")
-    prompt_text = " ".join(prompt_text) if isinstance(prompt_text, list) else str(prompt_text or "")
+    if isinstance(prompt_text, list):  # strings, token ids or lists of token ids
+        prompt_text = " ".join(map(str, prompt_text))
+    else:
+        prompt_text = str(prompt_text or "")
     words, finish = _reply_words(prompt_text, body)
     usage = _usage(count_tokens(prompt_text), len(words))
     model = body.get("model", "fake-model")
@@ -362,6 +370,99 @@ def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
         "model": body.get("model", "fake-model"),
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
+
+
+def native_answer(path: str, body: dict[str, Any]) -> Answer:
+    """What the fake answers to a Responses (`/responses`) or Messages (`/messages`) call."""
+    return _native_responses(body) if path == "/responses" else _native_messages(body)
+
+
+def sent_bytes(answer: Answer) -> bytes:
+    """The body bytes the fake sends for `answer` (a stream's frames, [DONE] included if any)."""
+    if isinstance(answer, JsonAnswer):
+        return answer.body if answer.body is not None else orjson.dumps(answer.json)
+    return b"".join(_sse(c) for c in answer.chunks) + (b"data: [DONE]\n\n" if answer.include_done else b"")
+
+
+def _typed(events: list[dict[str, Any]]) -> list[dict[str, Any] | str]:
+    return [f"event: {e['type']}\ndata: {orjson.dumps(e).decode()}\n\n" for e in events]
+
+
+def _pretty(data: dict[str, Any]) -> bytes:
+    return orjson.dumps(data, option=orjson.OPT_INDENT_2)
+
+
+def _items_text(items: Any) -> str:
+    if isinstance(items, str):
+        return items
+    texts = [_text_of(i.get("content")) or str(i.get("output", "")) for i in items or [] if isinstance(i, dict)]
+    return " ".join(texts)
+
+
+def _native_responses(body: dict[str, Any]) -> Answer:
+    """A Response: the echo of the input, or a call of the first function tool offered."""
+    prompt = _items_text(body.get("input"))
+    words, finish = _reply_words(prompt, {"max_tokens": body.get("max_output_tokens")})
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"]
+    if tools:
+        item: dict[str, Any] = {"id": "fc_fake", "type": "function_call", "status": "completed", "call_id": "call_fake",
+                                "name": tools[0]["name"], "arguments": '{"id": "A-1"}'}
+    else:
+        text = " ".join(words)
+        item = {"id": "msg_fake", "type": "message", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    usage = {"input_tokens": count_tokens(prompt), "input_tokens_details": {"cached_tokens": 1},
+             "output_tokens": len(words), "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": count_tokens(prompt) + len(words)}
+    response = {"id": "resp_fake", "object": "response", "created_at": CREATED, "status": "completed",
+                "model": body.get("model"), "output": [item], "usage": usage, "error": None,
+                "incomplete_details": None, "instructions": None, "metadata": {}, "parallel_tool_calls": True,
+                "temperature": 1.0, "tool_choice": "auto", "tools": body.get("tools", []), "top_p": 1.0}
+    if not body.get("stream"):
+        return JsonAnswer(body=_pretty(response))
+    shell = {**response, "status": "in_progress", "output": [], "usage": None}
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": shell},
+                                    {"type": "response.in_progress", "response": shell},
+                                    {"type": "response.output_item.added", "output_index": 0,
+                                     "item": {**item, "status": "in_progress"} if tools else {**item, "content": []}}]
+    if not tools:
+        events.append({"type": "response.content_part.added", "item_id": "msg_fake", "output_index": 0,
+                       "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}})
+        events += [{"type": "response.output_text.delta", "item_id": "msg_fake", "output_index": 0,
+                    "content_index": 0, "delta": (" " if j else "") + w} for j, w in enumerate(words)]
+    events += [{"type": "response.output_item.done", "output_index": 0, "item": item},
+               {"type": "response.completed", "response": response}]
+    return StreamAnswer(_typed([{**e, "sequence_number": i} for i, e in enumerate(events)]), include_done=False)
+
+
+def _native_messages(body: dict[str, Any]) -> Answer:
+    """An Anthropic Message: the echo of the last user turn, or a use of the first tool offered."""
+    turns = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    prompt = " ".join(_text_of(m.get("content")) for m in turns)
+    words, finish = _reply_words(_text_of(turns[-1].get("content")) if turns else "", body)
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    block: dict[str, Any] = ({"type": "tool_use", "id": "toolu_fake", "name": tools[0]["name"], "input": {"id": "A-1"}}
+                             if tools else {"type": "text", "text": " ".join(words)})
+    stop = "tool_use" if tools else {"length": "max_tokens"}.get(finish, "end_turn")
+    usage = {"input_tokens": count_tokens(prompt), "output_tokens": len(words),
+             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2}
+    message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model"),
+               "content": [block], "stop_reason": stop, "stop_sequence": None, "usage": usage}
+    if not body.get("stream"):
+        return JsonAnswer(body=_pretty(message))
+    opener = {**block, "input": {}} if tools else {"type": "text", "text": ""}
+    delta = ({"type": "input_json_delta", "partial_json": '{"id": "A-1"}'} if tools
+             else {"type": "text_delta", "text": " ".join(words)})
+    events = [{"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
+                                                     "usage": {**usage, "output_tokens": 1}}},
+              {"type": "content_block_start", "index": 0, "content_block": opener},
+              {"type": "ping"},
+              {"type": "content_block_delta", "index": 0, "delta": delta},
+              {"type": "content_block_stop", "index": 0},
+              {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+               "usage": {"output_tokens": len(words)}},
+              {"type": "message_stop"}]
+    return StreamAnswer(_typed(events), include_done=False)
 
 
 def _is_token_list(value: list[Any]) -> bool:

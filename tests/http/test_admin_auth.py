@@ -105,24 +105,25 @@ def test_public_routes_answer_without_a_token(gw: Gateway, call: Caller) -> None
         assert call("GET", path, None).status_code == 200, path
 
 
-def test_the_dashboard_shell_is_the_one_admin_page_open_without_a_token_and_holds_no_data(
+def test_the_dashboard_shells_are_the_only_admin_pages_open_without_a_token_and_hold_no_data(
     gw: Gateway, call: Caller
 ) -> None:
-    assert TOKENLESS_ADMIN_PAGES == {"/admin/dashboard"}
+    assert TOKENLESS_ADMIN_PAGES == {"/admin/dashboard", "/admin/dashboard/plans"}
     opened = gw.open_session(OPEN_PLAN)
     assert sdk(gw, opened["token"]).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8
     ).choices
     shown = gw.session(opened["session_id"])
     assert shown["spent_nanos"] > 0
-    shells = {label: call("GET", "/admin/dashboard", token) for label, token in (("none", None), ("admin", ADMIN_TOKEN))}
-    for label, shell in shells.items():
-        assert shell.status_code == 200, label
-        assert shell.headers["content-type"] == "text/html; charset=utf-8"
-        assert shell.text.startswith("<!doctype html>")
-    assert shells["none"].content == shells["admin"].content  # the same bytes for everyone
-    for data in (opened["session_id"], shown["assembly_id"], "acme", "gpt-4o-mini", str(shown["spent_nanos"])):
-        assert data not in shells["none"].text
+    for page in sorted(TOKENLESS_ADMIN_PAGES):
+        shells = {label: call("GET", page, token) for label, token in (("none", None), ("admin", ADMIN_TOKEN))}
+        for label, shell in shells.items():
+            assert shell.status_code == 200, (page, label)
+            assert shell.headers["content-type"] == "text/html; charset=utf-8"
+            assert shell.text.startswith("<!doctype html>")
+        assert shells["none"].content == shells["admin"].content  # the same bytes for everyone
+        for data in (opened["session_id"], shown["assembly_id"], "acme", "gpt-4o-mini", str(shown["spent_nanos"])):
+            assert data not in shells["none"].text, page
     for method in ("POST", "PUT", "DELETE"):
         assert call(method, "/admin/dashboard", None).status_code == 401, method
     for path in ("/admin/dashboard/", "/admin/dashboard/x", "/admin/Dashboard", "/admin/v1/costs/series"):

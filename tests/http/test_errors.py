@@ -37,7 +37,8 @@ def token(gw: Gateway) -> str:
 
 
 def _post(gw: Gateway, token: str, path: str, **kwargs: object) -> httpx.Response:
-    return httpx.post(gw.openai_base + path, headers=bearer(token), timeout=30, **kwargs)  # type: ignore[arg-type]
+    headers = {**bearer(token), "Content-Type": "application/json"}
+    return httpx.post(gw.openai_base + path, headers=headers, timeout=30, **kwargs)  # type: ignore[arg-type]
 
 
 def test_malformed_json_is_400(gw: Gateway, token: str) -> None:
@@ -208,7 +209,7 @@ def test_errors_carry_the_callers_request_id(gw: Gateway, token: str) -> None:
     response = httpx.post(
         gw.openai_base + "/chat/completions",
         content=b"nope",
-        headers={**bearer(token), "x-request-id": "my-req-1"},
+        headers={**bearer(token), "Content-Type": "application/json", "x-request-id": "my-req-1"},
     )
     openai_error(response, 400)
     assert response.headers["x-request-id"] == "my-req-1"

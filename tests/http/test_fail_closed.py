@@ -1,7 +1,10 @@
 """Fail closed: with Redis down, stalled or busy, requests get 503 in OpenAI's shape and
-nothing reaches the provider; when Redis comes back, so does the gateway.
+nothing reaches the provider; when Redis comes back, so does the gateway, and the requests
+that were running when it went away are settled and closed in the journal.
 
 The provider is a real HTTP fake upstream, so "nothing forwarded" is counted, not assumed.
+Redis keeps an append-only file synced on every write, so a restart loses nothing it
+acknowledged, as a production Redis with `appendfsync always` would.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from gateway.capability import Keyring
 from gateway.settings import ModelSettings, Price, ProviderSettings, RedisSettings
 from tests.conftest import Gateway, make_settings, start_gateway
 from tests.fakes.upstream import FakeUpstream
+from tests.metrics_support import counter
 from tests.openai_support import bearer, openai_error
 from tests.redis_proc import RedisProcess
 
@@ -33,6 +37,8 @@ PLAN: dict[str, Any] = {
     "budget": {"usd": 5},
 }
 HELLO = [{"role": "user", "content": "hello there"}]
+SLOW_S = 0.25  # the mock's slow model: requests are in flight when Redis dies
+TERMINAL = {b"response", b"stream", b"error", b"aborted"}
 # Busy-waits inside Redis for ARGV[1] microseconds: Redis is alive but answers nobody.
 STALL = (
     "local t0 = redis.call('TIME') repeat local t = redis.call('TIME') "
@@ -60,11 +66,12 @@ class Rig:
 
 @pytest.fixture
 async def rig(tmp_path: Path, keyring: Keyring) -> AsyncIterator[Rig]:
-    server = RedisProcess(tmp_path / "redis").start()
+    server = RedisProcess(tmp_path / "redis", aof=True).start()
     async with FakeUpstream() as fake:
         base = make_settings()
+        mock = [p.model_copy(update={"slow_delay_s": SLOW_S}) for p in base.providers if p.kind == "mock"]
         settings = make_settings(
-            providers=[*base.providers, ProviderSettings(name="fake", kind="openai", api_base=fake.base_url)],
+            providers=[*mock, *(p for p in base.providers if p.kind != "mock"), ProviderSettings(name="fake", kind="openai", api_base=fake.base_url)],
             models=[*base.models, ModelSettings(name="fake-chat", provider="fake", price=Price(input_per_mtok=1.0, output_per_mtok=2.0))],
             redis=RedisSettings(timeout_ms=200),
         )
@@ -93,7 +100,6 @@ async def test_redis_killed_under_traffic_fails_closed_and_recovers(rig: Rig) ->
                 statuses.append((await rig.chat(client, token)).status_code)
 
         assert (await rig.chat(client, token)).status_code == 200
-        rig.sync_redis().save()  # so the restarted Redis still knows the session
         runners = [asyncio.ensure_future(traffic()) for _ in range(4)]
         await asyncio.sleep(0.3)
         await asyncio.to_thread(rig.redis.stop)  # SIGKILL, mid-traffic
@@ -106,6 +112,8 @@ async def test_redis_killed_under_traffic_fails_closed_and_recovers(rig: Rig) ->
         for stream in (False, True, False, True):
             assert_unavailable(await rig.chat(client, token, stream=stream))
         assert len(rig.fake.requests) == forwarded, "a request reached the provider while Redis was down"
+        redis_errors = counter((await client.get(rig.gw.base_url + "/metrics")).text, "abc_redis_errors_total", where="request")
+        assert redis_errors == statuses.count(503) + 4
         assert (await client.get(rig.gw.base_url + "/readyz")).status_code == 503
 
         await asyncio.to_thread(rig.redis.start)  # same port, same data directory
@@ -113,8 +121,11 @@ async def test_redis_killed_under_traffic_fails_closed_and_recovers(rig: Rig) ->
         after = [await rig.chat(client, token) for _ in range(3)]
         assert [r.status_code for r in after] == [200, 200, 200], [r.text for r in after]
         assert len(rig.fake.requests) == forwarded + 3
-        shown = rig.gw.session(opened["session_id"])
-        assert shown["reserved_nanos"] == 0
+        # What the kill cut short is settled within seconds of the return (see below).
+        deadline = time.monotonic() + 10
+        while rig.gw.session(opened["session_id"])["reserved_nanos"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert rig.gw.session(opened["session_id"])["reserved_nanos"] == 0
         print(f"\nkill: {statuses.count(200)} ok and {statuses.count(503)} refused during the kill; recovered")
 
 
@@ -160,3 +171,69 @@ async def test_a_busy_redis_is_503_and_nothing_forwarded(rig: Rig) -> None:
         assert len(rig.fake.requests) == forwarded
         assert rig.session(opened["session_id"])["reserved_nanos"] == 0
         assert (await rig.chat(client, opened["token"])).status_code == 200
+
+
+async def test_requests_running_when_redis_dies_are_closed_soon_after_it_returns(rig: Rig) -> None:
+    """Settlements and closing entries that could not be written while Redis was down are
+    written within seconds of its return: nothing stays open, and spend is the journal's sum."""
+    plan = {"name": "outage", "tenant": "acme", "models": [{"name": "mock-slow", "max_tokens": 32}], "budget": {"usd": 50}}
+    opened = rig.gw.open_session(plan)
+    session_id = opened["session_id"]
+    statuses: list[int] = []
+    stop = asyncio.Event()
+    journal = rig.sync_redis()
+
+    def open_requests(before_ms: int | None = None) -> set[bytes]:
+        opened_, closed = set(), set()
+        for entry_id, fields in journal.xrange(redis_keys.journal(session_id)):
+            if fields[b"kind"] == b"request" and (before_ms is None or int(entry_id.split(b"-")[0]) < before_ms):
+                opened_.add(fields[b"rid"])
+            elif fields[b"kind"] in TERMINAL:
+                closed.add(fields[b"rid"])
+        return opened_ - closed
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        async def traffic(stream: bool) -> None:
+            body = {"model": "mock-slow", "messages": HELLO, "stream": stream}
+            while not stop.is_set():
+                try:
+                    response = await client.post(rig.gw.openai_base + "/chat/completions", json=body, headers=bearer(opened["token"]))
+                    statuses.append(response.status_code)
+                except httpx.TransportError:
+                    statuses.append(0)  # a stream cut when its settlement failed
+                if statuses[-1] != 200:
+                    await asyncio.sleep(0.02)
+
+        body = {"model": "mock-slow", "messages": HELLO}
+        assert (await client.post(rig.gw.openai_base + "/chat/completions", json=body, headers=bearer(opened["token"]))).status_code == 200
+        runners = [asyncio.ensure_future(traffic(stream=i % 2 == 1)) for i in range(8)]
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(rig.redis.stop)  # SIGKILL, with requests in flight
+        killed_ms = int(time.time() * 1000)
+        await asyncio.sleep(3.0)
+        await asyncio.to_thread(rig.redis.start)  # same port; the append-only file brings the data back
+        restarted = time.monotonic()
+        cut = open_requests(killed_ms)
+        open_at_restart = len(cut)
+        while (still_open := open_requests(killed_ms)) and time.monotonic() - restarted < 10:
+            await asyncio.sleep(0.05)
+        closed_after = time.monotonic() - restarted
+        stop.set()
+        await asyncio.gather(*runners)
+
+    print(
+        f"\nredis outage: {statuses.count(200)} answered, {len(statuses) - statuses.count(200)} refused or cut;"
+        f" {open_at_restart} requests journaled before the kill open at the restart,"
+        f" {len(still_open)} open {closed_after:.2f} s after it"
+    )
+    assert 200 in statuses and set(statuses) - {200} and open_at_restart > 0, (statuses, open_at_restart)  # it bit
+    assert not still_open, still_open
+    deadline = time.monotonic() + 10
+    while open_requests() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the requests admitted after the restart finish too
+    entries = [fields for _, fields in journal.xrange(redis_keys.journal(session_id))]
+    closings = [f for f in entries if f[b"kind"] in TERMINAL and f[b"rid"] in cut]
+    print("closed by:", sorted((f[b"kind"] + (b" (deferred)" if b"deferred" in f else b"")).decode() for f in closings))
+    shown = rig.session(session_id)
+    assert shown["reserved_nanos"] == 0
+    assert shown["spent_nanos"] == sum(int(f.get(b"cost_nanos", 0)) for f in entries if f[b"kind"] in TERMINAL) > 0

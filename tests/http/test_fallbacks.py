@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway import redis_keys
 from gateway.capability import Keyring
@@ -36,9 +38,11 @@ async def chain(redis_url: str, keyring: Keyring) -> AsyncIterator[tuple[FakeUps
     async with FakeUpstream() as fake:
         base = make_settings()
         primary = ModelSettings(name="primary-chat", provider="primary", price=Price(input_per_mtok=5, output_per_mtok=20))
+        # Cheaper than its fallback: the reservation must still cover the fallback.
+        cheap = ModelSettings(name="cheap-chat", provider="primary", price=Price(input_per_mtok=0.01, output_per_mtok=0.01))
         settings = make_settings(
             providers=[*base.providers, ProviderSettings(name="primary", kind="openai", api_base=fake.base_url)],
-            models=[*base.models, primary],
+            models=[*base.models, primary, cheap],
         )
         gw = start_gateway(settings, redis_url, keyring)
         try:
@@ -61,6 +65,13 @@ async def _chat(gw: Gateway, token: str, **extra: Any) -> httpx.Response:
             gw.openai_base + "/chat/completions", headers=bearer(token),
             json={"model": "primary-chat", "messages": HELLO, **extra},
         )
+
+
+CHEAP_PLAN: dict[str, Any] = {
+    "name": "cheap-first", "tenant": "acme",
+    "models": [{"name": "cheap-chat", "max_tokens": 256, "fallbacks": ["gpt-4o"]}, {"name": "gpt-4o", "max_tokens": 256}],
+    "budget": {"usd": 1},
+}
 
 
 def test_a_fallback_must_be_another_model_of_the_plan_of_the_same_kind(gateway: Gateway) -> None:
@@ -125,3 +136,34 @@ async def test_a_stream_falls_back_before_its_first_byte(chain: tuple[FakeUpstre
             lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
     assert r.status_code == 200 and r.headers["x-abc-served-by"] == "gpt-4o-mini"
     assert lines[-1] == "data: [DONE]" and '"gpt-4o-mini-2024-07-18"' in lines[0]
+
+
+UPSTREAM_ANSWER = {
+    "id": "chatcmpl-p", "object": "chat.completion", "created": 1, "model": "primary-upstream",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "from the primary"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 40, "total_tokens": 49},
+}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=st.lists(st.sampled_from(["ok", "503", "429", "reset", "400"]), min_size=1, max_size=12))
+async def test_a_fallback_chain_never_overspends_whatever_fails(chain: tuple[FakeUpstream, Gateway], redis_url: str, script: list[str]) -> None:
+    fake, gw = chain
+    fake.requests.clear()
+    for outcome in script:
+        if outcome == "ok":
+            fake.respond_with(json=UPSTREAM_ANSWER)
+        elif outcome == "reset":
+            fake.respond_with(reset=True)
+        else:
+            fake.respond_with(status=int(outcome), json={"error": {"message": "scripted"}})
+    # Less than one worst case of the dearest model (gpt-4o: 256 tokens at $10/M and a
+    # prompt) but many of the cheap one: reserving only the cheap one's would let a few
+    # fallback answers (about 0.2 m$ each) overspend it.
+    opened = gw.open_session(CHEAP_PLAN, budget_usd=0.0005)
+    statuses = [(await _chat(gw, opened["token"], model="cheap-chat")).status_code for _ in script]
+    assert set(statuses) <= {200, 400, 429}
+    shown = gw.session(opened["session_id"])
+    journaled = sum(int(e.get(b"cost_nanos", 0)) for e in _journal(redis_url, opened["session_id"]))
+    assert shown["reserved_nanos"] == 0
+    assert shown["spent_nanos"] == journaled <= 500_000

@@ -1,5 +1,7 @@
 """Idempotency-Key: a retry in the same session gets the first answer byte for byte, with
-its headers, from one upstream call and one charge; concurrent duplicates wait for it.
+its headers, from one upstream call and one charge; concurrent duplicates wait for it, for
+a while, then get 409 with Retry-After. (A retry after the first's process died takes the
+request over: tests/e2e/test_crash.py and tests/unit/test_leases.py.)
 
 The fake upstream runs on the test's event loop and the gateway on its own thread, so the
 calls are made with httpx.AsyncClient.
@@ -17,7 +19,7 @@ import pytest
 
 from gateway import redis_keys
 from gateway.capability import Keyring
-from gateway.settings import ModelSettings, Price, ProviderSettings, load_settings
+from gateway.settings import BudgetSettings, ModelSettings, Price, ProviderSettings, load_settings
 from tests.conftest import BOTH_REDIS, ROOT, Gateway, make_settings, start_gateway
 from tests.fakes.upstream import FakeUpstream
 from tests.openai_support import assert_no_server_errors
@@ -47,6 +49,9 @@ class Setup:
         return spent
 
 
+WAIT_S = 2.0  # how long a duplicate waits for a live first before 409
+
+
 @pytest.fixture
 async def setup(redis_url: str, keyring: Keyring) -> AsyncIterator[Setup]:
     async with FakeUpstream() as fake:
@@ -54,6 +59,7 @@ async def setup(redis_url: str, keyring: Keyring) -> AsyncIterator[Setup]:
         settings = make_settings(
             providers=[*base.providers, ProviderSettings(name="up", kind="openai", api_base=fake.base_url)],
             models=[*base.models, ModelSettings(name="up-model", provider="up", price=Price(input_per_mtok=1.0, output_per_mtok=2.0))],
+            budget=BudgetSettings(idempotency_wait_s=WAIT_S),
         )
         gw = start_gateway(settings, redis_url, keyring)
         try:
@@ -101,6 +107,23 @@ async def test_concurrent_duplicates_wait_for_the_first_instead_of_calling_upstr
     assert len(setup.fake.requests) == 1
     assert _kinds(setup.redis_url, session_id) == ["state", "request", "response"]
     assert setup.spent_nanos(session_id) == 1000 * 5 + 2000 * 7  # the scripted usage, once
+
+
+async def test_a_duplicate_of_a_first_still_working_gets_409_with_retry_after_then_the_answer(setup: Setup) -> None:
+    setup.fake.respond_with(json=_completion(), delay_s=WAIT_S + 1.0)
+    session_id, client = setup.session()
+    async with client:
+        first = asyncio.ensure_future(client.post("/chat/completions", json=ASK, headers={"Idempotency-Key": "long"}))
+        await asyncio.sleep(0.2)
+        busy = await client.post("/chat/completions", json=ASK, headers={"Idempotency-Key": "long"})
+        assert not first.done()
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "idempotency_key_in_use"
+        assert busy.headers["retry-after"] == "1"
+        answered = await first
+        retry = await client.post("/chat/completions", json=ASK, headers={"Idempotency-Key": "long"})
+    assert answered.status_code == retry.status_code == 200 and retry.content == answered.content
+    assert len(setup.fake.requests) == 1
+    assert _kinds(setup.redis_url, session_id) == ["state", "request", "response"]
 
 
 async def test_a_streamed_answer_is_replayed_as_the_same_bytes(setup: Setup) -> None:

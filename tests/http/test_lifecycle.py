@@ -12,11 +12,12 @@ import httpx
 import orjson
 import pytest
 
+from gateway.assembly.model import Assembly
 from gateway.capability import Keyring
-from gateway.settings import PluginSettings
+from gateway.plugins import PluginOptions, Registry, Scratch
 from tests.conftest import Gateway, start_gateway
 from tests.fakes.upstream import FakeUpstream
-from tests.http.test_stream_accounting import HELLO, Env, env_settings, fake_chunks
+from tests.http.test_stream_accounting import HELLO, PLAN, Env, env_settings, fake_chunks
 from tests.openai_support import bearer
 
 
@@ -24,23 +25,32 @@ class ChunkBug:
     """A plugin with a bug: it raises a plain exception on the third streamed chunk."""
 
     name = "chunk_bug"
+    version = "0.0.1"
+    Options = PluginOptions
 
-    def on_request(self, body: dict[str, Any]) -> dict[str, Any] | None:
+    def __init__(self, options: PluginOptions, assembly: Assembly) -> None:
+        pass
+
+    def on_request(self, body: dict[str, Any], scratch: Scratch) -> dict[str, Any] | None:
         return None
 
-    def on_chunk(self, chunk: dict[str, Any], state: dict[str, Any]) -> dict[str, Any] | None:
-        state["seen"] = state.get("seen", 0) + 1
-        if state["seen"] == 3:
+    def on_chunk(self, chunk: dict[str, Any], scratch: Scratch) -> dict[str, Any] | None:
+        scratch.data["seen"] = scratch.data.get("seen", 0) + 1
+        if scratch.data["seen"] == 3:
             raise KeyError("plugin bug")
         return None
 
-    def on_response(self, data: dict[str, Any]) -> dict[str, Any] | None:
+    def on_stream_end(self, last: dict[str, Any], scratch: Scratch) -> dict[str, Any] | None:
+        return None
+
+    def on_response(self, data: dict[str, Any], scratch: Scratch) -> dict[str, Any] | None:
         return None
 
 
-async def _env(redis_url: str, keyring: Keyring, *plugins: PluginSettings) -> AsyncIterator[Env]:
+async def _env(redis_url: str, keyring: Keyring) -> AsyncIterator[Env]:
     async with FakeUpstream() as fake:
-        gw = start_gateway(env_settings(fake, plugins=list(plugins)), redis_url, keyring)
+        registry = Registry.from_entry_points().adding(ChunkBug)
+        gw = start_gateway(env_settings(fake), redis_url, keyring, plugins=registry)
         try:
             yield Env(gw, fake, redis_url)
         finally:
@@ -55,7 +65,7 @@ async def env(redis_url: str, keyring: Keyring) -> AsyncIterator[Env]:
 
 @pytest.fixture
 async def buggy(redis_url: str, keyring: Keyring) -> AsyncIterator[Env]:
-    async for made in _env(redis_url, keyring, PluginSettings(path="tests.http.test_lifecycle:ChunkBug")):
+    async for made in _env(redis_url, keyring):
         yield made
 
 
@@ -80,7 +90,7 @@ async def test_a_malformed_upstream_answer_is_a_502_and_its_reservation_is_relea
 async def test_a_plugin_that_raises_mid_stream_is_settled_with_the_chunks_sent(buggy: Env) -> None:
     answer = "one two three four five six seven eight"
     buggy.fake.stream_with(fake_chunks(answer))
-    opened = buggy.session()
+    opened = await asyncio.to_thread(buggy.gw.open_session, {**PLAN, "name": "buggy", "plugins": [{"name": "chunk_bug"}]})
     body = {"model": "fake-chat", "messages": HELLO, "stream": True}
     async with httpx.AsyncClient(timeout=30) as client:
         async with client.stream("POST", buggy.gw.openai_base + "/chat/completions", json=body, headers=bearer(opened["token"])) as r:
@@ -98,28 +108,28 @@ async def test_a_plugin_that_raises_mid_stream_is_settled_with_the_chunks_sent(b
     assert shown["spent_nanos"] == int(entry[b"cost_nanos"]) > 0  # the prompt and what was generated
 
 
-async def test_a_live_replayed_stream_is_cut_by_the_same_plugins(redis_url: str, keyring: Keyring) -> None:
-    answer = "a long answer " * 20
-    async for plain in _env(redis_url, keyring):
-        plain.fake.stream_with(fake_chunks(answer))
-        source = plain.session()
-        async with httpx.AsyncClient(timeout=30) as client:
-            async with client.stream("POST", plain.gw.openai_base + "/chat/completions", headers=bearer(source["token"]),
-                                     json={"model": "fake-chat", "messages": HELLO, "stream": True}) as r:
-                assert r.status_code == 200
-                _ = [line async for line in r.aiter_lines()]
-    guard = PluginSettings(path="plugins.length_guard:OutputLengthGuard", options={"max_chars": 40})
-    async for guarded in _env(redis_url, keyring, guard):
-        guarded.fake.stream_with(fake_chunks(answer))
-        replay = await asyncio.to_thread(
-            guarded.gw.admin.post, f"/admin/v1/sessions/{source['session_id']}/replay", json={"mode": "live"},
-        )
-        assert replay.status_code == 200, replay.text
-        (result,) = replay.json()["results"]
-        assert result["answer"] == "error" and result["error"]["code"] == "plugin_denied"
-        assert result["match"] is False
-        live = guarded.shown(replay.json()["session_id"])
-        assert live["reserved_nanos"] == 0 and live["spent_nanos"] > 0
+async def test_a_live_replayed_stream_is_cut_by_the_same_plugins(env: Env) -> None:
+    """The plugins are the Assembly's, so a live replay runs them too: an answer that fitted
+    when recorded and comes back too long this time is cut, as it would be in the session."""
+    env.fake.stream_with(fake_chunks("a short answer"))
+    source = await asyncio.to_thread(env.gw.open_session, {
+        **PLAN, "name": "guarded-streams", "plugins": [{"name": "output_limits", "options": {"max_chars": 40}}],
+    })
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream("POST", env.gw.openai_base + "/chat/completions", headers=bearer(source["token"]),
+                                 json={"model": "fake-chat", "messages": HELLO, "stream": True}) as r:
+            assert r.status_code == 200
+            _ = [line async for line in r.aiter_lines()]
+    env.fake.stream_with(fake_chunks("a long answer " * 20))
+    replay = await asyncio.to_thread(
+        env.gw.admin.post, f"/admin/v1/sessions/{source['session_id']}/replay", json={"mode": "live"},
+    )
+    assert replay.status_code == 200, replay.text
+    (result,) = replay.json()["results"]
+    assert result["answer"] == "error" and result["error"]["code"] == "plugin_denied"
+    assert result["match"] is False
+    live = env.shown(replay.json()["session_id"])
+    assert live["reserved_nanos"] == 0 and live["spent_nanos"] > 0
 
 
 async def test_clients_that_hang_up_leave_no_traceback(env: Env, caplog: pytest.LogCaptureFixture) -> None:

@@ -50,6 +50,8 @@ async def test_a_failing_upstream_is_retried_and_charged_once(flaky: tuple[FakeU
     shown = gw.session(opened["session_id"])
     assert shown["requests"] == 1 and shown["reserved_nanos"] == 0
     assert shown["spent_usd"] == response.headers["x-abc-cost-usd"]
+    answer = [e for e in gw.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal").json()["entries"] if e["kind"] == "response"]
+    assert answer[0]["attempts_failed"] == "flaky:502"
     metrics = httpx.get(gw.base_url + "/metrics").text
     assert 'abc_upstream_attempts_total{outcome="retried",provider="flaky"} 1.0' in metrics
 

@@ -108,7 +108,7 @@ def test_bad_session_requests_are_400_or_404(gw: Gateway, assembly_id: str) -> N
     openai_error(_open(gw, assembly_id=assembly_id, colour="blue"), 400)
     openai_error(_open(gw, assembly_id="not-an-assembly"), 400)
     openai_error(_open(gw, assembly_id="asm_" + "0" * 32), 404)
-    openai_error(gw.admin.post("/admin/v1/sessions", content=b"{"), 400)
+    openai_error(gw.admin.post("/admin/v1/sessions", content=b"{", headers={"Content-Type": "application/json"}), 400)
 
 
 def test_unknown_sessions_are_404(gw: Gateway) -> None:

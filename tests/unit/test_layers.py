@@ -18,12 +18,15 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (1, ("gateway.state",)),
     (2, ("gateway.pipeline.policy", "gateway.pipeline.usage", "gateway.pipeline.request_fields", "gateway.plugins",
          "gateway.pipeline.fallbacks", "gateway.pipeline.deployments",
+         "gateway.pipeline.request_body", "gateway.pipeline.request_schema",
          "gateway.providers", "gateway.assembly", "gateway.sessions", "gateway.metrics", "gateway.reports",
-         "gateway.embedded_redis", "gateway.deps")),
-    (3, ("gateway.pipeline.exchange", "gateway.journal.recorded")),
-    (4, ("gateway.journal.live",)),
-    (5, ("gateway.http", "gateway.app", "gateway.server", "gateway.cli", "gateway.demo", "gateway.admin_cli",
-         "gateway.journal_cli", "gateway.__main__")),
+         "gateway.embedded_redis", "gateway.deps", "gateway.mcp.upstream", "gateway.mcp.policy",
+         "gateway.mcp.demo_server", "gateway.translate",
+         "gateway.pipeline.dialects", "gateway.journal.stored_responses")),
+    (3, ("gateway.pipeline.exchange", "gateway.journal.recorded", "gateway.mcp.calls")),
+    (4, ("gateway.journal.live", "gateway.decision")),
+    (5, ("gateway.http", "gateway.mcp.endpoint", "gateway.mcp.demo", "gateway.app", "gateway.server", "gateway.cli",
+         "gateway.demo", "gateway.admin_cli", "gateway.journal_cli", "gateway.plan_cli", "gateway.__main__")),
 ]
 
 

@@ -200,12 +200,19 @@ async def test_a_reserve_that_runs_after_its_caller_timed_out_is_released(redis_
         await impatient.aclose()
 
 
+@pytest.fixture
+def held(client: aredis.Redis) -> Ledger:
+    """Tenant limits by the two-slot protocol (a cluster's), here on either kind of Redis."""
+    return Ledger(client, reservation_ttl_s=60, journal_retention_s=3600, tenant_holds=True)
+
+
 def _today() -> str:
     return time.strftime("%Y%m%d", time.gmtime())
 
 
 @BOTH_REDIS
-async def test_a_tenant_hold_is_given_back_when_the_session_refuses(ledger: Ledger, client: aredis.Redis) -> None:
+async def test_a_tenant_hold_is_given_back_when_the_session_refuses(held: Ledger, client: aredis.Redis) -> None:
+    ledger = held
     """Tenant first, then session: the session's refusal releases the tenant's hold, counts included."""
     sid = await open_session(ledger, budget_usd=0.0001)  # 100_000 nanos
     limits = Limits(tenant_usd_nanos_per_day=1_000_000, tenant_rpm=10, tenant_tpm=1000)
@@ -220,7 +227,8 @@ async def test_a_tenant_hold_is_given_back_when_the_session_refuses(ledger: Ledg
 
 
 @BOTH_REDIS
-async def test_settling_corrects_both_the_session_and_the_tenant_hold(ledger: Ledger, client: aredis.Redis) -> None:
+async def test_settling_corrects_both_the_session_and_the_tenant_hold(held: Ledger, client: aredis.Redis) -> None:
+    ledger = held
     sid = await open_session(ledger)
     limits = Limits(tenant_usd_nanos_per_day=1_000_000)
     await reserve(ledger, sid, "r1", 600_000, limits=limits)
@@ -238,7 +246,8 @@ async def test_settling_corrects_both_the_session_and_the_tenant_hold(ledger: Le
 
 
 @BOTH_REDIS
-async def test_a_tenant_rate_limit_refuses_before_the_session_reserves_anything(ledger: Ledger, client: aredis.Redis) -> None:
+async def test_a_tenant_rate_limit_refuses_before_the_session_reserves_anything(held: Ledger, client: aredis.Redis) -> None:
+    ledger = held
     sid = await open_session(ledger)
     limits = Limits(tenant_rpm=1)
     await reserve(ledger, sid, "r1", 10, limits=limits)

@@ -388,11 +388,16 @@ def test_pinned_params_are_filled_in_and_may_be_repeated() -> None:
     assert ok(chat(temperature=None)).body["temperature"] == 0
 
 
-@pytest.mark.parametrize("value", [0.7, 1, "0", False])
+@pytest.mark.parametrize("value", [0.7, 1, 2])
 def test_a_pinned_param_may_not_be_changed(value: Any) -> None:
     error = refused(CapabilityDenied, chat(temperature=value))
     assert rule(error) == "pinned_param" and error.param == "temperature"
     assert "pinned to 0" in error.message
+
+
+@pytest.mark.parametrize("value", ["0", False, -0.1, 2.5])
+def test_a_pinned_param_sent_outside_its_schema_is_invalid_before_the_pin(value: Any) -> None:
+    assert refused(InvalidRequest, chat(temperature=value)).param == "temperature"
 
 
 def test_n_is_limited_to_the_model_max_n() -> None:

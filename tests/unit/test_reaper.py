@@ -11,9 +11,10 @@ import redis.asyncio as aredis
 
 from gateway import redis_keys as keys
 from gateway.assembly.model import Limits
+from gateway.metrics import Metrics
 from gateway.state.entries import Kind, make_entry, verify_chain
 from gateway.state.ledger import Ledger
-from gateway.state.reaper import reap_due
+from gateway.state.reaper import reap_due, run_reaper
 from tests.conftest import BOTH_REDIS
 from tests.unit.test_ledger import open_session, reserve, session_hash, settle
 
@@ -100,17 +101,36 @@ async def test_the_reaper_skips_entries_whose_reservation_is_gone(ledger: Ledger
     assert (await session_hash(client, sid))["spent_nanos"] == 100
 
 
+async def test_the_running_reaper_counts_its_settlements_in_the_metrics(ledger: Ledger, client: aredis.Redis) -> None:
+    sid = await open_session(ledger)
+    for i in range(3):
+        await reserve(ledger, sid, f"orphan{i}", 1000)
+    await asyncio.sleep(TTL_S + 0.1)  # past their deadlines
+    metrics, stop = Metrics(), asyncio.Event()
+    reaper = asyncio.create_task(run_reaper(client, ledger, 0.05, stop, metrics))
+    try:
+        async with asyncio.timeout(10):
+            while metrics.reaped._value.get() < 3:
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await reaper
+    assert b"abc_reaper_settlements_total 3.0" in metrics.render()
+
+
 async def test_an_orphaned_tenant_hold_counts_in_full_until_a_late_settle_or_its_session_closes(
-    ledger: Ledger, client: aredis.Redis
+    client: aredis.Redis,
 ) -> None:
-    """A replica stalls with both sides open: the reaper charges the session in full and the
+    """Tenant limits by the two-slot protocol (Redis Cluster's; here on either kind of Redis).
+    A replica stalls with both sides open: the reaper charges the session in full and the
     tenant's hold counts in full; a late settle corrects both to the actual cost. A hold whose
     session side is gone (its process died mid-way) is closed as it stands."""
+    ledger = Ledger(client, reservation_ttl_s=TTL_S, journal_retention_s=3600, tenant_holds=True)
     sid = await open_session(ledger)
     limits = Limits(tenant_usd_nanos_per_day=1_000_000)
     spend = keys.tenant_spend("acme", time.strftime("%Y%m%d", time.gmtime()))
     await reserve(ledger, sid, "slow", 300_000, limits=limits)
-    assert await reap_due(client, ledger, now=time.time() + TTL_S + 1) == 1  # the session's side
+    assert await reap_due(client, ledger, now=time.time() + TTL_S + 0.5) == 1  # the session's side (its hold is due at 2 TTL)
     assert await client.hlen(keys.tenant_holds("acme")) == 1  # kept, for the late settle
     assert int(await client.get(spend)) == 300_000
     assert (await session_hash(client, sid))["spent_nanos"] == 300_000

@@ -132,6 +132,18 @@ def test_an_openai_provider_needs_an_http_api_base() -> None:
     assert "providers.1" in message and "http://" in message
 
 
+def test_an_anthropic_provider_needs_an_api_base_and_only_openai_serves_responses_natively() -> None:
+    data = copy.deepcopy(BASE)
+    data["providers"].append({"name": "claude", "kind": "anthropic"})
+    assert "kind 'anthropic' need api_base" in _error(data)
+    data["providers"][-1]["api_base"] = "https://api.anthropic.com/v1"
+    assert settings_from_dict(data).provider("claude").kind == "anthropic"
+    data["providers"][-1]["responses"] = "native"
+    assert "responses: native is only for providers of kind 'openai'" in _error(data)
+    data["providers"][-1] = {"name": "oai", "kind": "openai", "api_base": "https://api.openai.com/v1", "responses": "native"}
+    assert settings_from_dict(data).provider("oai").responses == "native"
+
+
 @pytest.mark.parametrize("key", ["admin_token", "signing_key", "metrics_token"])
 def test_secrets_in_the_file_are_refused(key: str) -> None:
     data = {**BASE, key: "x" * 40}

@@ -1,22 +1,27 @@
--- budget_reserve_v2: admit one request atomically, or say why not.
+-- budget_reserve_v3: admit one request atomically, or say why not.
 -- In one step: session exists, not revoked, not expired; an Idempotency-Key already
 -- held (then its record is returned instead); the step machine allows it; rate limits;
--- budget (usd, tokens, requests) and the tenant's daily spend; then the reservation is
--- recorded, the Idempotency-Key marked pending and the request journaled. Nothing is
--- written on refusal.
--- A request id that already holds a reservation is refused ("duplicate"): overwriting it
--- would lock the first reservation's money for good.
+-- budget (usd, tokens, requests), a counted cap (an MCP entry's max_calls) and the tenant's
+-- daily spend; then the reservation is recorded, the Idempotency-Key marked pending under
+-- its owner's lease and the request journaled. Nothing is written on refusal.
+-- A request id that already holds an open reservation is refused ("duplicate"):
+-- overwriting it would lock the first reservation's money for good. One that was closed
+-- for its owner ("R" or "Z" mark, see budget_close_v1) may be reused: a late settle of the
+-- old one names its reserve time and leaves the new one alone.
 -- Reservation value: est_nanos:est_tokens:now_ms[@YYYYMMDD]:step; "@day" says the tenant's
 -- spend counter of that day was charged, so settle corrects that counter and no other.
 --
 -- KEYS: 1 session, 2 reservations, 3 journal, 4 journal_head,
 --       5 session req/min, 6 session tok/min, 7 tenant spend today, 8 tenant req/min, 9 tenant tok/min,
---       10 idempotency record (a never-written stand-in when the request has no key)
+--       10 idempotency record (a never-written stand-in when the request has no key),
+--       11 capped call counters (hash: field -> calls admitted in this session)
 -- ARGV: 1 now_ms, 2 request_id, 3 est_nanos, 4 est_tokens,
 --       5 step candidates ("" = no steps; else "id=pred,pred;id=pred" where "^" is the start),
 --       6 session_rpm, 7 session_tpm, 8 tenant_rpm, 9 tenant_tpm, 10 tenant_usd_day ('' = no limit),
 --       11 pending ttl ms of the idempotency record ('' = no key), 12 request hash,
---       13 digest of the journal entry, 14.. journal fields (name, value, ...)
+--       13 counter field ('' = none), 14 its cap,
+--       15 lease deadline ms of the pending record, 16 owner (the process instance),
+--       17 digest of the journal entry, 18.. journal fields (name, value, ...)
 
 local now_ms = tonumber(ARGV[1])
 local est_nanos = tonumber(ARGV[3])
@@ -38,7 +43,11 @@ if ARGV[11] ~= '' then
     return out
   end
 end
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return {'duplicate'} end
+local prior = redis.call('HGET', KEYS[2], ARGV[2])
+if prior then
+  local mark = string.sub(prior, 1, 1)
+  if mark ~= 'R' and mark ~= 'Z' then return {'duplicate'} end
+end
 
 local current = s[11] or ''
 local step = ''
@@ -89,6 +98,13 @@ if over(s[6], tokens + est_tokens) then
 end
 local requests = tonumber(s[10] or '0')
 if over(s[9], requests + 1) then return {'budget', 'requests', '0'} end
+local calls = 0
+if ARGV[13] ~= '' then
+  calls = tonumber(redis.call('HGET', KEYS[11], ARGV[13]) or '0')
+  if over(ARGV[14], calls + 1) then
+    return {'budget', 'max_calls', int(math.max(tonumber(ARGV[14]) - calls, 0))}
+  end
+end
 
 -- Admitted: reserve, count, journal.
 redis.call('HSET', KEYS[1], 'reserved_nanos', int(reserved + est_nanos),
@@ -105,12 +121,17 @@ bump(KEYS[8], trpm, 1, 120000)
 bump(KEYS[9], ttpm, est_tokens, 120000)
 bump(KEYS[7], tday, est_nanos, 172800000)
 
+if ARGV[13] ~= '' then
+  redis.call('HSET', KEYS[11], ARGV[13], int(calls + 1))
+  redis.call('PEXPIREAT', KEYS[11], tonumber(s[2]) + 86400000)
+end
+
 if ARGV[11] ~= '' then
-  redis.call('HSET', KEYS[10], 'state', 'pending', 'req', ARGV[12], 'rid', ARGV[2])
+  redis.call('HSET', KEYS[10], 'state', 'pending', 'req', ARGV[12], 'rid', ARGV[2], 'owner', ARGV[16], 'lease', ARGV[15])
   redis.call('PEXPIRE', KEYS[10], tonumber(ARGV[11]))
 end
 
-local seq, id = journal_append(KEYS[3], KEYS[4], ARGV[13], step, 14)
+local seq, id = journal_append(KEYS[3], KEYS[4], ARGV[17], step, 18)
 
 local budget = tonumber(s[3])
 local left = -1  -- no usd budget

@@ -1,0 +1,160 @@
+"""tools/call through the gateway against the same call made directly, on loopback.
+
+Starts redis-server, an MCP server (bench/mcp_upstream.py) and `abc-gateway serve` as
+child processes, compiles a plan granting the server's tool, opens a session, then makes
+sequential calls with the SDK's client: in alternating blocks, directly and through /mcp.
+Reports the latency of each path (p50, p99), the p50 overhead, and the gateway process's
+CPU time per call (utime + stime from /proc, over the gateway's blocks only).
+
+Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import httpx2
+import yaml
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from bench.procs import cpu_ms, free_port
+from bench.targets import REPO_ROOT, gateway_executable, tool_env
+
+BLOCK = 250
+
+
+@contextmanager
+def child(argv: list[str], env: dict[str, str], ready_url: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        if ready_url is not None:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    httpx.get(ready_url, timeout=1)
+                    break
+                except httpx.HTTPError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"{argv[0]} did not start") from None
+                    time.sleep(0.1)
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def timed_calls(client: Client, name: str, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        started = time.perf_counter()
+        result = await client.call_tool(name, {"text": f"hello {i}"})
+        out.append(time.perf_counter() - started)
+        assert not result.is_error
+    return out
+
+
+async def model_reference(base: str, token: str, calls: int, gateway_pid: int) -> dict[str, Any]:
+    """A chat completion to the built-in mock through the same gateway: the model path's cost
+    on this machine now, to read the tool figures against (load inflates both)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    async with httpx2.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
+        for _ in range(50):
+            (await http.post("/v1/chat/completions", json=body)).raise_for_status()
+        latencies = []
+        before = cpu_ms(gateway_pid) or 0.0
+        for _ in range(calls):
+            started = time.perf_counter()
+            (await http.post("/v1/chat/completions", json=body)).raise_for_status()
+            latencies.append(time.perf_counter() - started)
+        used = (cpu_ms(gateway_pid) or 0.0) - before
+    return {"model_call_p50_ms": percentile(latencies, 0.5) * 1e3, "model_call_gateway_cpu_ms": used / calls}
+
+
+async def measure(direct_url: str, gateway_url: str, token: str, calls: int, gateway_pid: int) -> dict[str, Any]:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    direct_s: list[float] = []
+    through_s: list[float] = []
+    gateway_cpu_ms = 0.0
+    async with Client(direct_url, mode="legacy", cache=None) as direct, \
+            Client(streamable_http_client(gateway_url, http_client=http), mode="legacy", cache=None) as through:
+        await timed_calls(direct, "echo", 50)  # warm-up: connections, caches, JIT-less Python paths
+        await timed_calls(through, "bench__echo", 50)
+        for _ in range(max(1, calls // BLOCK)):
+            direct_s += await timed_calls(direct, "echo", BLOCK)
+            before = cpu_ms(gateway_pid) or 0.0
+            through_s += await timed_calls(through, "bench__echo", BLOCK)
+            gateway_cpu_ms += (cpu_ms(gateway_pid) or 0.0) - before
+    return {
+        "calls": len(through_s),
+        "direct_p50_ms": percentile(direct_s, 0.5) * 1e3,
+        "direct_p99_ms": percentile(direct_s, 0.99) * 1e3,
+        "gateway_p50_ms": percentile(through_s, 0.5) * 1e3,
+        "gateway_p99_ms": percentile(through_s, 0.99) * 1e3,
+        "overhead_p50_ms": (percentile(through_s, 0.5) - percentile(direct_s, 0.5)) * 1e3,
+        "overhead_mean_ms": (statistics.fmean(through_s) - statistics.fmean(direct_s)) * 1e3,
+        "gateway_cpu_ms_per_call": gateway_cpu_ms / len(through_s),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--ttl", type=float, default=1.0, help="definitions_ttl_s of the tool server (0: list before every call)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="abc-bench-mcp-"))
+    redis_port, mcp_port, gw_port = free_port(), free_port(), free_port()
+    admin, signing = secrets.token_hex(16), secrets.token_hex(32)
+    settings = {
+        "providers": [{"name": "mock", "kind": "mock"}],
+        "models": [{"name": "gpt-4o-mini", "provider": "mock", "price": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}],
+        "tool_servers": [{"name": "bench", "url": f"http://127.0.0.1:{mcp_port}/mcp", "definitions_ttl_s": args.ttl}],
+        "server": {"host": "127.0.0.1", "port": gw_port},
+    }
+    config = work / "gateway.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    env = tool_env(ABC_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", ABC_ADMIN_TOKEN=admin, ABC_SIGNING_KEY=signing)
+    base = f"http://127.0.0.1:{gw_port}"
+    redis_argv = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(work)]
+    with child(redis_argv, env), \
+            child([sys.executable, "-m", "bench.mcp_upstream", "--port", str(mcp_port)], env, f"http://127.0.0.1:{mcp_port}/"), \
+            child([str(gateway_executable()), "serve", "--config", str(config)], env, base + "/healthz") as gateway:
+        headers = {"Authorization": f"Bearer {admin}"}
+        plan = {
+            "name": "bench-mcp", "models": [{"name": "gpt-4o-mini", "max_tokens": 16}],
+            "mcp": [{"server": "bench", "tools": ["echo"], "price_per_call_usd": 0.000001}],
+            "budget": {"usd": 1000},
+        }
+        compiled = httpx.post(base + "/admin/v1/plans/compile", json=plan, headers=headers, timeout=60).raise_for_status().json()
+        opened = httpx.post(base + "/admin/v1/sessions", json={"assembly_id": compiled["assembly_id"]}, headers=headers).raise_for_status().json()
+        result = asyncio.run(measure(f"http://127.0.0.1:{mcp_port}/mcp", base + "/mcp", opened["token"], args.calls, gateway.pid))
+        result |= asyncio.run(model_reference(base, opened["token"], min(args.calls, 500), gateway.pid))
+    result["definitions_ttl_s"] = args.ttl
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.chdir(REPO_ROOT)
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""MCP tool providers: upstream servers, the /mcp endpoint and the tools/call lifecycle."""

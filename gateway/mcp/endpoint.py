@@ -1,0 +1,151 @@
+"""POST /mcp: the gateway as an MCP server (streamable HTTP) serving the session's tools only.
+
+The whole JSON-RPC layer is here, on aiohttp. The auth middleware has already checked the
+VCS token (else HTTP 401, before any JSON-RPC). A request is answered with one JSON body,
+or one SSE `message` event when the client accepts `text/event-stream`; notifications and
+responses get 202. Versions: the initialize handshake's (the SDK's client falls back to it
+when `server/discover` is not found). The MCP session is the ABC session: `Mcp-Session-Id`
+is the session id, so every replica knows it without shared state. No server-initiated
+stream (GET is 405) and no resources, prompts, sampling or completion: those are denied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway import __version__
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.http.keys import REQUEST_ID, claims_of, deps_of
+from gateway.mcp.calls import ToolCall, budget_headers, call_tool
+from gateway.pipeline.exchange import require_live_session
+
+__all__ = ["add_routes"]
+
+PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+SESSION_HEADER = "Mcp-Session-Id"
+VERSION_HEADER = "MCP-Protocol-Version"
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
+REFUSED = -32000  # server-defined: a gateway refusal; data.code says which
+_NOT_SERVED = ("resources/", "prompts/", "sampling/", "completion/", "logging/", "roots/", "elicitation/", "tasks/")
+
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.data = code, message, data
+
+
+async def post_mcp(request: web.Request) -> web.StreamResponse:
+    claims = claims_of(request)
+    session = request.headers.get(SESSION_HEADER)
+    if session is not None and session != claims.session_id:
+        return _answer(request, _error(None, INVALID_REQUEST, "unknown MCP session"), status=404)
+    version = request.headers.get(VERSION_HEADER)
+    if version is not None and version not in PROTOCOL_VERSIONS:
+        return _answer(request, _error(None, INVALID_REQUEST, f"unsupported {VERSION_HEADER}"), status=400)
+    if request.content_type != "application/json":
+        return _answer(request, _error(None, INVALID_REQUEST, "Content-Type must be application/json"), status=415)
+    try:
+        message = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _answer(request, _error(None, PARSE_ERROR, "body is not JSON"), status=400)
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+        return _answer(request, _error(None, INVALID_REQUEST, "one JSON-RPC 2.0 message per POST"), status=400)
+    if "method" not in message or "id" not in message:
+        return web.Response(status=202)  # a notification or a response: nothing to answer
+    rid = message["id"]
+    headers: dict[str, str] = {}
+    try:
+        result = await _dispatch(request, str(message["method"]), message.get("params"), headers)
+        payload: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "result": result}
+    except RpcError as exc:
+        payload = _error(rid, exc.code, exc.message, exc.data)
+    except GatewayError as exc:
+        if exc.status == 401:
+            raise  # a dead session is HTTP 401, like a bad token
+        payload = _refusal(rid, exc)
+    return _answer(request, payload, headers=headers)
+
+
+async def _dispatch(request: web.Request, method: str, params: Any, headers: dict[str, str]) -> Any:
+    deps, claims = deps_of(request), claims_of(request)
+    if method == "tools/call":
+        call = ToolCall(request[REQUEST_ID], _call_params(params), claims)
+        answer = await call_tool(deps, call)
+        headers.update(budget_headers(answer))
+        return orjson.Fragment(answer.body)
+    if method == "ping":
+        return {}
+    if method.startswith(_NOT_SERVED):
+        raise RpcError(METHOD_NOT_FOUND, f"{method} is not offered by this gateway", {"code": "capability_denied"})
+    if method not in ("initialize", "tools/list"):
+        raise RpcError(METHOD_NOT_FOUND, f"method not found: {method[:64]}")
+    await require_live_session(deps, claims.session_id)
+    if method == "initialize":
+        headers[SESSION_HEADER] = claims.session_id
+        return _initialize(params)
+    assembly = await deps.assemblies.get(claims.assembly_id)
+    return {"tools": [_listed(name, tool) for name, tool in sorted(assembly.mcp.items())]}
+
+
+def _call_params(params: Any) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise RpcError(INVALID_PARAMS, "tools/call params must be an object")
+    return {key: value for key, value in params.items() if key != "_meta"}  # progress tokens are not the call
+
+
+def _initialize(params: Any) -> dict[str, Any]:
+    wanted = params.get("protocolVersion") if isinstance(params, dict) else None
+    return {
+        "protocolVersion": wanted if wanted in PROTOCOL_VERSIONS else PROTOCOL_VERSIONS[-1],
+        "capabilities": {"tools": {"listChanged": False}},
+        "serverInfo": {"name": "abc-gateway", "version": __version__},
+        "instructions": "Tools of this session's Assembly, frozen at compile time; each call is budgeted and journaled.",
+    }
+
+
+def _listed(name: str, tool: Any) -> dict[str, Any]:
+    listed: dict[str, Any] = {"name": name, "description": tool.description, "inputSchema": tool.input_schema}
+    if tool.output_schema is not None:
+        listed["outputSchema"] = tool.output_schema
+    if tool.annotations is not None:
+        listed["annotations"] = tool.annotations
+    return listed
+
+
+def _refusal(rid: Any, exc: GatewayError) -> dict[str, Any]:
+    data = {"code": exc.code, "status": exc.status, "type": exc.type, **exc.extra}
+    if isinstance(exc, InvalidRequest) and exc.code in ("invalid_params", "invalid_arguments"):
+        return _error(rid, INVALID_PARAMS, exc.message, data)
+    return _error(rid, REFUSED, exc.message, data)
+
+
+def _error(rid: Any, code: int, message: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": rid, "error": error}
+
+
+def _answer(request: web.Request, payload: dict[str, Any], *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    body = orjson.dumps(payload)
+    headers = {"x-abc-session": claims_of(request).session_id, **(headers or {})}
+    if status == 200 and "text/event-stream" in request.headers.get("Accept", ""):
+        # One event, then the stream ends: the response is complete, nothing is held open.
+        return web.Response(body=b"event: message\ndata: " + body + b"\n\n", content_type="text/event-stream", headers=headers)
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+async def not_allowed(request: web.Request) -> web.Response:
+    # No server-initiated stream (GET) and no session to end (DELETE): the SDK's client expects 405.
+    return web.Response(status=405, headers={"Allow": "POST"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/mcp", post_mcp)
+    app.router.add_get("/mcp", not_allowed)
+    app.router.add_delete("/mcp", not_allowed)

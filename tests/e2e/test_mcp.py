@@ -1,0 +1,438 @@
+"""MCP tools behind the gateway: a real MCP server process (the SDK's MCPServer on loopback)
+and the SDK's own client talking to the gateway's /mcp with a session's VCS token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import httpx2
+import openai
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from gateway.capability import Keyring
+from gateway.settings import Settings, ToolServerSettings
+from tests.conftest import (
+    BOTH_REDIS,
+    Gateway,
+    assert_no_server_errors,
+    make_settings,
+    start_gateway,
+)
+from tests.fakes.mcp_proc import McpServerProcess
+from tests.fakes.mcp_server import WEATHER
+
+T = TypeVar("T")
+PRICE = 0.01  # USD per call
+
+
+@pytest.fixture(scope="module")
+def shop() -> Iterator[McpServerProcess]:
+    server = McpServerProcess().start()
+    yield server
+    server.stop()
+
+
+def _settings(*servers: McpServerProcess) -> Settings:
+    # definitions_ttl_s 0: every call is checked against the server's current definitions.
+    names = ["shop", "other"]
+    return make_settings(tool_servers=[
+        ToolServerSettings(name=names[i], url=s.url, definitions_ttl_s=0) for i, s in enumerate(servers)
+    ])
+
+
+@pytest.fixture
+def mgw(shop: McpServerProcess, redis_url: str, keyring: Keyring) -> Iterator[Gateway]:
+    shop.control("reset")
+    gw = start_gateway(_settings(shop), redis_url, keyring)
+    try:
+        yield gw
+        assert_no_server_errors(gw)
+    finally:
+        gw.close()
+
+
+def plan(**extra: Any) -> dict[str, Any]:
+    return {
+        "name": "mcp-test",
+        "tenant": "acme",
+        "models": [{"name": "gpt-4o-mini", "max_tokens": 64}],
+        "mcp": [{"server": "shop", "tools": ["get_order", "weather"], "price_per_call_usd": PRICE}],
+        "budget": {"usd": 1.0},
+        **extra,
+    }
+
+
+def with_client(gw: Gateway, token: str, work: Callable[[Client], Awaitable[T]]) -> T:
+    async def run() -> T:
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        async with Client(streamable_http_client(gw.base_url + "/mcp", http_client=http)) as client:
+            return await work(client)
+
+    return asyncio.run(run())
+
+
+def refusal(gw: Gateway, token: str, name: str, arguments: dict[str, Any]) -> MCPError:
+    async def call(client: Client) -> MCPError:
+        with pytest.raises(MCPError) as caught:
+            await client.call_tool(name, arguments)
+        return caught.value
+
+    return with_client(gw, token, call)
+
+
+def test_tools_list_shows_only_the_plan_tools_with_their_frozen_definitions(mgw: Gateway) -> None:
+    token = mgw.token(plan())
+
+    async def work(client: Client) -> Any:
+        return (await client.list_tools()).tools
+
+    tools = {t.name: t for t in with_client(mgw, token, work)}
+    assert sorted(tools) == ["shop__get_order", "shop__weather"]  # echo is on the server, not in the plan
+    assert tools["shop__weather"].description == WEATHER
+    assert tools["shop__get_order"].input_schema["required"] == ["order_id"]
+    assert tools["shop__get_order"].output_schema is not None
+
+
+def test_an_allowed_call_reaches_the_server_with_the_bare_name_and_is_charged(mgw: Gateway, shop: McpServerProcess) -> None:
+    opened = mgw.open_session(plan())
+
+    async def work(client: Client) -> Any:
+        return await client.call_tool("shop__get_order", {"order_id": "A-1", "include_items": True})
+
+    result = with_client(mgw, opened["token"], work)
+    assert result.is_error is False
+    assert result.structured_content == {"order_id": "A-1", "status": "shipped", "items": 3}
+    assert shop.calls() == {"get_order": 1}
+    shown = mgw.session(opened["session_id"])
+    assert (shown["spent_usd"], shown["reserved_nanos"], shown["requests"]) == ("0.010000000", 0, 1)
+
+
+VARIANTS = [
+    "shop__echo",  # on the server, not in the plan
+    "shop__Get_order",  # a case variant
+    "SHOP__get_order",
+    "shop__get_\u03bfrder",  # Greek omicron: a homoglyph
+    "shop__get_order\u200b",  # a zero-width space
+    " shop__get_order",
+    "get_order",  # the bare upstream name
+    "shop__shop__get_order",  # prefix games
+    "__get_order",
+    "other__get_order",
+]
+
+
+def refusals(gw: Gateway, token: str, calls: list[tuple[str, dict[str, Any]]]) -> list[MCPError]:
+    async def work(client: Client) -> list[MCPError]:
+        errors = []
+        for name, arguments in calls:
+            with pytest.raises(MCPError) as caught:
+                await client.call_tool(name, arguments)
+            errors.append(caught.value)
+        return errors
+
+    return with_client(gw, token, work)
+
+
+def test_names_outside_the_vcs_are_denied_exactly_as_sent(mgw: Gateway, shop: McpServerProcess) -> None:
+    opened = mgw.open_session(plan())
+    errors = refusals(mgw, opened["token"], [(name, {"order_id": "A-1", "text": "x"}) for name in VARIANTS])
+    assert [e.error.data["code"] if e.error.data else None for e in errors] == ["capability_denied"] * len(VARIANTS)
+    assert shop.calls() == {}
+    assert mgw.session(opened["session_id"])["spent_nanos"] == 0
+
+
+def test_arguments_that_break_the_frozen_schema_never_reach_the_server(mgw: Gateway, shop: McpServerProcess) -> None:
+    opened = mgw.open_session(plan())
+    bad = [{}, {"order_id": 42}, {"order_id": "A-1", "include_items": "yes"}]
+    errors = refusals(mgw, opened["token"], [("shop__get_order", arguments) for arguments in bad])
+    assert [e.error.code for e in errors] == [-32602] * 3
+    assert [e.error.data["code"] if e.error.data else None for e in errors] == ["invalid_arguments"] * 3
+    assert shop.calls() == {}
+    entries = mgw.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal").json()["entries"]
+    assert [e["code"] for e in entries if e["kind"] == "denial"] == ["invalid_arguments"] * 3
+
+
+STEPPED = plan(steps=[
+    {"id": "triage", "model": "gpt-4o-mini", "next": ["lookup"]},
+    {"id": "lookup", "tools": ["shop__get_order"], "next": ["answer"]},
+    {"id": "answer", "model": "gpt-4o-mini", "next": []},
+])
+
+
+def _chat(gw: Gateway, token: str) -> None:
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=token, max_retries=0)
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "where is A-1?"}])
+
+
+def test_step_order_holds_for_tool_calls_and_the_journal_interleaves_them(mgw: Gateway, shop: McpServerProcess) -> None:
+    opened = mgw.open_session(STEPPED)
+    token, session_id = opened["token"], opened["session_id"]
+
+    early = refusal(mgw, token, "shop__get_order", {"order_id": "A-1"})
+    assert early.error.data is not None and early.error.data["code"] == "step_not_allowed"
+    assert early.error.data["allowed_steps"] == ["triage"]
+    _chat(mgw, token)
+
+    async def twice(client: Client) -> MCPError:
+        assert (await client.call_tool("shop__get_order", {"order_id": "A-1"})).is_error is False
+        with pytest.raises(MCPError) as again:
+            await client.call_tool("shop__get_order", {"order_id": "A-1"})
+        return again.value
+
+    again = with_client(mgw, token, twice)
+    assert again.error.data is not None and again.error.data["code"] == "step_not_allowed"
+    _chat(mgw, token)
+    assert mgw.session(session_id)["current_step"] == "answer"
+    assert shop.calls() == {"get_order": 1}
+
+    entries = mgw.admin.get(f"/admin/v1/sessions/{session_id}/journal").json()["entries"]
+    calls = [(e["kind"], e.get("endpoint") or e.get("tool")) for e in entries if e["kind"] in ("request", "response")]
+    assert calls == [
+        ("request", "chat/completions"), ("response", None),
+        ("request", "mcp/tools/call"), ("response", "shop__get_order"),
+        ("request", "chat/completions"), ("response", None),
+    ]
+    verify = mgw.admin.post(f"/admin/v1/sessions/{session_id}/replay", json={"mode": "verify"}).json()
+    assert verify["integrity"] == "ok" and verify["entries"] == len(entries)
+
+
+@BOTH_REDIS  # also on a Redis Cluster
+def test_max_calls_is_enforced_per_entry_and_session(mgw: Gateway, shop: McpServerProcess) -> None:
+    capped = plan(mcp=[{"server": "shop", "tools": ["get_order", "weather"], "price_per_call_usd": PRICE, "max_calls": 2}])
+    token = mgw.token(capped)
+
+    async def work(client: Client) -> MCPError:
+        await client.call_tool("shop__get_order", {"order_id": "A-1"})
+        await client.call_tool("shop__weather", {"city": "Oslo"})
+        with pytest.raises(MCPError) as third:
+            await client.call_tool("shop__get_order", {"order_id": "A-2"})
+        return third.value
+
+    error = with_client(mgw, token, work)
+    assert error.error.data is not None
+    assert (error.error.data["code"], error.error.data["budget"]) == ("budget_exceeded", "max_calls")
+    assert shop.calls() == {"get_order": 1, "weather": 1}
+
+
+def test_an_exhausted_budget_refuses_the_call_before_the_server(mgw: Gateway, shop: McpServerProcess) -> None:
+    opened = mgw.open_session(plan(), budget_usd=0.015)
+
+    async def work(client: Client) -> MCPError:
+        await client.call_tool("shop__weather", {"city": "Oslo"})
+        with pytest.raises(MCPError) as second:
+            await client.call_tool("shop__weather", {"city": "Oslo"})
+        return second.value
+
+    error = with_client(mgw, opened["token"], work)
+    assert error.error.data is not None and error.error.data["code"] == "budget_exceeded"
+    assert shop.calls() == {"weather": 1}
+    assert mgw.session(opened["session_id"])["spent_usd"] == "0.010000000"
+
+
+def test_a_tool_failure_is_a_result_journaled_and_charged(mgw: Gateway, shop: McpServerProcess) -> None:
+    with_echo = plan(mcp=[{"server": "shop", "tools": ["echo"], "price_per_call_usd": PRICE}])
+    opened = mgw.open_session(with_echo)
+
+    async def work(client: Client) -> Any:
+        return await client.call_tool("shop__echo", {"text": "fail"})
+
+    result = with_client(mgw, opened["token"], work)
+    assert result.is_error is True
+    assert mgw.session(opened["session_id"])["spent_usd"] == "0.010000000"
+    entries = mgw.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal").json()["entries"]
+    assert entries[-1]["kind"] == "response" and entries[-1]["is_error"] is True
+
+
+def test_a_rug_pull_is_refused_and_recompiling_warns_and_changes_the_id(mgw: Gateway, shop: McpServerProcess) -> None:
+    first = mgw.compile(plan())
+    opened = mgw.open_session(first)
+    shop.control("rugpull")
+
+    error = refusal(mgw, opened["token"], "shop__weather", {"city": "Oslo"})
+    assert error.error.data is not None and error.error.data["code"] == "tool_changed"
+    assert shop.calls() == {}
+    shown = mgw.session(opened["session_id"])
+    assert (shown["spent_nanos"], shown["reserved_nanos"]) == (0, 0)
+
+    recompiled = mgw.admin.post("/admin/v1/plans/compile", json=plan()).json()
+    assert recompiled["assembly_id"] != first
+    warned = [w for w in recompiled["warnings"] if "shop__weather" in w]
+    assert any("hidden instruction block" in w for w in warned)
+    assert any("secrets or key files" in w for w in warned)
+
+
+def test_an_unreachable_server_is_a_clear_error_and_releases_the_reservation(
+    mgw: Gateway, redis_url: str, keyring: Keyring
+) -> None:
+    assembly_id = mgw.compile(plan())  # while the server is up
+    # Another replica, on the same Redis, whose "shop" has gone away: nothing listens there.
+    down = start_gateway(_settings(McpServerProcess()), redis_url, keyring)
+    try:
+        opened = down.open_session(assembly_id)
+        error = refusal(down, opened["token"], "shop__get_order", {"order_id": "A-1"})
+        assert error.error.data is not None and error.error.data["code"] == "upstream_error"
+        assert "tool server 'shop'" in error.error.message and "127.0.0.1" not in error.error.message
+        shown = down.session(opened["session_id"])
+        assert (shown["spent_nanos"], shown["reserved_nanos"]) == (0, 0)
+        entries = down.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal").json()["entries"]
+        assert (entries[-1]["kind"], entries[-1]["code"], entries[-1]["cost_nanos"]) == ("error", "upstream_error", 0)
+        assert_no_server_errors(down)
+    finally:
+        down.close()
+
+
+def test_compiling_names_the_path_of_an_unknown_tool_or_an_unreachable_server(
+    shop: McpServerProcess, redis_url: str, keyring: Keyring
+) -> None:
+    dead = McpServerProcess()  # never started: nothing listens on its port
+    gw = start_gateway(_settings(shop, dead), redis_url, keyring)
+    try:
+        bad = plan(mcp=[
+            {"server": "shop", "tools": ["get_order", "delete_everything"], "price_per_call_usd": PRICE},
+            {"server": "other", "tools": ["x"], "price_per_call_usd": PRICE},
+            {"server": "nope", "tools": ["x"], "price_per_call_usd": PRICE},
+        ])
+        response = gw.admin.post("/admin/v1/plans/compile", json=bad)
+        assert response.status_code == 422
+        paths = {p["path"]: p["message"] for p in response.json()["error"]["problems"]}
+        assert set(paths) == {"mcp.0.tools.1", "mcp.1.server", "mcp.2.server"}
+        assert "unreachable" in paths["mcp.1.server"] and "unknown tool server" in paths["mcp.2.server"]
+    finally:
+        gw.close()
+
+
+def test_a_bad_token_is_http_401_before_any_json_rpc(mgw: Gateway) -> None:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}):
+        response = httpx.post(mgw.base_url + "/mcp", json=body, headers=headers)
+        assert response.status_code == 401
+        assert "jsonrpc" not in response.json()
+
+
+def test_resources_and_prompts_are_not_served(mgw: Gateway) -> None:
+    token = mgw.token(plan())
+
+    async def work(client: Client) -> MCPError:
+        with pytest.raises(MCPError) as caught:
+            await client.list_resources()
+        return caught.value
+
+    error = with_client(mgw, token, work)
+    assert error.error.data is not None and error.error.data["code"] == "capability_denied"
+
+
+def test_a_recorded_replay_answers_tool_calls_from_the_journal(mgw: Gateway, shop: McpServerProcess) -> None:
+    opened = mgw.open_session(plan(mcp=[{"server": "shop", "tools": ["get_order", "echo"], "price_per_call_usd": PRICE}]))
+
+    async def session(client: Client) -> list[Any]:
+        return [
+            (await client.call_tool("shop__get_order", {"order_id": "A-7"})).model_dump(),
+            (await client.call_tool("shop__echo", {"text": "fail"})).model_dump(),
+        ]
+
+    original = with_client(mgw, opened["token"], session)
+    _chat(mgw, opened["token"])
+    assert shop.calls() == {"get_order": 1, "echo": 1}
+
+    replay = mgw.admin.post(f"/admin/v1/sessions/{opened['session_id']}/replay", json={"mode": "recorded"}).json()
+    assert with_client(mgw, replay["token"], session) == original
+    _chat(mgw, replay["token"])
+    assert shop.calls() == {"get_order": 1, "echo": 1}  # the server was not asked again
+
+    diverged = refusal(mgw, replay["token"], "shop__get_order", {"order_id": "A-8"})
+    assert diverged.error.data is not None and diverged.error.data["code"] == "replay_divergence"
+
+
+@BOTH_REDIS  # also on a Redis Cluster
+def test_a_live_replay_calls_the_tools_again_and_costs_show_tool_spend(mgw: Gateway, shop: McpServerProcess) -> None:
+    opened = mgw.open_session(plan(mcp=[{"server": "shop", "tools": ["get_order", "echo"], "price_per_call_usd": PRICE}]))
+
+    async def session(client: Client) -> None:
+        await client.call_tool("shop__get_order", {"order_id": "A-7"})
+        await client.call_tool("shop__echo", {"text": "fail"})
+
+    with_client(mgw, opened["token"], session)
+    _chat(mgw, opened["token"])
+
+    live = mgw.admin.post(f"/admin/v1/sessions/{opened['session_id']}/replay", json={"mode": "live"}).json()
+    assert [(r["answer"], r["match"]) for r in live["results"]] == [("response", True)] * 3
+    assert shop.calls() == {"get_order": 2, "echo": 2}
+
+    by_tool = mgw.admin.get("/admin/v1/costs", params={"group_by": "tool"}).json()
+    assert {r["key"]: r["cost_usd"] for r in by_tool["rows"]} == {"shop__get_order": "0.020000000", "shop__echo": "0.020000000"}
+    by_server = mgw.admin.get("/admin/v1/costs", params={"group_by": "tool_server"}).json()
+    assert {r["key"]: r["cost_usd"] for r in by_server["rows"]} == {"shop": "0.040000000"}
+    by_model = mgw.admin.get("/admin/v1/costs", params={"group_by": "model"}).json()
+    assert {"mcp:shop__get_order", "mcp:shop__echo", "gpt-4o-mini"} <= {r["key"] for r in by_model["rows"]}
+
+
+def test_a_model_may_be_offered_the_sessions_mcp_tools_as_functions(mgw: Gateway) -> None:
+    token = mgw.token(plan(tools=[]))
+    client = openai.OpenAI(base_url=mgw.openai_base, api_key=token, max_retries=0)
+    offered = {"type": "function", "function": {"name": "shop__get_order", "parameters": {"type": "object"}}}
+    answer = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "where is A-1?"}], tools=[offered],  # type: ignore[list-item]
+    )
+    assert answer.choices
+    unknown = {"type": "function", "function": {"name": "shop__echo", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], tools=[unknown],  # type: ignore[list-item]
+        )
+
+
+def _children_running(module: str) -> list[int]:
+    """Our child processes whose command line names `module`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        if state != "Z" and int(ppid) == os.getpid() and module.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_a_stdio_server_is_started_by_the_gateway_and_restarted_when_it_dies(redis_url: str, keyring: Keyring) -> None:
+    stdio = ToolServerSettings(name="shop", command=[sys.executable, "-m", "gateway.mcp.demo_server"])
+    gw = start_gateway(make_settings(tool_servers=[stdio]), redis_url, keyring)
+    try:
+        token = gw.token(plan(mcp=[{"server": "shop", "tools": ["lookup_order"], "price_per_call_usd": PRICE}]))
+
+        async def call(client: Client) -> Any:
+            return (await client.call_tool("shop__lookup_order", {"order_id": "A-1234"})).structured_content
+
+        async def first_after_death(client: Client) -> None:
+            with contextlib.suppress(MCPError):  # the call that finds it dead may fail: upstream_error
+                await call(client)
+
+        assert with_client(gw, token, call)["status"] == "shipped"
+        (child,) = _children_running("gateway.mcp.demo_server")
+        os.kill(child, signal.SIGKILL)
+        with_client(gw, token, first_after_death)
+        assert with_client(gw, token, call)["status"] == "shipped"
+        assert _children_running("gateway.mcp.demo_server") not in ([], [child])
+        assert_no_server_errors(gw)
+    finally:
+        gw.close()
+    deadline = time.monotonic() + 15  # stopped with the gateway (the SDK gives it a grace period)
+    while _children_running("gateway.mcp.demo_server") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _children_running("gateway.mcp.demo_server") == []
