@@ -71,7 +71,8 @@ class PlanVersions:
     def __init__(self, redis: AnyRedis) -> None:
         self._redis = redis
         source = (resources.files("gateway") / "lua" / f"{keys.PLAN_VERSION_SCRIPT}.lua").read_text("utf-8")
-        self._record = redis.register_script(source)
+        # RedisCluster has it too (redis-py types it for Redis only); its NOSCRIPT reload goes to every master.
+        self._record = redis.register_script(source)  # type: ignore[misc]
 
     async def record(
         self, plan: Plan, assembly: Assembly, *, by: str, actor: str | None = None, now_ms: int | None = None

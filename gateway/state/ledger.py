@@ -288,8 +288,7 @@ class Ledger:
                 continue
             if isinstance(result, Exception):
                 raise _unavailable(result) from result
-            acked = results[len(first) + 1] if waiting else None
-            if waiting and (isinstance(acked, Exception) or int(acked) < self.wait_replicas):
+            if waiting and not _acked(results[len(first) + 1], self.wait_replicas):
                 if after:
                     await self._index(after)  # the script ran: its index entries belong with it
                 raise NotReplicated("budget store not replicated in time; request not served")
@@ -763,6 +762,11 @@ def denial_tally(reason: str, now: float) -> list[tuple[Any, ...]]:
 
 def request_id_of(entry: Entry) -> str:
     return entry.fields.get(b"rid", b"").decode()
+
+
+def _acked(answer: Any, replicas: int) -> bool:
+    """WAIT's answer: at least `replicas` replicas have the writes before it."""
+    return not isinstance(answer, Exception) and int(answer) >= replicas
 
 
 def _opt(v: int | None) -> str:
