@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
+from gateway import tokenizer
 from gateway.app import create_app
 from gateway.capability import PREVIOUS_KEYS_ENV, Keyring, generate_ed25519_key
 from gateway.embedded_redis import EmbeddedRedis
@@ -151,7 +152,22 @@ async def _serve_until_signalled(
     runner = await _start(app, settings, host, port, reuse_port)
     if started is not None:
         log.info("listening", extra={"fields": started})
+    # Listening already: the estimates' encodings load on a thread while requests are served.
+    warming = loop.run_in_executor(None, tokenizer.warm, _encodings(settings))
+    warming.add_done_callback(_warmed)
     try:
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _encodings(settings: Settings) -> set[str]:
+    """The tiktoken encodings the configured models' estimates use (as the compiler picks them)."""
+    names = {m.encoding or tokenizer.encoding_name_for(m.target) or tokenizer.encoding_name_for(m.name) for m in settings.models}
+    return {name for name in names if name}
+
+
+def _warmed(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        # The first request that needs the encoding will fail with the reason; say it here first.
+        log.warning("could not load the token encodings: %s", type(done.exception()).__name__)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,13 @@ def encoding_name_for(model: str) -> str | None:
 @functools.lru_cache(maxsize=8)
 def get_encoding(name: str) -> tiktoken.Encoding:
     return tiktoken.get_encoding(name)
+
+
+def warm(names: Iterable[str]) -> None:
+    """Load encodings ahead of the first request that needs one (each takes a second or
+    two to build); blocking, so the server runs it on a thread."""
+    for name in names:
+        get_encoding(name)
 
 
 def count_text(text: str, encoding: str | None) -> int:

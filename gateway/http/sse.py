@@ -30,7 +30,35 @@ def event(payload: bytes) -> bytes:
 
 
 async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
-    chunks = ex.stream()
+    """A chat or completions stream: `data:` events, `[DONE]` after the settled cost."""
+    return await _relay(
+        request, ex, ex.stream(), event,
+        error=lambda error, _sent: event(error.to_json()) + DONE,
+        tail=lambda cost: _tail(ex, cost),
+    )
+
+
+async def relay_events(
+    request: web.Request, ex: Exchange, chunks: AsyncGenerator[bytes, None], error_event: Callable[[GatewayError, int], dict[str, Any]],
+) -> web.StreamResponse:
+    """A dialect's stream (Responses, Messages) as typed events, `event: <type>` then `data:`.
+
+    Its closing events (`ex.tail`) go out after the exchange settled them; an error after
+    the first byte is the dialect's own error event, numbered after the events sent.
+    """
+    return await _relay(
+        request, ex, chunks, _typed,
+        error=lambda error, sent: sse_event(orjson.dumps(error_event(error, sent)), "error"),
+        tail=lambda _cost: b"".join(_typed(payload) for payload in ex.tail),
+    )
+
+
+async def _relay(
+    request: web.Request, ex: Exchange, chunks: AsyncGenerator[bytes, None], frame: Callable[[bytes], bytes], *,
+    error: Callable[[GatewayError, int], bytes], tail: Callable[[int], bytes],
+) -> web.StreamResponse:
+    """Each payload framed and written as it comes. After the first byte, a failure is an
+    error event (`error(settled error, events sent)`); the end is `tail(settled cost)`."""
     first = await anext(chunks, None)  # upstream errors before the first byte propagate as JSON
     headers = {
         **ex.answer_headers(None, ex.budget_left_at_admission),
@@ -43,10 +71,10 @@ async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
         # Inside the try: a client gone before the headers go out is settled like one gone later.
         await response.prepare(request)
         if first is not None:
-            sent.append(event(first))
+            sent.append(frame(first))
             await _write(response, sent[-1], limit_s)
             async for payload in chunks:
-                sent.append(event(payload))
+                sent.append(frame(payload))
                 await _write(response, sent[-1], limit_s)
     except ConnectionResetError as gone:
         await chunks.aclose()
@@ -55,12 +83,16 @@ async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
         await chunks.aclose()
         settled = await ex.close(exc)
         assert settled.error is not None
-        await _write_quietly(response, event(settled.error.to_json()) + DONE, limit_s)
+        await _write_quietly(response, error(settled.error, len(sent)), limit_s)
         return response
     # Kept in the settle step for retries with the same Idempotency-Key: the bytes sent.
-    settled = await ex.close(keep=lambda cost: idempotency.Stored(200, headers, b"".join(sent) + _tail(ex, cost)))
-    await _write_quietly(response, _tail(ex, settled.cost_nanos), limit_s)
+    settled = await ex.close(keep=lambda cost: idempotency.Stored(200, headers, b"".join(sent) + tail(cost)))
+    await _write_quietly(response, tail(settled.cost_nanos), limit_s)
     return response
+
+
+def _typed(payload: bytes) -> bytes:
+    return sse_event(payload, event_type(payload))
 
 
 def _tail(ex: Exchange, cost: int) -> bytes:
@@ -85,43 +117,3 @@ async def _write_quietly(response: web.StreamResponse, data: bytes, limit_s: flo
             await response.write_eof()
     except (ConnectionResetError, TimeoutError):
         pass  # settled and journaled already; nothing more is owed to a gone client
-
-
-async def relay_events(
-    request: web.Request, ex: Exchange, chunks: AsyncGenerator[bytes, None], error_event: Callable[[GatewayError, int], dict[str, Any]],
-) -> web.StreamResponse:
-    """A dialect's stream (Responses, Messages) as typed events, `event: <type>` then `data:`.
-
-    Its closing events (`ex.tail`) go out after the exchange settled them; an error after
-    the first byte is the dialect's own error event, numbered after the events sent.
-    """
-    first = await anext(chunks, None)  # upstream errors before the first byte propagate as JSON
-    headers = {
-        **ex.answer_headers(None, ex.budget_left_at_admission),
-        "content-type": "text/event-stream", "cache-control": "no-cache", "x-request-id": ex.call.request_id,
-    }
-    response = web.StreamResponse(headers=headers)
-    limit_s = ex.deps.settings.server.stream_write_timeout_s
-    sent: list[bytes] = []
-    try:
-        await response.prepare(request)
-        if first is not None:
-            sent.append(sse_event(first, event_type(first)))
-            await _write(response, sent[-1], limit_s)
-            async for payload in chunks:
-                sent.append(sse_event(payload, event_type(payload)))
-                await _write(response, sent[-1], limit_s)
-    except ConnectionResetError as gone:
-        await chunks.aclose()
-        raise ClientGone("client disconnected mid-stream") from gone
-    except Exception as exc:  # after the first byte, whatever failed becomes an error event
-        await chunks.aclose()
-        settled = await ex.close(exc)
-        assert settled.error is not None
-        await _write_quietly(response, sse_event(orjson.dumps(error_event(settled.error, len(sent))), "error"), limit_s)
-        return response
-    tail = b"".join(sse_event(payload, event_type(payload)) for payload in ex.tail)
-    # Kept in the settle step for retries with the same Idempotency-Key: the bytes sent.
-    await ex.close(keep=lambda cost: idempotency.Stored(200, headers, b"".join(sent) + tail))
-    await _write_quietly(response, tail, limit_s)
-    return response

@@ -48,6 +48,7 @@ from gateway.money import nanos_to_usd_str
 from gateway.redis_client import AnyRedis
 from gateway.state.entries import Entry, Kind, digest, make_entry
 from gateway.state.leases import Backlog, Held, Leases
+from gateway.state.wire import Wire
 
 log = logging.getLogger("gateway.ledger")
 SCRIPT_NAMES = (
@@ -200,6 +201,8 @@ class Ledger:
     ) -> None:
         """`tenant_holds`: tenant limits by the two-slot protocol (default: on a cluster only)."""
         self.redis = redis
+        # The reserve and settle round trips of a single Redis, without redis-py's pipeline.
+        self._wire = None if isinstance(redis, RedisCluster) else Wire.of(redis)
         self.cluster = isinstance(redis, RedisCluster)
         self.shards = shards
         self.wait_replicas = wait_replicas
@@ -267,17 +270,10 @@ class Ledger:
                     await self.load_scripts()
                 elif attempt == 2:
                     await self.load_scripts(self._node_of(keys_[0]) if self.cluster else None)
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for command in first:
-                        pipe.execute_command(*command)
-                    pipe.execute_command("EVALSHA", self._sha[name], len(keys_), *keys_, *args)
-                    if waiting:
-                        # Same connection as the script: on a cluster, its slot's master.
-                        where = {"target_nodes": self._node_of(keys_[0])} if self.cluster else {}
-                        pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **where)
-                    for command in extra:
-                        pipe.execute_command(*command)
-                    results = await pipe.execute(raise_on_error=False)
+                commands = [*first, ("EVALSHA", self._sha[name], len(keys_), *keys_, *args)]
+                if waiting:
+                    commands.append(("WAIT", self.wait_replicas, self.wait_timeout_ms))
+                results = await self._send([*commands, *extra], wait_on=keys_[0] if waiting else None)
             except REDIS_ERRORS as exc:
                 raise _unavailable(exc) from exc
             result = results[len(first)]
@@ -298,14 +294,26 @@ class Ledger:
             return result
         raise ServiceUnavailable("budget store unavailable")
 
+    async def _send(self, commands: list[tuple[Any, ...]], *, wait_on: str | None = None) -> list[Any]:
+        """The commands' replies in order, errors among them; one round trip (on a cluster,
+        one per node). `wait_on`: the key whose master a WAIT among them goes to, on the
+        connection of the script before it."""
+        if self._wire is not None:
+            return await self._wire.execute(commands)
+        node = self._node_of(wait_on) if self.cluster and wait_on is not None else None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                if node is not None and command[0] == "WAIT":
+                    pipe.execute_command(*command, target_nodes=node)
+                else:
+                    pipe.execute_command(*command)
+            return await pipe.execute(raise_on_error=False)
+
     async def _index(self, commands: Sequence[tuple[Any, ...]]) -> None:
         """Cluster: the index writes of a script that ran. One that fails is logged: the
         session's journal and counters (the truth) are in place; a report may miss it."""
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._send(list(commands))
         except REDIS_ERRORS as exc:
             results = [exc]
         failed = next((r for r in results if isinstance(r, Exception)), None)
@@ -314,12 +322,12 @@ class Ledger:
 
     async def _commands(self, commands: Sequence[tuple[Any, ...]]) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                await pipe.execute()
+            results = await self._send(list(commands))
         except REDIS_ERRORS as exc:
             raise _unavailable(exc) from exc
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise _unavailable(failed) from failed
 
     def _node_of(self, key: str) -> Any:
         assert isinstance(self.redis, RedisCluster)
@@ -584,6 +592,8 @@ class Ledger:
             task.cancel()
         if self._releases:
             await asyncio.wait(list(self._releases), timeout=1)
+        if self._wire is not None:
+            await self._wire.close()
 
     async def settle(
         self,
