@@ -258,3 +258,23 @@ async def test_a_tenant_rate_limit_refuses_before_the_session_reserves_anything(
     assert (s["reserved_nanos"], s["requests"]) == (10, 1)
     kinds = [f[b"kind"] for _, f in await client.xrange(keys.journal(sid))]
     assert kinds == [b"state", b"request"]
+
+
+@BOTH_REDIS
+async def test_a_reserve_no_replica_acknowledged_fails_closed_and_is_given_back(client: aredis.Redis) -> None:
+    """With `wait_replicas`, a reserve whose writes no replica took in time is not admitted
+    (it ran on the master all the same): 503, and its reservation is released at nothing."""
+    ledger = Ledger(client, reservation_ttl_s=60, journal_retention_s=3600, wait_replicas=1, wait_timeout_ms=20)
+    try:
+        sid = await open_session(ledger)
+        with pytest.raises(ServiceUnavailable):
+            await reserve(ledger, sid, "lonely", 5_000)
+        async with asyncio.timeout(10):
+            while (await session_hash(client, sid)).get("reserved_nanos", 0) or await client.hlen(keys.reservations(sid)):
+                await asyncio.sleep(0.05)
+        s = await session_hash(client, sid)
+        assert (s["spent_nanos"], s["reserved_nanos"]) == (0, 0)
+        kinds = [f[b"kind"] for _, f in await client.xrange(keys.journal(sid))]
+        assert kinds == [b"state", b"request", b"error"]
+    finally:
+        await ledger.aclose()
