@@ -6,7 +6,10 @@ sequential calls with the SDK's client: in alternating blocks, directly and thro
 Reports the latency of each path (p50, p99), the p50 overhead, and the gateway process's
 CPU time per call (utime + stime from /proc, over the gateway's blocks only).
 
-Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0]
+Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0] [--profile stacks.txt] [--tree DIR]
+(--profile: py-spy samples the gateway during the whole measurement; the top functions
+are printed, the raw stacks kept in the file. --tree: the gateway's code from another
+source tree, e.g. a checkout from before a change, with this venv's dependencies.)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +36,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from bench.procs import cpu_ms, free_port
+from bench.profiling import py_spy_argv, py_spy_executable, summarize_collapsed
 from bench.targets import REPO_ROOT, gateway_executable, tool_env
 
 BLOCK = 250
@@ -116,10 +121,34 @@ async def measure(direct_url: str, gateway_url: str, token: str, calls: int, gat
     }
 
 
+@contextmanager
+def profiled(out: Path | None, pid: int) -> Iterator[None]:
+    exe = py_spy_executable() if out is not None else None
+    if out is None or exe is None:
+        if out is not None:
+            print("py-spy not found on PATH: no profile", file=sys.stderr)
+        yield
+        return
+    spy = subprocess.Popen(py_spy_argv(exe, pid=pid, seconds=3600, out=out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+        spy.wait(timeout=30)
+    summary = summarize_collapsed(out)
+    print(f"py-spy: {summary['samples']} samples in {out}")
+    for title, key in (("self", "top_self"), ("inclusive, gateway code", "top_project")):
+        print(f"  top {title}:")
+        for row in summary[key][:15]:
+            print(f"    {row['pct']:5.1f}%  {row['function']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--ttl", type=float, default=1.0, help="definitions_ttl_s of the tool server (0: list before every call)")
+    parser.add_argument("--profile", type=Path, help="py-spy the gateway while measuring; raw stacks to this file")
+    parser.add_argument("--tree", type=Path, help="run the gateway package of this source tree")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="abc-bench-mcp-"))
     redis_port, mcp_port, gw_port = free_port(), free_port(), free_port()
@@ -134,10 +163,11 @@ def main() -> int:
     config.write_text(yaml.safe_dump(settings))
     env = tool_env(ABC_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", ABC_ADMIN_TOKEN=admin, ABC_SIGNING_KEY=signing)
     base = f"http://127.0.0.1:{gw_port}"
+    gateway_env = env if args.tree is None else {**env, "PYTHONPATH": f"{args.tree.resolve()}{os.pathsep}{env['PYTHONPATH']}"}
     redis_argv = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(work)]
     with child(redis_argv, env), \
             child([sys.executable, "-m", "bench.mcp_upstream", "--port", str(mcp_port)], env, f"http://127.0.0.1:{mcp_port}/"), \
-            child([str(gateway_executable()), "serve", "--config", str(config)], env, base + "/healthz") as gateway:
+            child([str(gateway_executable()), "serve", "--config", str(config)], gateway_env, base + "/healthz") as gateway:
         headers = {"Authorization": f"Bearer {admin}"}
         plan = {
             "name": "bench-mcp", "models": [{"name": "gpt-4o-mini", "max_tokens": 16}],
@@ -146,7 +176,8 @@ def main() -> int:
         }
         compiled = httpx.post(base + "/admin/v1/plans/compile", json=plan, headers=headers, timeout=60).raise_for_status().json()
         opened = httpx.post(base + "/admin/v1/sessions", json={"assembly_id": compiled["assembly_id"]}, headers=headers).raise_for_status().json()
-        result = asyncio.run(measure(f"http://127.0.0.1:{mcp_port}/mcp", base + "/mcp", opened["token"], args.calls, gateway.pid))
+        with profiled(args.profile, gateway.pid):
+            result = asyncio.run(measure(f"http://127.0.0.1:{mcp_port}/mcp", base + "/mcp", opened["token"], args.calls, gateway.pid))
         result |= asyncio.run(model_reference(base, opened["token"], min(args.calls, 500), gateway.pid))
     result["definitions_ttl_s"] = args.ttl
     width = max(len(k) for k in result)

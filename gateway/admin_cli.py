@@ -25,14 +25,14 @@ class AdminClient:
         self.url = url.rstrip("/")
         self.token = token
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None, *, timeout_s: float = 60) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method)
         request.add_header("Authorization", f"Bearer {self.token}")
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (operator-given URL)
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (operator-given URL)
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")

@@ -89,7 +89,10 @@ class SessionStore:
         ttl_s: int | None,
         labels: dict[str, str],
         replay_of: str | None = None,
+        plan_session: bool = True,
     ) -> Opened:
+        """`plan_session=False`: not one of its plan's sessions for the decision plane (not
+        counted on its version nor listed for suggestions), e.g. a live evaluation's."""
         budget = assembly.budget.usd_nanos
         if budget_nanos is not None:
             wanted = budget_nanos
@@ -134,7 +137,8 @@ class SessionStore:
             from gateway.errors import ServiceUnavailable
 
             raise ServiceUnavailable("session store unavailable") from exc
-        await self._index_for_plan(assembly, session_id, now)
+        if plan_session:
+            await self._index_for_plan(assembly, session_id, now)
         entry = make_entry(
             Kind.STATE, event="opened", asm=assembly.id, tenant=tenant, budget=budget, ttl_s=ttl, replay_of=replay_of, ts=int(now * 1000)
         )

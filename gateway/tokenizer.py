@@ -70,7 +70,9 @@ def count_text(text: str, encoding: str | None) -> int:
         return 0
     if encoding is None:
         return len(text.encode("utf-8"))
-    return len(get_encoding(encoding).encode(text, disallowed_special=()))
+    # Special-token text counts as the ordinary text it is (what encode(..., disallowed_special=())
+    # does too), without the special-token scan.
+    return len(get_encoding(encoding).encode_ordinary(text))
 
 
 def _content_text(content: Any) -> str:

@@ -16,7 +16,9 @@ through what the candidate would have enforced, with no provider called:
 Not modelled: rate limits and the tenant's daily spend (they depend on the wall clock and
 on other sessions). Requests the journal denied are evaluated too: the candidate may now
 allow them, but what they would have cost is unknown (reported, counted as zero). A session
-that had set a budget lower than its Assembly's keeps that lower cap.
+that had set a budget lower than its Assembly's keeps that lower cap. `with_models` renames
+the recorded requests' models first, for a candidate that swaps one; the live part
+(`--live`) is gateway/decision/rerun.py.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from gateway.deps import Deps
 from gateway.errors import BudgetExceeded, GatewayError, StateConflict
 from gateway.money import nanos_to_usd_str
 from gateway.pipeline import policy
+from gateway.pipeline.request_fields import normalise_name
 from gateway.pipeline.usage import Estimate, Usage, estimate, price
 from gateway.providers.base import Endpoint
 from gateway.state.entries import Kind
 
-__all__ = ["Evaluation", "evaluate"]
+__all__ = ["Evaluation", "evaluate", "with_models"]
 
+DIALECTS = frozenset({Endpoint.RESPONSES.value, Endpoint.MESSAGES.value})
 DEAD_SESSION_CODES = frozenset({"invalid_api_key", "session_revoked", "session_expired", "session_not_found"})
 
 
@@ -150,6 +154,21 @@ class Evaluation:
         }
 
 
+def with_models(logs: Sequence[SessionLog], model_map: Mapping[str, str]) -> list[SessionLog]:
+    """`logs` with each request's model renamed by `model_map` (a recorded name -> one of the
+    candidate's): a candidate that swaps a model is asked the same questions of its own."""
+    renames = {normalise_name(old): new for old, new in model_map.items()}
+    if not renames:
+        return list(logs)
+
+    def renamed(request: Request) -> Request:
+        model = request.body.get("model")
+        new = renames.get(normalise_name(model)) if isinstance(model, str) else None
+        return request if new is None else dataclasses.replace(request, body={**request.body, "model": new})
+
+    return [dataclasses.replace(log, requests=[renamed(r) for r in log.requests]) for log in logs]
+
+
 def evaluate(
     deps: Deps, candidate: Assembly, warnings: list[str], logs: Sequence[SessionLog], originals: Mapping[str, Assembly]
 ) -> Evaluation:
@@ -198,6 +217,10 @@ def _skip_reason(request: Request) -> str | None:
         return "an MCP tool call: not evaluated, its recorded cost is kept"
     if request.endpoint not in MODEL_ENDPOINTS:
         return f"endpoint {request.endpoint!r} is not evaluated; its recorded cost is kept"
+    if request.endpoint in DIALECTS:
+        # The PEP checks these in chat form, which the HTTP layer builds (from stored
+        # responses too); the journal keeps the body as the client sent it.
+        return f"a /v1/{request.endpoint} call: not evaluated, its recorded cost is kept"
     if not request.admitted and request.code in DEAD_SESSION_CODES:
         return "denied because the session was no longer live, not by the plan"
     return None

@@ -25,11 +25,14 @@ from gateway.state.export import read_all
 
 __all__ = ["Outcome", "Request", "SessionLog", "read_session", "read_sessions"]
 
-MODEL_ENDPOINTS = frozenset(e.value for e in Endpoint)
+MODEL_ENDPOINTS = frozenset(e.value for e in Endpoint if e is not Endpoint.TOOLS_CALL)
 # How MCP tool calls are told apart: an endpoint naming MCP or tools/call, or an entry kind.
 TOOL_CALL_KINDS = frozenset({"tool_call", "tool"})
 SETTLED = frozenset({Kind.RESPONSE, Kind.STREAM})
-REPLAY_LABELS = ("replay_of", "live_replay_of")
+# Sessions that copy or re-run other sessions' calls: a replay's, or a live evaluation's
+# (see gateway/decision/rerun.py). Never read as a plan's own sessions.
+EVALUATION_LABEL = "evaluation_of"
+REPLAY_LABELS = ("replay_of", "live_replay_of", EVALUATION_LABEL)
 
 
 @dataclass(frozen=True, slots=True)

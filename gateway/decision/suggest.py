@@ -29,7 +29,7 @@ from typing import Any
 from gateway.assembly.model import Assembly, FrozenPrice
 from gateway.assembly.plan import MAX_TOKENS
 from gateway.assembly.prices import freeze_price
-from gateway.decision.observe import SETTLED, Request, SessionLog
+from gateway.decision.observe import MODEL_ENDPOINTS, SETTLED, Request, SessionLog
 from gateway.decision.planfile import plan_yaml, usd_of_nanos
 from gateway.errors import GatewayError
 from gateway.money import cost_nanos, nanos_to_usd_str
@@ -254,7 +254,7 @@ def _steps_reached(s: Suggestions) -> None:
 
 def _wanted_step(assembly: Assembly | None, request: Request) -> str | None:
     """The step a denied request asked for: the first step of its session's Assembly it fits."""
-    if assembly is None or request.endpoint not in {e.value for e in Endpoint}:
+    if assembly is None or request.endpoint not in MODEL_ENDPOINTS:
         return None
     try:
         grant = policy.authorize(assembly, Endpoint(request.endpoint), request.body, known_models=())

@@ -5,12 +5,14 @@ source's Assembly, in recorded order. An answer matches when its body is byte-eq
 the recorded one, for a stream when its assembled text (content and tool calls) is equal,
 and for an error when its status and code are. Pages (`offset`, `limit`, `into`) let a
 caller show progress and continue in the same session, so steps keep their order.
+`run_call` is also how `plan evaluate --live` asks a candidate (gateway/decision/rerun.py).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -19,10 +21,10 @@ from gateway.capability import Claims
 from gateway.deps import Deps
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.journal.recorded import RecordedCall, recorded_calls
-from gateway.mcp import calls as mcp_calls
 from gateway.pipeline.exchange import Call, exchange
 from gateway.pipeline.usage import StreamMeter
 from gateway.providers.base import Endpoint
+from gateway.sessions import SessionRecord
 from gateway.state.entries import Kind, entry_body
 
 LIVE_LABEL = "live_replay_of"
@@ -55,9 +57,13 @@ async def _session_claims(deps: Deps, source: str, into: str | None) -> Claims:
     session = await deps.sessions.get(into)
     if session.labels.get(LIVE_LABEL) != source:
         raise InvalidRequest(f"session {into} is not a live replay of {source}", param="into")
-    # Admin-driven: the claims a token for this session would carry, without minting one.
+    return session_claims(session, jti="live-replay")
+
+
+def session_claims(session: SessionRecord, *, jti: str) -> Claims:
+    """Admin-driven: the claims a token for `session` would carry, without minting one."""
     return Claims(
-        session_id=into, assembly_id=session.assembly_id, tenant=session.tenant, jti="live-replay",
+        session_id=session.session_id, assembly_id=session.assembly_id, tenant=session.tenant, jti=jti,
         issued_at=session.created_at_ms // 1000, expires_at=session.expires_at_ms // 1000,
     )
 
@@ -68,33 +74,51 @@ async def _rerun(deps: Deps, claims: Claims, recorded: RecordedCall) -> dict[str
         "index": recorded.index, "recorded_request_id": recorded.request_id, "request_id": request_id,
         "recorded": recorded.outcome.get(b"kind", b"").decode() if recorded.outcome else None,
     }
-    got: bytes | str
-    dialect = recorded.request.get(b"endpoint", b"").decode()
-    if dialect in (Endpoint.RESPONSES, Endpoint.MESSAGES):
-        # Not re-executed: their answers carry fresh ids, which later turns would then name.
-        result["answer"], result["match"] = None, None
-        result["error"] = {"status": 501, "code": "not_replayable_live", "message": f"/v1/{dialect} calls replay in recorded mode only"}
+    refused = not_replayable(recorded.request.get(b"endpoint", b"").decode())
+    if refused is not None:
+        result["answer"], result["match"], result["error"] = None, None, refused
         return result
-    try:
-        if recorded.request.get(b"endpoint") == mcp_calls.ENDPOINT.encode():
-            # An MCP tool call: through the tools/call lifecycle, the server asked again.
-            answer = await mcp_calls.call_tool(deps, mcp_calls.ToolCall(request_id, recorded.body, claims))
-            result["answer"], got = Kind.RESPONSE, answer.body
-        else:
-            # The same Exchange a client's call runs through: PEP, plugins, budget, journal.
-            async with exchange(deps, Call(request_id, recorded.endpoint, recorded.body, claims)) as ex:
-                if ex.grant.stream:
-                    meter = StreamMeter(model=ex.grant.model, prompt_estimate=0)
-                    async for payload in ex.stream():
-                        meter.observe(orjson.loads(payload))
-                    result["answer"], got = Kind.STREAM, meter.text
-                else:
-                    result["answer"], got = Kind.RESPONSE, await ex.send()
-    except GatewayError as exc:
-        result["answer"], got = Kind.ERROR, f"{exc.status} {exc.code}"
-        result["error"] = {"status": exc.status, "code": exc.code, "message": exc.message}
-    result["match"] = _matches(recorded, result["answer"], got)
+    done = await run_call(deps, Call(request_id, recorded.endpoint, recorded.body, claims))
+    result["answer"] = done.answer
+    if done.error is not None:
+        result["error"] = {"status": done.error.status, "code": done.error.code, "message": done.error.message}
+    result["match"] = _matches(recorded, done.answer, done.got)
     return result
+
+
+def not_replayable(endpoint: str) -> dict[str, Any] | None:
+    """Why a call journaled at `endpoint` is not re-executed live, or None."""
+    if endpoint in (Endpoint.RESPONSES, Endpoint.MESSAGES):
+        # Their answers carry fresh ids, which later turns would then name.
+        message = f"/v1/{endpoint} calls replay in recorded mode only"
+        return {"status": 501, "code": "not_replayable_live", "message": message}
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Rerun:
+    """What one call run again gave: a response's body, a stream's assembled text (content
+    and tool calls), or an error ("status code", and the error itself)."""
+
+    answer: str  # Kind.RESPONSE | Kind.STREAM | Kind.ERROR
+    got: bytes | str
+    error: GatewayError | None = None
+
+
+async def run_call(deps: Deps, call: Call) -> Rerun:
+    """One call through the same Exchange a client's call runs through: PEP, plugins, budget,
+    provider, journal (an MCP tool call with its tool's pieces: the server is asked again).
+    A refusal or a failure comes back as an error, not raised."""
+    try:
+        async with exchange(deps, call) as ex:
+            if ex.tool is None and ex.grant.stream:
+                meter = StreamMeter(model=ex.grant.model, prompt_estimate=0)
+                async for payload in ex.stream():
+                    meter.observe(orjson.loads(payload))
+                return Rerun(Kind.STREAM, meter.text)
+            return Rerun(Kind.RESPONSE, await ex.send())
+    except GatewayError as exc:
+        return Rerun(Kind.ERROR, f"{exc.status} {exc.code}", exc)
 
 
 def _matches(recorded: RecordedCall, answer: str, got: bytes | str) -> bool | None:

@@ -18,9 +18,10 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.http.keys import REQUEST_ID, claims_of, deps_of
-from gateway.mcp.calls import ToolCall, budget_headers, call_tool
-from gateway.pipeline.exchange import require_live_session
+from gateway.http.keys import REQUEST_ID, claims_of, deps_of, report_of
+from gateway.money import nanos_to_usd_str
+from gateway.pipeline.exchange import Call, exchange, require_live_session
+from gateway.providers.base import Endpoint
 
 __all__ = ["add_routes"]
 
@@ -74,10 +75,15 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
 async def _dispatch(request: web.Request, method: str, params: Any, headers: dict[str, str]) -> Any:
     deps, claims = deps_of(request), claims_of(request)
     if method == "tools/call":
-        call = ToolCall(request[REQUEST_ID], _call_params(params), claims)
-        answer = await call_tool(deps, call)
-        headers.update(budget_headers(answer))
-        return orjson.Fragment(answer.body)
+        # The one lifecycle, with the tool's pieces (gateway.mcp.policy, gateway.mcp.provider).
+        call = Call(request[REQUEST_ID], Endpoint.TOOLS_CALL, _call_params(params), claims, report=report_of(request))
+        async with exchange(deps, call) as ex:
+            body = await ex.send()
+        assert ex.settled is not None
+        headers["x-abc-cost-usd"] = nanos_to_usd_str(ex.settled.cost_nanos)
+        if ex.settled.budget_left_nanos >= 0:
+            headers["x-abc-budget-remaining-usd"] = nanos_to_usd_str(ex.settled.budget_left_nanos)
+        return orjson.Fragment(body)
     if method == "ping":
         return {}
     if method.startswith(_NOT_SERVED):

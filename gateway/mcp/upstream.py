@@ -2,7 +2,8 @@
 
 One `ToolServer` per `tool_servers:` entry holds one SDK `Client` open (streamable HTTP
 or a stdio child process) in a task of its own, because the SDK's anyio scopes must be
-left by the task that entered them; calls from any request share that session. A broken
+left by the task that entered them; calls from any request share that session. Over
+streamable HTTP, tools/call is POSTed on that session directly (gateway.mcp.wire). A broken
 connection (server restarted, child process died) is dropped and reopened on next use.
 
 Freshness of the rug-pull check: a tools/list answer is reused for `definitions_ttl_s`
@@ -18,8 +19,12 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from gateway.assembly.mcp_tools import Listing, definition_hash
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.mcp.wire import SessionLost, ToolPost
+from gateway.providers.base import Reply
 from gateway.settings import Settings, ToolServerSettings
 
 if TYPE_CHECKING:
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["ToolServer", "ToolServers", "discover_once"]
 
 _LIST_CHANGED = "notifications/tools/list_changed"
+_DEFAULT_RESULT_LIMIT: int = ToolServerSettings.model_fields["max_result_bytes"].default
 
 
 class ToolServer:
@@ -41,16 +47,24 @@ class ToolServer:
         self._listed: dict[str, dict[str, Any]] | None = None
         self._hashes: dict[str, str] = {}
         self._listed_at = 0.0
+        self._session_id: str | None = None  # the SDK's streamable HTTP session, as the server named it
+        self._post = None if settings.url is None else ToolPost(settings.name, settings.url, settings.max_result_bytes)
 
     async def list_tools(self) -> dict[str, dict[str, Any]]:
         """Every tool the server defines now, by name, as the JSON it sent (camelCase keys)."""
+        import mcp_types as types
+
         client = await self._connected()
         tools: dict[str, dict[str, Any]] = {}
         cursor: str | None = None
         async with self._guard("tools/list"):
             while True:
                 params = None if cursor is None else {"cursor": cursor}
-                page = await client.session.list_tools(params=params)  # type: ignore[arg-type]
+                if self._post is not None:
+                    # Read with the SDK's model, as its client would: the same definitions, the same hashes.
+                    page = types.ListToolsResult.model_validate(await self._post.request("tools/list", params))
+                else:
+                    page = await client.session.list_tools(params=params)  # type: ignore[arg-type]
                 for tool in page.tools:
                     tools[tool.name] = tool.model_dump(mode="json", by_alias=True, exclude_none=True)
                 cursor = page.next_cursor
@@ -67,19 +81,21 @@ class ToolServer:
             await self.list_tools()
         return self._hashes.get(tool)
 
-    async def call(self, tool: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
-        """tools/call with the bare name; the CallToolResult as JSON. A tool's own failure
-        (isError) is a result; the server refusing or failing to answer is an UpstreamError."""
+    async def call(self, tool: str, arguments: Mapping[str, Any]) -> Reply:
+        """tools/call with the bare name; the CallToolResult. A tool's own failure (isError)
+        is a result; the server refusing or failing to answer is an UpstreamError."""
         import mcp_types as types
 
         client = await self._connected()
         async with self._guard("tools/call"):
+            if self._post is not None:
+                return await self._post.call(tool, arguments)
             # Not ClientSession.call_tool: it re-lists tools to check structured content,
             # which the gateway does itself against the frozen output schema.
             request = types.CallToolRequest(params=types.CallToolRequestParams(name=tool, arguments=dict(arguments)))
             result = await client.session.send_request(request, types.CallToolResult)
         out: dict[str, Any] = result.model_dump(mode="json", by_alias=True, exclude_none=True)
-        return out
+        return Reply(body=orjson.dumps(out), data=out)
 
     @contextlib.asynccontextmanager
     async def _guard(self, what: str) -> Any:
@@ -89,6 +105,9 @@ class ToolServer:
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 yield
+        except SessionLost:
+            await self._drop()
+            raise UpstreamError(f"tool server {self.name!r} lost its session; the next call opens a new one") from None
         except MCPError as exc:
             # A JSON-RPC error, or the SDK's word for a lost session (server restarted, child
             # process gone): either way the next call starts from a fresh session.
@@ -116,6 +135,8 @@ class ToolServer:
             try:
                 async with asyncio.timeout(self.settings.timeout_s):
                     self._client = await asyncio.shield(ready)
+                if self._post is not None:
+                    self._post.on_session(self.settings.headers(), self._session_id, self._client.session.protocol_version)
             except TimeoutError:
                 await self._drop()
                 raise UpstreamTimeout(f"tool server {self.name!r} did not answer the handshake in time") from None
@@ -151,9 +172,16 @@ class ToolServer:
             server: Any = StdioServerParameters(command=s.command[0], args=s.command[1:])
         else:
             assert s.url is not None
-            http = httpx2.AsyncClient(headers=s.headers(), timeout=httpx2.Timeout(s.timeout_s))
+            http = httpx2.AsyncClient(
+                headers=s.headers(), timeout=httpx2.Timeout(s.timeout_s), event_hooks={"response": [self._on_response]},
+            )
             server = streamable_http_client(s.url, http_client=http)
         return Client(server, mode="legacy", cache=None, message_handler=self._on_message)
+
+    async def _on_response(self, response: Any) -> None:
+        session_id = response.headers.get("mcp-session-id")
+        if session_id:
+            self._session_id = session_id
 
     async def _on_message(self, message: Any) -> None:
         root = getattr(message, "root", message)
@@ -162,7 +190,7 @@ class ToolServer:
 
     async def _drop(self) -> None:
         holder, closing = self._holder, self._closing
-        self._client, self._holder, self._listed = None, None, None
+        self._client, self._holder, self._listed, self._session_id = None, None, None, None
         if holder is None:
             return
         if closing is not None:
@@ -175,6 +203,8 @@ class ToolServer:
     async def close(self) -> None:
         async with self._lock:
             await self._drop()
+            if self._post is not None:
+                await self._post.close()
 
 
 class ToolServers:
@@ -188,6 +218,12 @@ class ToolServers:
 
     def __contains__(self, name: object) -> bool:
         return name in self._servers
+
+    def result_limit(self, name: str) -> int:
+        """The largest result taken from server `name`: its setting, else the default (a
+        recorded replay of a server the settings no longer name)."""
+        server = self._servers.get(name)
+        return server.settings.max_result_bytes if server is not None else _DEFAULT_RESULT_LIMIT
 
     async def discover(self, names: Iterable[str]) -> dict[str, Listing]:
         """tools/list of each named server, for the compiler; a failure is that server's error."""

@@ -22,7 +22,7 @@ from gateway.pipeline.usage import Usage
 from gateway.providers.base import Endpoint, Provider
 from gateway.tokenizer import count_text
 from gateway.translate import messages, responses
-from gateway.translate.common import Tokens, derived_id
+from gateway.translate.common import Tokens, derived_id, message_tokens, response_tokens
 
 
 def speaks(provider: Provider, endpoint: Endpoint) -> bool:
@@ -137,7 +137,7 @@ class _Responses:
         return _ResponsesMeter()
 
     def tokens(self, answer: dict[str, Any]) -> Tokens | None:
-        return responses.response_tokens(answer.get("usage"))
+        return response_tokens(answer.get("usage"))
 
     def tool_names(self, answer: dict[str, Any]) -> list[str]:
         return responses.tool_names(answer)
@@ -195,7 +195,7 @@ class _Messages:
         return _MessagesMeter()
 
     def tokens(self, answer: dict[str, Any]) -> Tokens | None:
-        return messages.message_tokens(answer.get("usage"))
+        return message_tokens(answer.get("usage"))
 
     def tool_names(self, answer: dict[str, Any]) -> list[str]:
         return messages.tool_names(answer)

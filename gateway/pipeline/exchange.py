@@ -9,7 +9,10 @@ Leaving the block settles under shield, whatever happened: the answer is journal
 charged on success; on any exception (a GatewayError, a bug, a cancellation, a client
 that hung up) the failure is journaled and charged what the meter counted, the rest of
 the reservation refunded at once. Only a dead process leaves a reservation to the reaper.
-Every caller (the HTTP routes, the SSE framer, live replay) drives this one object.
+Every caller (the HTTP routes, the SSE framer, live replay, MCP's tools/call) drives this
+one object. An MCP tool call (`Endpoint.TOOLS_CALL`) swaps in the tool's pieces from
+gateway.mcp: its policy (exact name, step, frozen schema), its frozen per-call price and
+`max_calls`, its provider (rug-pull check, then the server) and its result checks.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.journal.recorded import ReplayProvider, recorded_provider
+from gateway.mcp import policy as tool_policy
+from gateway.mcp.provider import ToolProvider
 from gateway.metrics import GenAI, denial_reason, genai
 from gateway.money import nanos_to_usd_str
 from gateway.pipeline import policy
@@ -156,24 +161,15 @@ class Exchange:
         self.answer_data: dict[str, Any] | None = None  # the complete answer, parsed
         self._closing: asyncio.Future[Settled] | None = None
         self._entry_id = ""
+        self.tool: tool_policy.ToolGrant | None = None  # an MCP tools/call's grant; then `grant` is unset
+        self._tool_answered = False  # the tool's server answered: the call is charged
 
     # -- admission ----------------------------------------------------------------------
 
     async def __aenter__(self) -> Exchange:
         deps, call = self.deps, self.call
         self.assembly: Assembly = await deps.assemblies.get(call.claims.assembly_id)
-        requested = call.body.get("model")
-        call.report.model = requested if isinstance(requested, str) else None
-        with deps.tracer.span("pep"):
-            self.grant: policy.Grant = await self._authorize()
-        call.report.model, call.report.stream = self.grant.model.name, self.grant.stream
-        self.estimate: Estimate = estimate(
-            self.grant.model, call.checked[0], self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
-        )
-        chain = self.assembly.chain(self.grant.model)
-        if len(chain) > 1:  # the reservation covers the dearest model that may serve
-            est, worst = self.estimate, Usage(self.estimate.prompt_tokens, self.estimate.max_output_tokens)
-            self.estimate = Estimate(est.prompt_tokens, est.max_output_tokens, max(price(m, worst) for m in chain))
+        chain = await (self._admit_tool() if call.endpoint is Endpoint.TOOLS_CALL else self._admit_model())
         while True:
             with deps.tracer.span("reserve"):
                 admission = await self._reserve()
@@ -193,7 +189,9 @@ class Exchange:
         # Retries inside a provider are recorded here (the context is this call's task).
         self.failed_attempts: list[str] = []
         FAILED_ATTEMPTS.set(self.failed_attempts)
-        self.provider: Provider = self._provider_for(self.grant.model)
+        self.provider: Provider = (
+            ToolProvider(deps.tool_servers, self.tool) if self.tool is not None else self._provider_for(self.grant.model)
+        )
         if len(chain) > 1:
             self.provider = FallbackChain(chain, self._provider_for)
         if call.claims.replay_of is not None:
@@ -213,36 +211,63 @@ class Exchange:
         if self._reserved:
             await self.close(exc)
 
+    async def _admit_model(self) -> tuple[ModelGrant, ...]:
+        """A model call's grant and worst-case estimate; the models that may serve it."""
+        deps, call = self.deps, self.call
+        requested = call.body.get("model")
+        call.report.model = requested if isinstance(requested, str) else None
+        with deps.tracer.span("pep"):
+            self.grant: policy.Grant = await self._authorize()
+        call.report.model, call.report.stream = self.grant.model.name, self.grant.stream
+        self.estimate: Estimate = estimate(
+            self.grant.model, call.checked[0], self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
+        )
+        chain = self.assembly.chain(self.grant.model)
+        if len(chain) > 1:  # the reservation covers the dearest model that may serve
+            est, worst = self.estimate, Usage(self.estimate.prompt_tokens, self.estimate.max_output_tokens)
+            self.estimate = Estimate(est.prompt_tokens, est.max_output_tokens, max(price(m, worst) for m in chain))
+        return chain
+
     async def _authorize(self) -> policy.Grant:
         """The PEP, then the plugins' request hooks; a denial is journaled before it is raised."""
         deps, call = self.deps, self.call
         try:
             grant = policy.authorize(self.assembly, *call.checked, known_models=deps.known_models)
-            # The Assembly's plugins for the steps this call could be (plan-level ones without steps).
-            chain = plugins.for_call(deps.plugins, self.assembly, grant.candidate_steps)
-            self.plugin_run = plugins.Run(chain, deps.metrics.observe_plugin)
+            await self._load_plugins(grant.candidate_steps)
             if self.plugin_run:
-                await self.plugin_run.load_session(deps.redis, call.claims.session_id)
                 grant = dataclasses.replace(grant, body=self.plugin_run.request(grant.body))
             return grant
         except GatewayError as exc:
-            denial: GatewayError = exc
-            # A dead session is a 401 before it is anything else; only denials pay for the look-up.
-            try:
-                await require_live_session(deps, call.claims.session_id)
-            except Unauthenticated as dead:
-                denial = dead
-            await self._journal_denial(denial)
-            raise denial from None
+            raise await self._denied(exc) from None
+
+    async def _load_plugins(self, candidate_steps: tuple[str, ...]) -> None:
+        """The Assembly's plugins for the steps this call could be (plan-level ones without steps)."""
+        deps = self.deps
+        chain = plugins.for_call(deps.plugins, self.assembly, candidate_steps)
+        self.plugin_run = plugins.Run(chain, deps.metrics.observe_plugin)
+        if self.plugin_run:
+            await self.plugin_run.load_session(deps.redis, self.call.claims.session_id)
+
+    async def _denied(self, exc: GatewayError) -> GatewayError:
+        """Journal a denial; the error to raise (a dead session is a 401 before it is anything
+        else: only denials pay for the look-up)."""
+        denial = exc
+        try:
+            await require_live_session(self.deps, self.call.claims.session_id)
+        except Unauthenticated as dead:
+            denial = dead
+        await self._journal_denial(denial)
+        return denial
 
     async def _reserve(self) -> Admission:
         """Reserve the worst case and journal the request, in one round trip."""
-        deps, call, grant, est = self.deps, self.call, self.grant, self.estimate
+        deps, call, est, tool = self.deps, self.call, self.estimate, self.tool
+        subject = {"tool": tool.name} if tool is not None else {"model": self.grant.model.name, "stream": self.grant.stream}
         entry = make_entry(
-            Kind.REQUEST, rid=call.request_id, model=grant.model.name, asm=self.assembly.id,
+            Kind.REQUEST, rid=call.request_id, asm=self.assembly.id,
             req_hash=call.request_hash, est_nanos=est.nanos, est_tokens=est.tokens,
-            endpoint=call.endpoint.value, stream=grant.stream, ts=int(time.time() * 1000),
-            body=call.raw, compress_over=deps.settings.journal.compress_over_bytes,
+            endpoint=call.endpoint.value, ts=int(time.time() * 1000),
+            body=call.raw, compress_over=deps.settings.journal.compress_over_bytes, **subject,
         )
         try:
             return await deps.ledger.reserve(
@@ -250,6 +275,7 @@ class Exchange:
                 est_nanos=est.nanos, est_tokens=est.tokens, step_candidates=self._candidates(),
                 limits=self.assembly.limits, entry=entry,
                 idempotency_key=call.idempotency_record, request_hash=call.request_hash,
+                capped=None if tool is None or tool.tool.max_calls is None else (f"mcp:{tool.tool.entry}", tool.tool.max_calls),
             )
         except StateConflict as exc:
             allowed = self._allowed_next(exc.extra.get("current_step"))
@@ -272,6 +298,8 @@ class Exchange:
         With a `wire`, the upstream is asked in the call's own dialect and its answer is
         passed on as it came (see gateway.pipeline.dialects); else in the grant's form.
         """
+        if self.tool is not None:
+            return await self._send_tool()
         started = time.perf_counter()
         endpoint, asked = (self.call.checked[0], self.grant.body) if wire is None else (wire.dialect.endpoint, wire.body)
         try:
@@ -450,6 +478,9 @@ class Exchange:
         gateway_s, usage = self.gateway_s, outcome.usage
         if self.plugin_run:
             await self.plugin_run.save_session(self.deps.redis, self.call.claims.session_id, self.call.claims.expires_at)
+        if self.tool is not None:
+            self._observe_tool(cost, "error_result" if outcome.extra.get("is_error") else "ok")
+            return Settled(cost, left, entry_id=self._entry_id)
         self.deps.metrics.observe_settled(
             tenant=self.tenant, model=self.served.name, assembly_id=self.assembly.id,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
@@ -472,6 +503,9 @@ class Exchange:
             Kind.ERROR, usage, advance=False, status=error.status, code=error.code, rule=error.extra.get("rule"),
             message=error.message, **extra,
         )
+        if self.tool is not None:
+            self._observe_tool(cost, error.code)
+            return Settled(cost, left, error)
         self.deps.metrics.observe_failed(
             tenant=self.tenant, model=self.grant.model.name, assembly_id=self.assembly.id, code=error.code, cost_nanos=cost,
             genai=self._genai(), duration_s=time.perf_counter() - self.call.started,
@@ -486,21 +520,17 @@ class Exchange:
         self, kind: str, usage: Usage, *, advance: bool, body: bytes | None = None,
         keep: idempotency.Stored | None = None, **fields: Any,
     ) -> tuple[int, int]:
-        served = self.served
-        if served is not self.grant.model:
-            fields["served_by"] = served.name
         if self.failed_attempts:
             fields["attempts_failed"] = ",".join(self.failed_attempts)
-        answered = self.provider
-        if isinstance(answered, FallbackChain):
-            if answered.attempts:
-                fields["fallbacks_failed"] = ",".join(f"{m}:{code}" for m, code in answered.attempts)
-            answered = answered.served_provider or answered
-        if isinstance(answered, Deployments) and answered.served is not None:
-            fields["deployment"] = f"{answered.served.provider}:{answered.served.upstream_model}"
-        cost = price(served, usage)
+        if self.tool is not None:
+            # The frozen per-call price once the server answered, whatever its answer; else nothing.
+            cost = self.tool.tool.price_nanos if self._tool_answered else 0
+            tags = CostTags(self.tenant, self.call.claims.session_id, self.tool.cost_tag, self.assembly.id)
+            fields["tool"] = self.tool.name
+        else:
+            cost, tags = self._model_cost(usage, fields), self._tags()
         entry = make_entry(
-            kind, rid=self.call.request_id, model=self.grant.model.name, asm=self.assembly.id,
+            kind, rid=self.call.request_id, asm=self.assembly.id,
             req_hash=self.call.request_hash, tok_in=usage.prompt_tokens, tok_out=usage.completion_tokens,
             cost_nanos=cost, gw_us=int(self.gateway_s * 1e6), up_us=int(self.upstream_s * 1e6),
             ts=int(time.time() * 1000), body=body, compress_over=self.deps.settings.journal.compress_over_bytes,
@@ -509,10 +539,26 @@ class Exchange:
         with self.deps.tracer.span("settle"):
             settlement = await self.deps.ledger.settle(
                 session_id=self.call.claims.session_id, request_id=self.call.request_id, actual_nanos=cost,
-                actual_tokens=usage.total, advance=advance, entry=entry, tags=self._tags(), answer=keep,
+                actual_tokens=usage.total, advance=advance, entry=entry, tags=tags, answer=keep,
             )
         self._entry_id = settlement.entry_id
         return cost, settlement.budget_left_nanos
+
+    def _model_cost(self, usage: Usage, fields: dict[str, Any]) -> int:
+        """A model call's cost at its serving model's frozen price; the journal fields saying
+        which model, deployment and fallbacks served it go into `fields`."""
+        served = self.served
+        fields["model"] = self.grant.model.name
+        if served is not self.grant.model:
+            fields["served_by"] = served.name
+        answered = self.provider
+        if isinstance(answered, FallbackChain):
+            if answered.attempts:
+                fields["fallbacks_failed"] = ",".join(f"{m}:{code}" for m, code in answered.attempts)
+            answered = answered.served_provider or answered
+        if isinstance(answered, Deployments) and answered.served is not None:
+            fields["deployment"] = f"{answered.served.provider}:{answered.served.upstream_model}"
+        return price(served, usage)
 
     def _usage_so_far(self) -> Usage:
         """What the upstream generated before the call failed: metered, or nothing."""
@@ -571,10 +617,14 @@ class Exchange:
         # Override fields (api_key, base_url, ...) are always denied, and may carry secrets.
         redacted = redact_overrides(call.body)
         body = call.raw if redacted == call.body else orjson.dumps(redacted)
+        subject: dict[str, Any] = {}
+        if call.endpoint is Endpoint.TOOLS_CALL:
+            named = call.body.get("name")
+            subject = {"endpoint": call.endpoint.value, "tool": named if isinstance(named, str) else None}
         entry = make_entry(
             Kind.DENIAL, rid=call.request_id, asm=self.assembly.id, req_hash=call.request_hash,
             status=denial.status, code=denial.code, rule=denial.extra.get("rule"), message=denial.message,
-            ts=int(time.time() * 1000), body=body, compress_over=deps.settings.journal.compress_over_bytes,
+            ts=int(time.time() * 1000), body=body, compress_over=deps.settings.journal.compress_over_bytes, **subject,
         )
         await deps.ledger.append(call.claims.session_id, entry, extra=denial_tally(denial_reason(denial), time.time()))
 
@@ -584,13 +634,57 @@ class Exchange:
             return ""
         preds = self.assembly.predecessors
         # A candidate with no predecessors encodes as "id=" and can never match.
-        return ";".join(f"{sid}={','.join(preds.get(sid, []))}" for sid in self.grant.candidate_steps) or "-="
+        steps = self.grant.candidate_steps if self.tool is None else self.tool.candidate_steps
+        return ";".join(f"{sid}={','.join(preds.get(sid, []))}" for sid in steps) or "-="
 
     def _allowed_next(self, current: str | None) -> list[str]:
         if not current:
             return [self.assembly.steps[0].id] if self.assembly.steps else []
         step = self.assembly.step(current)
         return list(step.next) if step else []
+
+    # -- MCP tool calls: the tool's pieces live in gateway.mcp (policy, provider) --------
+
+    async def _admit_tool(self) -> tuple[ModelGrant, ...]:
+        """A tools/call's grant (exact name, step, arguments vs the frozen input schema), the
+        plugins that will read its result, and its frozen per-call price as the estimate."""
+        deps, call = self.deps, self.call
+        named = call.body.get("name")
+        call.report.model = named if isinstance(named, str) else None
+        with deps.tracer.span("pep"):
+            try:
+                self.tool = tool_policy.authorize_tool(self.assembly, call.body)
+                await self._load_plugins(self.tool.candidate_steps)
+            except GatewayError as exc:
+                raise await self._denied(exc) from None
+        self.estimate = Estimate(0, 0, self.tool.tool.price_nanos)
+        return ()
+
+    async def _send_tool(self) -> bytes:
+        """The tool's provider (rug-pull check, then the server; or the recorded answer), then
+        the result's checks: size, plugins, structured content vs the frozen output schema."""
+        assert self.tool is not None
+        started = time.perf_counter()
+        try:
+            with self.deps.tracer.span("upstream"):
+                reply = await self.provider.send(Endpoint.TOOLS_CALL, self.call.body, request_id=self.call.request_id)
+        finally:
+            self.upstream_s = time.perf_counter() - started
+        self._tool_answered = True  # the server did the work: charged, whatever the checks find
+        limit = self.deps.tool_servers.result_limit(self.tool.tool.server)
+        body = tool_policy.check_result(self.tool.tool, reply.data, reply.body, self.plugin_run, limit)
+        self._outcome = _Outcome(Kind.RESPONSE, Usage(0, 0), body, {"is_error": reply.data.get("isError") is True})
+        return body
+
+    def _observe_tool(self, cost: int, outcome: str) -> None:
+        assert self.tool is not None
+        self.deps.metrics.observe_tool(
+            self.tenant, self.assembly.id, self.tool.tool.server, self.tool.name, outcome, cost, self.gateway_s, self.upstream_s,
+        )
+        self.call.report.settled(
+            model=self.tool.name, tokens_in=0, tokens_out=0, cost_nanos=cost, gateway_s=self.gateway_s,
+            upstream_s=self.upstream_s, code=None if outcome in ("ok", "error_result") else outcome,
+        )
 
 
 def as_gateway_error(exc: BaseException | None) -> GatewayError:

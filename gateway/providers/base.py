@@ -21,6 +21,8 @@ class Endpoint(enum.StrEnum):
     # `native_endpoints` is sent them as they are (see gateway.pipeline.dialects).
     RESPONSES = "responses"
     MESSAGES = "messages"
+    # An MCP tools/call (gateway.mcp): only a tool server's provider answers it.
+    TOOLS_CALL = "mcp/tools/call"
 
 
 @dataclass(slots=True)

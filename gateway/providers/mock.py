@@ -311,6 +311,8 @@ def _answer(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
             return embeddings(body)
         case Endpoint.RESPONSES | Endpoint.MESSAGES:
             raise InvalidRequest(f"the mock speaks chat completions, not /v1/{endpoint}")
+        case Endpoint.TOOLS_CALL:
+            raise InvalidRequest("the mock is a model, not a tool server")
         case _:
             assert_never(endpoint)
 
@@ -325,6 +327,8 @@ def _chunks(endpoint: Endpoint, body: dict[str, Any], faults: Faults) -> list[di
             raise InvalidRequest("embeddings cannot be streamed", param="stream")
         case Endpoint.RESPONSES | Endpoint.MESSAGES:
             raise InvalidRequest(f"the mock speaks chat completions, not /v1/{endpoint}")
+        case Endpoint.TOOLS_CALL:
+            raise InvalidRequest("the mock is a model, not a tool server")
         case _:
             assert_never(endpoint)
 

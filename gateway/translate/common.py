@@ -26,17 +26,32 @@ def chat_tokens(usage: object) -> Tokens | None:
     """Tokens from a chat completion's (or usage chunk's) `usage`, when it has counts."""
     if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
         return None
-    completion = usage.get("completion_tokens")
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    out_details = usage.get("completion_tokens_details")
-    reasoning = out_details.get("reasoning_tokens") if isinstance(out_details, dict) else None
-    return Tokens(
-        usage["prompt_tokens"],
-        completion if isinstance(completion, int) else 0,
-        cached if isinstance(cached, int) else 0,
-        reasoning if isinstance(reasoning, int) else 0,
-    )
+    cached = as_dict(usage.get("prompt_tokens_details")).get("cached_tokens")
+    reasoning = as_dict(usage.get("completion_tokens_details")).get("reasoning_tokens")
+    return Tokens(usage["prompt_tokens"], _count(usage.get("completion_tokens")), _count(cached), _count(reasoning))
+
+
+def response_tokens(usage: object) -> Tokens | None:
+    """Tokens from a Response object's `usage` (OpenAI Responses), when it has counts."""
+    if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
+        return None
+    cached = as_dict(usage.get("input_tokens_details")).get("cached_tokens")
+    return Tokens(usage["input_tokens"], _count(usage.get("output_tokens")), _count(cached))
+
+
+def message_tokens(usage: object) -> Tokens | None:
+    """Tokens from a Message's `usage` (Anthropic), when it has counts: cache reads and
+    writes, which it counts apart from `input_tokens`, are input too."""
+    if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
+        return None
+    cached = _count(usage.get("cache_read_input_tokens"))
+    prompt = usage["input_tokens"] + cached + _count(usage.get("cache_creation_input_tokens"))
+    return Tokens(prompt, _count(usage.get("output_tokens")), cached)
+
+
+def _count(value: object) -> int:
+    """A count as an upstream reported it; absent or not an integer reads as 0."""
+    return value if isinstance(value, int) else 0
 
 
 def derived_id(prefix: str, *parts: str, length: int = 32) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Final
 import orjson
 
 from gateway.errors import GatewayError
-from gateway.translate.common import Tokens, as_dict, bad, chat_tokens, text_of
+from gateway.translate.common import Tokens, as_dict, bad, chat_tokens, message_tokens, text_of
 
 FIELDS: Final = frozenset({
     "model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k",
@@ -276,18 +276,6 @@ class ChatToMessages:
 def error_event(exc: GatewayError) -> dict[str, Any]:
     kind = ERROR_TYPES.get(exc.status) or ("invalid_request_error" if exc.status < 500 else "api_error")
     return {"type": "error", "error": {"type": kind, "message": exc.message, "code": exc.code}}
-
-
-def message_tokens(usage: object) -> Tokens | None:
-    """Tokens from a Message's `usage` (cache reads and writes are input too)."""
-    if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
-        return None
-    cached = usage.get("cache_read_input_tokens")
-    written = usage.get("cache_creation_input_tokens")
-    cached = cached if isinstance(cached, int) else 0
-    output = usage.get("output_tokens")
-    prompt = usage["input_tokens"] + cached + (written if isinstance(written, int) else 0)
-    return Tokens(prompt, output if isinstance(output, int) else 0, cached)
 
 
 def tool_names(message: dict[str, Any]) -> list[str]:

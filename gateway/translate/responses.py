@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.translate.common import Tokens, as_dict, bad, chat_tokens, text_of
+from gateway.translate.common import Tokens, as_dict, bad, chat_tokens, response_tokens, text_of
 
 FIELDS: Final = frozenset({
     "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
@@ -393,16 +393,6 @@ class ChatToResponses:
     def error(self, code: str, message: str) -> dict[str, Any]:
         """The event that ends a stream the gateway could not finish."""
         return self._event("error", code=code, message=message, param=None)
-
-
-def response_tokens(usage: object) -> Tokens | None:
-    """Tokens from a Response object's `usage`, when it has counts."""
-    if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
-        return None
-    details = usage.get("input_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    output = usage.get("output_tokens")
-    return Tokens(usage["input_tokens"], output if isinstance(output, int) else 0, cached if isinstance(cached, int) else 0)
 
 
 def tool_names(response: dict[str, Any]) -> list[str]:

@@ -255,6 +255,38 @@ def test_a_tool_failure_is_a_result_journaled_and_charged(mgw: Gateway, shop: Mc
     assert entries[-1]["kind"] == "response" and entries[-1]["is_error"] is True
 
 
+def test_plan_plugins_rewrite_or_refuse_a_tool_result_before_the_client_sees_it(mgw: Gateway, shop: McpServerProcess) -> None:
+    guarded = plan(
+        mcp=[{"server": "shop", "tools": ["get_order", "echo"], "price_per_call_usd": PRICE}],
+        plugins=[{"name": "pii_redact", "options": {"answers": True}}, {"name": "output_limits", "options": {"max_chars": 100}}],
+    )
+    opened = mgw.open_session(guarded)
+
+    async def work(client: Client) -> tuple[Any, Any, MCPError]:
+        echoed = await client.call_tool("shop__echo", {"text": "mail jane@example.com"})
+        order = await client.call_tool("shop__get_order", {"order_id": "jane@example.com"})
+        with pytest.raises(MCPError) as too_long:
+            await client.call_tool("shop__echo", {"text": "x" * 101})
+        return echoed, order, too_long.value
+
+    echoed, order, refused = with_client(mgw, opened["token"], work)
+    assert [block.text for block in echoed.content] == ["mail [email]"]
+    assert echoed.structured_content == {"result": "mail [email]"}
+    # Structured content is read by the plugins too, then checked against the frozen output schema.
+    assert order.structured_content == {"order_id": "[email]", "status": "shipped", "items": 0}
+    assert "jane@" not in str(order.content)
+    assert refused.error.data is not None and refused.error.data["code"] == "plugin_denied"
+    assert shop.calls() == {"echo": 2, "get_order": 1}  # the refused result was made: it is charged
+
+    entries = mgw.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal").json()["entries"]
+    answered = [e for e in entries if e["kind"] == "response"]
+    # Each result carries the address twice: in its text block and in its structured content.
+    assert [e["plugins"] for e in answered] == [{"pii_redact": {"answer_email": 2}}] * 2
+    assert all("jane@" not in str(e["body"]) for e in answered)  # the journal keeps what was sent
+    assert (entries[-1]["kind"], entries[-1]["code"], entries[-1]["cost_nanos"]) == ("error", "plugin_denied", 10_000_000)
+    assert mgw.session(opened["session_id"])["spent_usd"] == "0.030000000"
+
+
 def test_a_rug_pull_is_refused_and_recompiling_warns_and_changes_the_id(mgw: Gateway, shop: McpServerProcess) -> None:
     first = mgw.compile(plan())
     opened = mgw.open_session(first)
@@ -291,6 +323,32 @@ def test_an_unreachable_server_is_a_clear_error_and_releases_the_reservation(
         assert_no_server_errors(down)
     finally:
         down.close()
+
+
+def test_a_restarted_server_is_reached_on_a_new_session_and_no_call_is_left_reserved(redis_url: str, keyring: Keyring) -> None:
+    server = McpServerProcess().start()
+    gw = start_gateway(_settings(server), redis_url, keyring)
+    try:
+        opened = gw.open_session(plan())
+
+        async def call(client: Client) -> Any:
+            return (await client.call_tool("shop__weather", {"city": "Oslo"})).content
+
+        async def first_after_restart(client: Client) -> None:
+            with contextlib.suppress(MCPError):  # the call that finds the session gone may fail: upstream_error
+                await call(client)
+
+        assert with_client(gw, opened["token"], call)[0].text == "Sunny in Oslo"
+        server.stop()
+        server.start()  # the same port; this process never saw the gateway's MCP session
+        with_client(gw, opened["token"], first_after_restart)
+        assert with_client(gw, opened["token"], call)[0].text == "Sunny in Oslo"
+        assert server.calls()["weather"] in (1, 2)
+        assert gw.session(opened["session_id"])["reserved_nanos"] == 0
+        assert_no_server_errors(gw)
+    finally:
+        gw.close()
+        server.stop()
 
 
 def test_compiling_names_the_path_of_an_unknown_tool_or_an_unreachable_server(

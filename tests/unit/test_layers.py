@@ -20,10 +20,10 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "gateway.pipeline.fallbacks", "gateway.pipeline.deployments",
          "gateway.pipeline.request_body", "gateway.pipeline.request_schema",
          "gateway.providers", "gateway.assembly", "gateway.sessions", "gateway.metrics", "gateway.reports",
-         "gateway.embedded_redis", "gateway.deps", "gateway.mcp.upstream", "gateway.mcp.policy",
+         "gateway.embedded_redis", "gateway.deps", "gateway.mcp.upstream", "gateway.mcp.policy", "gateway.mcp.provider", "gateway.mcp.wire",
          "gateway.mcp.demo_server", "gateway.translate",
          "gateway.pipeline.dialects", "gateway.journal.stored_responses")),
-    (3, ("gateway.pipeline.exchange", "gateway.journal.recorded", "gateway.mcp.calls")),
+    (3, ("gateway.pipeline.exchange", "gateway.journal.recorded")),
     (4, ("gateway.journal.live", "gateway.decision")),
     (5, ("gateway.http", "gateway.mcp.endpoint", "gateway.mcp.demo", "gateway.app", "gateway.server", "gateway.cli",
          "gateway.demo", "gateway.admin_cli", "gateway.journal_cli", "gateway.plan_cli", "gateway.__main__")),
@@ -113,3 +113,24 @@ def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert rank("gateway.state.ledger") == 1 and rank("gateway.http.sse") == 5
     assert rank("gateway.pipeline.exchange") == 3 and rank("gateway.pipeline.policy") == 2
+
+
+def lifecycle_calls() -> dict[str, set[str]]:
+    """Modules outside the ledger that reserve or settle, and what they call: `.reserve(` and
+    `.settle(` on anything named like the ledger."""
+    found: dict[str, set[str]] = {}
+    for name, path in _modules().items():
+        if name.startswith("gateway.state."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("reserve", "settle") and "ledger" in ast.unparse(node.func.value)
+            ):
+                found.setdefault(name, set()).add(node.func.attr)
+    return found
+
+
+def test_only_the_exchange_reserves_and_settles_model_and_tool_calls_alike() -> None:
+    # One lifecycle: a route or a tool-call path with a reserve/settle of its own is a second one.
+    assert lifecycle_calls() == {"gateway.pipeline.exchange": {"reserve", "settle"}}

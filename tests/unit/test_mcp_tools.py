@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import orjson
 import pytest
 
 from gateway.assembly.compile import compile_plan
@@ -14,6 +15,7 @@ from gateway.assembly.model import Assembly
 from gateway.assembly.plan import PlanInvalid, parse_plan
 from gateway.errors import CapabilityDenied, InvalidRequest, StateConflict, UpstreamError
 from gateway.mcp.policy import authorize_tool, check_result
+from gateway.plugins import Run
 from gateway.settings import Settings, settings_from_dict
 
 SETTINGS: Settings = settings_from_dict({
@@ -150,14 +152,48 @@ def test_a_tool_in_no_step_is_a_state_conflict() -> None:
         authorize_tool(stepped, {"name": "shop__refund", "arguments": {}})
 
 
+def checked(result: dict[str, Any], max_bytes: int, run: Run | None = None) -> bytes:
+    return check_result(ASSEMBLY.mcp["shop__getOrder"], result, orjson.dumps(result), run or Run(()), max_bytes)
+
+
 def test_results_are_checked_for_size_and_against_the_frozen_output_schema() -> None:
-    tool = ASSEMBLY.mcp["shop__getOrder"]
     good = {"content": [], "structuredContent": {"status": "shipped"}, "isError": False}
-    assert check_result(tool, good, 1000).startswith(b"{")
+    assert checked(good, 1000) == orjson.dumps(good)
     with pytest.raises(UpstreamError):
-        check_result(tool, {**good, "structuredContent": {"status": 3}}, 1000)
+        checked({**good, "structuredContent": {"status": 3}}, 1000)
     with pytest.raises(UpstreamError):
-        check_result(tool, {"content": [], "isError": False}, 1000)
+        checked({"content": [], "isError": False}, 1000)
     with pytest.raises(UpstreamError):
-        check_result(tool, good, 10)
-    assert check_result(tool, {"content": [{"type": "text", "text": "boom"}], "isError": True}, 1000)
+        checked(good, 10)
+    assert checked({"content": [{"type": "text", "text": "boom"}], "isError": True}, 1000)
+
+
+def test_plugins_read_and_rewrite_the_text_blocks_and_structured_strings_of_a_result() -> None:
+    from plugins.pii_redact import PiiRedact, PiiRedactOptions
+
+    run = Run((PiiRedact(PiiRedactOptions(answers=True), ASSEMBLY),))
+    result = {
+        "content": [{"type": "text", "text": "mail a@b.io"}, {"type": "image", "data": "a@b.io", "mimeType": "image/png"}],
+        "structuredContent": {"status": "sent to a@b.io", "to": ["c@d.io", 7]},
+        "isError": False,
+    }
+    out = orjson.loads(checked(result, 10_000, run))
+    assert out["content"] == [{"type": "text", "text": "mail [email]"}, result["content"][1]]  # only text is text
+    assert out["structuredContent"] == {"status": "sent to [email]", "to": ["[email]", 7]}
+    assert run.counts() == {"pii_redact": {"answer_email": 3}}
+    assert result["content"][0]["text"] == "mail a@b.io"  # the upstream's reply is not mutated
+
+
+def test_a_direct_post_reads_its_answer_from_json_or_from_sse_events_after_notifications() -> None:
+    from gateway.mcp.wire import _answer
+
+    result = {"jsonrpc": "2.0", "id": "abc-7", "result": {"content": []}}
+    assert _answer(orjson.dumps(result), "abc-7", events=False) == result
+    assert _answer(orjson.dumps({**result, "id": "abc-6"}), "abc-7", events=False) is None
+    progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+    stream = (
+        b"event: message\r\ndata: " + orjson.dumps(progress) + b"\r\n\r\n"
+        + b"id: 2\nevent: message\ndata: " + orjson.dumps(result) + b"\n\n"
+    )
+    assert _answer(stream, "abc-7", events=True) == result
+    assert _answer(stream, "abc-8", events=True) is None

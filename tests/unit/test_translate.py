@@ -18,7 +18,7 @@ from gateway.errors import (
 )
 from gateway.providers.mock import Faults, chat_chunks, chat_completion
 from gateway.translate import messages, responses
-from gateway.translate.common import Tokens, derived_id
+from gateway.translate.common import Tokens, derived_id, message_tokens, response_tokens
 
 LOOKUP = {"type": "function", "function": {"name": "lookup_order", "parameters": {
     "type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}
@@ -110,10 +110,16 @@ def test_cached_input_tokens_are_reported_in_each_dialect_and_read_back() -> Non
     chat = _chat("hi", "stop", cached=6)
     usage = responses.from_chat(chat, {}, responses.Ids("resp_1"), created_at=0)["usage"]
     assert usage["input_tokens"] == 10 and usage["input_tokens_details"] == {"cached_tokens": 6}
-    assert responses.response_tokens(usage) == Tokens(10, 4, 6)
+    assert response_tokens(usage) == Tokens(10, 4, 6)
     anth = messages.from_chat(chat, "msg_1")["usage"]
     assert anth == {"input_tokens": 4, "output_tokens": 4, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 6}
-    assert messages.message_tokens(anth) == Tokens(10, 4, 6)  # billed on every prompt token, cached or not
+    assert message_tokens(anth) == Tokens(10, 4, 6)  # billed on every prompt token, cached or not
+
+
+def test_usage_without_an_input_count_is_none_and_garbage_counts_read_as_zero() -> None:
+    assert response_tokens({"output_tokens": 3}) is None and message_tokens("usage") is None
+    assert response_tokens({"input_tokens": 5, "output_tokens": "3", "input_tokens_details": []}) == Tokens(5, 0, 0)
+    assert message_tokens({"input_tokens": 5, "cache_creation_input_tokens": 2, "cache_read_input_tokens": None}) == Tokens(7, 0, 0)
 
 
 @pytest.mark.parametrize("tools", [False, True])
