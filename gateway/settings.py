@@ -92,11 +92,14 @@ class ProviderSettings(_Frozen):
 
 
 class DeploymentSettings(_Frozen):
-    """One more upstream serving a model, at the model's price."""
+    """One more upstream serving a model, at the model's price or at its own."""
 
     provider: str
     upstream_model: str | None = None  # absent: the model's
     weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    # Absent: the model's price. Frozen into the Assembly like it; a call is charged the
+    # price of the deployment that served it, and reserves the dearest.
+    price: Price | None = None
 
 
 class ModelSettings(_Frozen):
@@ -108,8 +111,8 @@ class ModelSettings(_Frozen):
     encoding: str | None = None
     # Absent: litellm's price map says (its "mode"), else chat.
     kind: Literal["chat", "embedding", "completion"] = "chat"
-    # More upstreams for this model, sharing its price; the first deployment is the model's
-    # own provider and upstream_model, with `weight`.
+    # More upstreams for this model, at its price unless they declare their own; the first
+    # deployment is the model's own provider, upstream_model and price, with `weight`.
     deployments: list[DeploymentSettings] = Field(default_factory=list)
     weight: Annotated[int, Field(ge=1, le=1000)] = 1
     balance: Literal["weighted", "least_in_flight"] = "weighted"
@@ -124,6 +127,10 @@ class ModelSettings(_Frozen):
                 data = {**data, "provider": first.get("provider"), "deployments": rest, "weight": first.get("weight", 1)}
                 if first.get("upstream_model"):
                     data["upstream_model"] = first["upstream_model"]
+                if first.get("price") is not None:
+                    if data.get("price") is not None:
+                        raise ValueError("deployments.0.price: the first deployment is the model's own; give its price once")
+                    data["price"] = first["price"]
         return data
 
     @model_validator(mode="before")

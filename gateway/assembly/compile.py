@@ -35,7 +35,7 @@ from gateway.assembly.plan import (
     PlanTool,
     Problem,
 )
-from gateway.assembly.prices import MAX_NANOS_PER_MTOK, freeze_price
+from gateway.assembly.prices import MAX_NANOS_PER_MTOK, freeze_price, price_from_usd_per_mtok
 from gateway.money import cost_nanos, nanos_to_usd_str, usd_to_nanos
 from gateway.settings import ModelSettings, Settings
 from gateway.tokenizer import encoding_name_for
@@ -92,10 +92,12 @@ def tokens_per_call(grant: ModelGrant, prompt_tokens: int) -> int:
 
 
 def worst_case_nanos(grant: ModelGrant, prompt_tokens: int) -> int:
-    """The most one call can cost: a full prompt and every choice at max_tokens, rounded up."""
-    price = grant.price
-    return cost_nanos(prompt_tokens, price.input_nanos_per_mtok) + cost_nanos(
-        grant.max_tokens * grant.max_n, price.output_nanos_per_mtok
+    """The most one call can cost: a full prompt and every choice at max_tokens, rounded up,
+    at the dearest price it may be charged (a deployment's own included)."""
+    return max(
+        cost_nanos(prompt_tokens, price.input_nanos_per_mtok)
+        + cost_nanos(grant.max_tokens * grant.max_n, price.output_nanos_per_mtok)
+        for price in grant.prices
     )
 
 
@@ -201,14 +203,18 @@ def _grant_models(
     return grants
 
 
-def _deployments(known: ModelSettings) -> tuple[Deployment, ...]:
+def _deployments(known: ModelSettings, path: str, report: _Report) -> tuple[Deployment, ...]:
+    """The model's upstreams, the first its own; a deployment's own price is frozen with it."""
     if not known.deployments:
         return ()
     first = Deployment(provider=known.provider, upstream_model=known.target, weight=known.weight)
-    return (first, *(
-        Deployment(provider=d.provider, upstream_model=d.upstream_model or known.target, weight=d.weight)
-        for d in known.deployments
-    ))
+    out = [first]
+    for j, d in enumerate(known.deployments):
+        price = None if d.price is None else price_from_usd_per_mtok(d.price.input_per_mtok, d.price.output_per_mtok)
+        if price is not None and max(price.input_nanos_per_mtok, price.output_nanos_per_mtok) > MAX_NANOS_PER_MTOK:
+            report.problem(f"{path}.deployments.{j}", f"price of {known.name!r} on {d.provider!r} is above $1M per million tokens")
+        out.append(Deployment(provider=d.provider, upstream_model=d.upstream_model or known.target, weight=d.weight, price=price))
+    return tuple(out)
 
 
 def _check_fallbacks(plan_models: Iterable[PlanModel], grants: dict[str, ModelGrant], report: _Report) -> None:
@@ -251,6 +257,7 @@ def _grant_model(
     elif max(price.input_nanos_per_mtok, price.output_nanos_per_mtok) > MAX_NANOS_PER_MTOK:
         report.problem(path, f"price of {wanted.name!r} is above $1M per million tokens")
     params = _pinned_params(wanted.params, f"{path}.params", report)
+    deployments = _deployments(known, path, report)
     if len(report.problems) > before or price is None or max_tokens is None:
         return None
     return ModelGrant(
@@ -265,7 +272,7 @@ def _grant_model(
         allow_logprobs=wanted.allow_logprobs,
         allow_logit_bias=wanted.allow_logit_bias,
         fallbacks=tuple(wanted.fallbacks),
-        deployments=_deployments(known),
+        deployments=deployments,
         balance=known.balance,
         encoding=known.encoding
         or encoding_name_for(known.target)

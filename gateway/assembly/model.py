@@ -32,6 +32,21 @@ class Deployment(_Frozen):
     provider: str
     upstream_model: str
     weight: int = 1
+    # Its own frozen price, when the settings declare one; None: the model's.
+    price: FrozenPrice | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_shared_price(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null: Assemblies compiled before deployments had prices keep their ids.
+        data: dict[str, Any] = handler(self)
+        if data.get("price") is None:
+            data.pop("price", None)
+        return data
+
+    @property
+    def label(self) -> str:
+        """How the journal names it: "provider:upstream_model"."""
+        return f"{self.provider}:{self.upstream_model}"
 
 
 class ModelGrant(_Frozen):
@@ -53,6 +68,18 @@ class ModelGrant(_Frozen):
     # empty: that one alone. `balance` is "weighted" or "least_in_flight".
     deployments: tuple[Deployment, ...] = ()
     balance: str = "weighted"
+
+    @property
+    def prices(self) -> tuple[FrozenPrice, ...]:
+        """Every price a call to this model may be charged: its own, and its deployments' own."""
+        return (self.price, *(d.price for d in self.deployments if d.price is not None))
+
+    def price_at(self, deployment: Deployment | None) -> FrozenPrice:
+        """The frozen price of a call `deployment` served (None: the model's own upstream)."""
+        return deployment.price if deployment is not None and deployment.price is not None else self.price
+
+    def deployment(self, label: str) -> Deployment | None:
+        return next((d for d in self.deployments if d.label == label), None)
 
     @model_serializer(mode="wrap")
     def _without_unset_routing(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -185,8 +185,10 @@ class ReplayProvider:
     def __init__(self, outcome: Mapping[bytes, bytes] | None) -> None:
         self._outcome = outcome
         self._kind = outcome.get(b"kind", b"").decode() if outcome else ""
-        # The fallback that answered the original, so the replay is charged its price too.
+        # The fallback and the deployment that answered the original, so the replay is charged
+        # the same frozen price and journals the same deployment.
         self.served_by = outcome.get(b"served_by", b"").decode() if outcome else ""
+        self.deployment = outcome.get(b"deployment", b"").decode() if outcome else ""
 
     async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
         if self._kind != Kind.RESPONSE:

@@ -1,8 +1,9 @@
 """Choosing among a model's frozen deployments: weighted, or the least in flight.
 
-Deployments share the model's frozen price, so the choice never changes what a call
-costs. A deployment whose provider's breaker is open is skipped; when an attempt fails in
-a way another upstream may not (unreachable, 429, 5xx, a timeout), the next deployment is
+A deployment shares the model's frozen price or has its own, frozen too: the reservation
+covers the dearest, and the call is charged the price of the one that served (`served`).
+A deployment whose provider's breaker is open is skipped; when an attempt fails in a way
+another upstream may not (unreachable, 429, 5xx, a timeout), the next deployment is
 tried, before any byte reached the client. The in-flight counts are per process.
 """
 
@@ -16,7 +17,15 @@ from typing import Any
 from gateway.assembly.model import Deployment, ModelGrant
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.pipeline.fallbacks import falls_back
-from gateway.providers.base import Endpoint, Provider, Reply
+from gateway.providers.base import (
+    Endpoint,
+    Opened,
+    Provider,
+    Reply,
+    first_payload,
+    relay,
+    spoken_by_all,
+)
 from gateway.providers.resilience import ResilientProvider
 
 __all__ = ["Balancer", "Deployments"]
@@ -65,6 +74,8 @@ class Deployments:
         self._providers = providers
         self._balancer = balancer
         self.served: Deployment | None = None
+        # A dialect passes through only if every deployment can be sent it.
+        self.native_endpoints, self.speaks_chat = spoken_by_all(providers.get(d.provider) for d in grant.deployments)
 
     async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
         order = self._order()
@@ -83,36 +94,37 @@ class Deployments:
             return reply
         raise AssertionError("unreachable: the last attempt raises")
 
-    async def stream(
+    def stream(
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
+        return relay(lambda: self._open(endpoint, body, request_id=request_id, headers_out=headers_out))
+
+    async def _open(
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None, headers_out: dict[str, str] | None,
+    ) -> Opened:
         order = self._order()
+        in_flight = self._balancer.in_flight
         for i, d in enumerate(order):
             key = (d.provider, d.upstream_model)
-            self._balancer.in_flight[key] += 1
+            in_flight[key] += 1
             try:
                 upstream = self._providers[d.provider].stream(
                     endpoint, {**body, "model": d.upstream_model}, request_id=request_id, headers_out=headers_out,
                 )
-                try:
-                    first = await anext(upstream, None)
-                except GatewayError as exc:
-                    await upstream.aclose()
-                    if i + 1 == len(order) or not falls_back(exc):
-                        raise
-                    continue
-                self.served = d
-                try:
-                    if first is not None:
-                        yield first
-                        async for payload in upstream:
-                            yield payload
-                finally:
-                    await upstream.aclose()
-                return
-            finally:
-                self._balancer.in_flight[key] -= 1
+                first = await first_payload(upstream)
+            except BaseException as exc:
+                in_flight[key] -= 1
+                if not isinstance(exc, GatewayError) or i + 1 == len(order) or not falls_back(exc):
+                    raise
+                continue
+            self.served = d
+
+            def done(key: tuple[str, str] = key) -> None:
+                in_flight[key] -= 1
+
+            return Opened(first, upstream, on_close=done)
+        raise AssertionError("unreachable: the last attempt raises")
 
     async def close(self) -> None:
         return None  # the providers belong to the app

@@ -88,16 +88,26 @@ def _frozen_functions(grant: Grant) -> dict[str, dict[str, Any]]:
             if isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)}
 
 
-def _pinned(grant: Grant, names: dict[str, str], dialect: str) -> dict[str, Any]:
+def _pinned(params: dict[str, Any], names: dict[str, str], dialect: str) -> dict[str, Any]:
     """The plan's pinned parameters under the dialect's names; one it has no name for is refused
     rather than dropped, so a native upstream never runs outside what was pinned."""
     out = {}
-    for key, value in grant.model.params.items():
+    for key, value in params.items():
         if key not in names:
             raise InvalidRequest(f"parameter '{key}' is pinned by this session's plan and a {dialect} upstream "
                                  "cannot be sent it", param=key, extra={"rule": "pinned_param"})
         out[names[key]] = value
     return out
+
+
+def pinned_params(endpoint: Endpoint, params: dict[str, Any]) -> dict[str, Any]:
+    """A model's pinned parameters as a call to `endpoint` names them: a dialect's under its own
+    names (see `_pinned`), every other endpoint's as they are. For a fallback's body."""
+    if endpoint is Endpoint.RESPONSES:
+        return _pinned(params, _Responses._PARAMS, "Responses")
+    if endpoint is Endpoint.MESSAGES:
+        return _pinned(params, _Messages._PARAMS, "Messages")
+    return params
 
 
 class _Responses:
@@ -109,7 +119,7 @@ class _Responses:
         out = {k: v for k, v in body.items() if k != "previous_response_id"}
         if history:  # the upstream never saw our ids: it gets the conversation itself
             out["input"] = [*history, *responses.input_items(body.get("input"))]
-        out.update(_pinned(grant, self._PARAMS, "Responses"))
+        out.update(_pinned(grant.model.params, self._PARAMS, "Responses"))
         out["model"] = grant.body["model"]
         out["max_output_tokens"] = grant.max_output_tokens
         frozen = _frozen_functions(grant)
@@ -170,7 +180,7 @@ class _Messages:
     _PARAMS: Final = {"temperature": "temperature", "top_p": "top_p", "stop": "stop_sequences"}
 
     def native_body(self, body: dict[str, Any], grant: Grant, history: list[dict[str, Any]]) -> dict[str, Any]:
-        out = {**body, **_pinned(grant, self._PARAMS, "Messages")}
+        out = {**body, **_pinned(grant.model.params, self._PARAMS, "Messages")}
         out["model"] = grant.body["model"]
         out["max_tokens"] = grant.max_output_tokens
         frozen = _frozen_functions(grant)

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway import plugins, redis_keys
-from gateway.assembly.model import Assembly, ModelGrant
+from gateway.assembly.model import Assembly, Deployment, FrozenPrice, ModelGrant
 from gateway.capability import Claims
 from gateway.deps import Deps
 from gateway.errors import (
@@ -52,7 +52,15 @@ from gateway.pipeline.deployments import Deployments
 from gateway.pipeline.dialects import NativeUsage, StreamTranslator, Wire
 from gateway.pipeline.fallbacks import FallbackChain
 from gateway.pipeline.request_fields import redact_overrides
-from gateway.pipeline.usage import Estimate, StreamMeter, Usage, estimate, price, reply_usage
+from gateway.pipeline.usage import (
+    Estimate,
+    StreamMeter,
+    Usage,
+    charge,
+    dearest,
+    estimate,
+    reply_usage,
+)
 from gateway.providers.base import Endpoint, Provider
 from gateway.providers.resilience import FAILED_ATTEMPTS
 from gateway.request_log import CallReport
@@ -223,9 +231,9 @@ class Exchange:
             self.grant.model, call.checked[0], self.grant.body, n=self.grant.n, max_tokens=self.grant.max_output_tokens,
         )
         chain = self.assembly.chain(self.grant.model)
-        if len(chain) > 1:  # the reservation covers the dearest model that may serve
+        if len(chain) > 1:  # the reservation covers the dearest model (or deployment) that may serve
             est, worst = self.estimate, Usage(self.estimate.prompt_tokens, self.estimate.max_output_tokens)
-            self.estimate = Estimate(est.prompt_tokens, est.max_output_tokens, max(price(m, worst) for m in chain))
+            self.estimate = Estimate(est.prompt_tokens, est.max_output_tokens, max(dearest(m, worst) for m in chain))
         return chain
 
     async def _authorize(self) -> policy.Grant:
@@ -466,7 +474,7 @@ class Exchange:
         kept = None
         if self.call.idempotency_record is not None:
             # Kept in the settle step itself: no crash can part a charge from its answer.
-            cost = price(self.served, outcome.usage)
+            cost = charge(self.served_price, outcome.usage)
             if outcome.kind == Kind.RESPONSE:
                 sent = {"content-type": "application/json", "x-request-id": self.call.request_id, **self.answer_headers(cost, -1)}
                 kept = idempotency.Stored(200, sent, outcome.body, with_budget_left=True)
@@ -545,20 +553,18 @@ class Exchange:
         return cost, settlement.budget_left_nanos
 
     def _model_cost(self, usage: Usage, fields: dict[str, Any]) -> int:
-        """A model call's cost at its serving model's frozen price; the journal fields saying
-        which model, deployment and fallbacks served it go into `fields`."""
+        """A model call's cost at the frozen price of the model (or deployment) that served it;
+        the journal fields saying which model, deployment and fallbacks served it go into `fields`."""
         served = self.served
         fields["model"] = self.grant.model.name
         if served is not self.grant.model:
             fields["served_by"] = served.name
-        answered = self.provider
-        if isinstance(answered, FallbackChain):
-            if answered.attempts:
-                fields["fallbacks_failed"] = ",".join(f"{m}:{code}" for m, code in answered.attempts)
-            answered = answered.served_provider or answered
-        if isinstance(answered, Deployments) and answered.served is not None:
-            fields["deployment"] = f"{answered.served.provider}:{answered.served.upstream_model}"
-        return price(served, usage)
+        if isinstance(self.provider, FallbackChain) and self.provider.attempts:
+            fields["fallbacks_failed"] = ",".join(f"{m}:{code}" for m, code in self.provider.attempts)
+        deployment = self.served_deployment
+        if deployment is not None:
+            fields["deployment"] = deployment.label
+        return charge(served.price_at(deployment), usage)
 
     def _usage_so_far(self) -> Usage:
         """What the upstream generated before the call failed: metered, or nothing."""
@@ -576,6 +582,23 @@ class Exchange:
         if isinstance(self.provider, ReplayProvider) and self.provider.served_by:
             return self.assembly.models.get(self.provider.served_by, self.grant.model)
         return self.grant.model
+
+    @property
+    def served_deployment(self) -> Deployment | None:
+        """Which of the serving model's deployments answered; None when it has none."""
+        answered = self.provider
+        if isinstance(answered, FallbackChain):
+            answered = answered.served_provider or answered
+        if isinstance(answered, Deployments):
+            return answered.served
+        if isinstance(answered, ReplayProvider) and answered.deployment:
+            return self.served.deployment(answered.deployment)
+        return None
+
+    @property
+    def served_price(self) -> FrozenPrice:
+        """The frozen price this call is charged: the serving model's, or its deployment's own."""
+        return self.served.price_at(self.served_deployment)
 
     @property
     def tenant(self) -> str:

@@ -8,7 +8,7 @@ its first payload: after that, a failure belongs to the client's stream.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from typing import Any
 
 from gateway.assembly.model import ModelGrant
@@ -19,7 +19,16 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.providers.base import Endpoint, Provider, Reply
+from gateway.pipeline.dialects import pinned_params
+from gateway.providers.base import (
+    Endpoint,
+    Opened,
+    Provider,
+    Reply,
+    first_payload,
+    relay,
+    spoken_by_all,
+)
 
 __all__ = ["FallbackChain", "falls_back"]
 
@@ -44,9 +53,11 @@ class FallbackChain:
         self.served: ModelGrant = self._chain[0]
         self.served_provider: Provider | None = None
         self.attempts: list[tuple[str, str]] = []  # (model, error code) of each one that failed
+        # A dialect passes through only if every model of the chain can be sent it.
+        self.native_endpoints, self.speaks_chat = spoken_by_all(provider_for(m) for m in self._chain)
 
     async def send(self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None) -> Reply:
-        for model, asked, last in self._attempts(body):
+        for model, asked, last in self._attempts(endpoint, body):
             provider = self._provider_for(model)
             try:
                 reply = await provider.send(endpoint, asked, request_id=request_id)
@@ -57,38 +68,34 @@ class FallbackChain:
             return reply
         raise AssertionError("unreachable: the last attempt raises")
 
-    async def stream(
+    def stream(
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        for model, asked, last in self._attempts(body):
+        return relay(lambda: self._open(endpoint, body, request_id=request_id, headers_out=headers_out))
+
+    async def _open(
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None, headers_out: dict[str, str] | None,
+    ) -> Opened:
+        for model, asked, last in self._attempts(endpoint, body):
             provider = self._provider_for(model)
             upstream = provider.stream(endpoint, asked, request_id=request_id, headers_out=headers_out)
             try:
-                first = await anext(upstream, None)
+                first = await first_payload(upstream)
             except GatewayError as exc:
-                await upstream.aclose()
                 self._failed(model, exc, last)
                 continue
             self.served, self.served_provider = model, provider
-            try:
-                if first is not None:
-                    yield first
-                    async for payload in upstream:
-                        yield payload
-            finally:
-                await upstream.aclose()
-            return
+            return Opened(first, upstream)
+        raise AssertionError("unreachable: the last attempt raises")
 
     async def close(self) -> None:
         return None  # the providers belong to the app
 
-    def _attempts(self, body: dict[str, Any]) -> list[tuple[ModelGrant, dict[str, Any], bool]]:
-        primary = self._chain[0]
-        out = [(primary, body, len(self._chain) == 1)]
-        for i, model in enumerate(self._chain[1:], start=2):
-            out.append((model, _for(model, body), i == len(self._chain)))
-        return out
+    def _attempts(self, endpoint: Endpoint, body: dict[str, Any]) -> Iterator[tuple[ModelGrant, dict[str, Any], bool]]:
+        """Each model of the chain with the request as it is asked it, and whether it is the last."""
+        for i, model in enumerate(self._chain):
+            yield model, body if i == 0 else _for(model, endpoint, body), i + 1 == len(self._chain)
 
     def _failed(self, model: ModelGrant, exc: GatewayError, last: bool) -> None:
         if last or not falls_back(exc):
@@ -96,9 +103,10 @@ class FallbackChain:
         self.attempts.append((model.name, exc.code))
 
 
-def _for(model: ModelGrant, body: dict[str, Any]) -> dict[str, Any]:
-    """The request as the fallback model is asked it: its upstream, its pins, its cap."""
-    asked = {**body, **model.params, "model": model.upstream_model}
+def _for(model: ModelGrant, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+    """The request as the fallback model is asked it: its upstream, its pins (under the names
+    of the dialect the body is in), its cap."""
+    asked = {**body, **pinned_params(endpoint, model.params), "model": model.upstream_model}
     for key in _TOKEN_FIELDS:
         value = asked.get(key)
         if isinstance(value, int) and value > model.max_tokens:

@@ -1,9 +1,10 @@
 """Token estimates before a call, actual usage after it, and what it costs.
 
 The estimate is the worst case the budget reserves: every prompt token plus `n` ×
-the effective `max_tokens`, at the Assembly's frozen prices. Actual usage comes from
-the provider; when it is missing (a stream without a usage chunk, a cut stream) we
-count the text that was generated.
+the effective `max_tokens`, at the Assembly's frozen prices (a model's dearest, when
+its deployments have their own). Actual usage comes from the provider; when it is
+missing (a stream without a usage chunk, a cut stream) we count the text that was
+generated.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.assembly.model import ModelGrant
+from gateway.assembly.model import FrozenPrice, ModelGrant
 from gateway.money import cost_nanos
 from gateway.providers.base import Endpoint
 from gateway.tokenizer import count_chat_prompt, count_text
@@ -29,10 +30,21 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-def price(model: ModelGrant, usage: Usage) -> int:
-    return cost_nanos(usage.prompt_tokens, model.price.input_nanos_per_mtok) + cost_nanos(
-        usage.completion_tokens, model.price.output_nanos_per_mtok
+def charge(frozen: FrozenPrice, usage: Usage) -> int:
+    return cost_nanos(usage.prompt_tokens, frozen.input_nanos_per_mtok) + cost_nanos(
+        usage.completion_tokens, frozen.output_nanos_per_mtok
     )
+
+
+def price(model: ModelGrant, usage: Usage) -> int:
+    return charge(model.price, usage)
+
+
+def dearest(model: ModelGrant, usage: Usage) -> int:
+    """What `usage` costs at the dearest price the model may be charged (a deployment's own included)."""
+    if not model.deployments:
+        return charge(model.price, usage)
+    return max(charge(frozen, usage) for frozen in model.prices)
 
 
 def _prompt_text(value: Any) -> str:
@@ -78,7 +90,7 @@ class Estimate:
 def estimate(model: ModelGrant, endpoint: Endpoint, body: dict[str, Any], *, n: int, max_tokens: int) -> Estimate:
     prompt = prompt_tokens(model, endpoint, body)
     output = 0 if endpoint is Endpoint.EMBEDDINGS else n * max_tokens
-    return Estimate(prompt, output, price(model, Usage(prompt, output)))
+    return Estimate(prompt, output, dearest(model, Usage(prompt, output)))
 
 
 def reply_usage(data: dict[str, Any], fallback_prompt: int, model: ModelGrant) -> Usage:

@@ -26,7 +26,7 @@ from gateway.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from gateway.providers.base import Endpoint, Provider, Reply
+from gateway.providers.base import Endpoint, Opened, Provider, Reply, first_payload, relay
 from gateway.settings import BreakerSettings, RetrySettings
 
 __all__ = ["FAILED_ATTEMPTS", "Breaker", "ResilientProvider", "retry_after_s", "retryable"]
@@ -124,29 +124,26 @@ class ResilientProvider:
             self._succeeded()
             return reply
 
-    async def stream(
+    def stream(
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
+        return relay(lambda: self._open(endpoint, body, request_id=request_id, headers_out=headers_out))
+
+    async def _open(
+        self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None, headers_out: dict[str, str] | None,
+    ) -> Opened:
         attempt = 0
         while True:
             self.breaker.admit()
             upstream = self.inner.stream(endpoint, body, request_id=request_id, headers_out=headers_out)
             try:
-                first = await anext(upstream, None)
+                first = await first_payload(upstream)
             except GatewayError as exc:
-                await upstream.aclose()
                 attempt = await self._after_failure(exc, attempt)
                 continue
-            break
-        self._succeeded()
-        try:
-            if first is not None:
-                yield first
-                async for payload in upstream:
-                    yield payload
-        finally:
-            await upstream.aclose()
+            self._succeeded()
+            return Opened(first, upstream)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -85,3 +85,21 @@ def test_a_model_given_only_deployments_is_served_by_the_first_and_the_rest() ->
     ]})
     assert (m.provider, m.target, m.weight) == ("a", "m-east", 3)
     assert [(d.provider, d.upstream_model, d.weight) for d in m.deployments] == [("b", "m-west", 1)]
+
+
+def test_the_first_deployments_price_is_the_models_and_is_given_once() -> None:
+    import pydantic
+    import pytest
+
+    from gateway.settings import ModelSettings
+
+    m = ModelSettings.model_validate({"name": "m", "deployments": [
+        {"provider": "a", "price": {"input_per_mtok": 1, "output_per_mtok": 2}},
+        {"provider": "b", "price": {"input_per_mtok": 3, "output_per_mtok": 4}},
+    ]})
+    assert m.price is not None and (m.price.input_per_mtok, m.price.output_per_mtok) == (1, 2)
+    assert m.deployments[0].price is not None and m.deployments[0].price.output_per_mtok == 4
+    with pytest.raises(pydantic.ValidationError, match="give its price once"):
+        ModelSettings.model_validate({"name": "m", "price": {"input_per_mtok": 1, "output_per_mtok": 2}, "deployments": [
+            {"provider": "a", "price": {"input_per_mtok": 5, "output_per_mtok": 5}}, {"provider": "b"},
+        ]})
