@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-
 from gateway.assembly.store import AssemblyStore
 from gateway.capability import Keyring, Verifier
 from gateway.mcp.upstream import ToolServers
@@ -16,6 +14,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline.deployments import Balancer
 from gateway.plugins import Registry
 from gateway.providers.base import Provider
+from gateway.redis_client import AnyRedis
 from gateway.request_log import RequestLog
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
@@ -26,7 +25,7 @@ from gateway.tracing import Tracer
 @dataclass(frozen=True)
 class Deps:
     settings: Settings
-    redis: Redis
+    redis: AnyRedis
     ledger: Ledger
     assemblies: AssemblyStore
     sessions: SessionStore

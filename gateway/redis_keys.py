@@ -1,14 +1,17 @@
 """Every Redis key and stream name the gateway uses, in one place.
 
-All of a session's keys share the hash tag `{sess:ID}` so one Lua script can touch
-them together on Redis Cluster. Global indexes (assemblies, sessions, the journal
-index, cost rollups, due reservations) live in their own slots and are only ever
-written in the same pipeline as a script call, never inside one.
+All of a session's keys share the hash tag `{sess:ID}`, and all of a tenant's the tag
+`{ten:NAME}`, so each Lua script touches one hash slot only, as Redis Cluster requires.
+The global indexes every request writes (journal index, cost rollups, due reservations)
+are split into `shards` keys tagged `{idx:K}`, a session always writing to shard
+`shard_of(session)`; the rarely written ones (assemblies, sessions, hour buckets) are
+single keys. Indexes are written in the same pipeline as a script call, never inside one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import zlib
 
 # Bump the suffix of a script's name whenever its keys or arguments change meaning.
 RESERVE_SCRIPT = "budget_reserve_v3"
@@ -17,6 +20,10 @@ JOURNAL_APPEND_SCRIPT = "journal_append_v1"
 CLOSE_SCRIPT = "budget_close_v1"
 LEASE_SCRIPT = "idem_lease_v1"
 REPLAY_TAKE_SCRIPT = "replay_take_v1"
+TENANT_RESERVE_SCRIPT = "tenant_reserve_v1"
+TENANT_SETTLE_SCRIPT = "tenant_settle_v1"
+
+DEFAULT_SHARDS = 16
 
 
 def _sess(session_id: str) -> str:
@@ -93,6 +100,18 @@ def tenant_rate(tenant: str, unit: str, minute: int) -> str:
     return "tenant_rate:" + _ten(tenant) + f":{unit}:{minute}"
 
 
+def tenant_holds(tenant: str) -> str:
+    """Hash: tenant_hold(...) -> the tenant's part of an open reservation (Redis Cluster only;
+    see tenant_reserve_v1)."""
+    return "tenant_holds:" + _ten(tenant)
+
+
+def tenant_hold(session_id: str, request_id: str, reserved_ms: int) -> str:
+    """A hold's field in `tenant_holds`: one attempt of one request (a request id may be
+    used again once its first reservation was closed)."""
+    return f"{session_id}|{request_id}|{reserved_ms}"
+
+
 def assembly(assembly_id: str) -> str:
     """String: the Assembly's canonical JSON, written once (SET NX)."""
     return "assembly:" + assembly_id
@@ -100,15 +119,47 @@ def assembly(assembly_id: str) -> str:
 
 ASSEMBLIES = "assemblies"  # sorted set: assembly id by first-compiled time
 SESSIONS = "sessions"  # sorted set: session id by creation time
-JOURNAL_INDEX = "journal_index"  # stream: one small entry per journal entry, all sessions
-# Sorted set: "session|request" by deadline: the owner's lease, renewed while it works,
-# and never past the reservation's TTL.
-RESERVATIONS_DUE = "reservations_due"
 
 
-def cost_rollup(bucket: str) -> str:
-    """Hash of spend (nanos) per dimension for one hour bucket YYYYMMDDHH."""
-    return "costs:" + bucket
+def shard_of(session_id: str, shards: int) -> int:
+    """The index shard a session writes to: stable across processes and restarts."""
+    return zlib.crc32(session_id.encode()) % shards
+
+
+def _idx(shard: int) -> str:
+    return "{idx:" + str(shard) + "}"
+
+
+def journal_index(shard: int) -> str:
+    """Stream: one small entry per settled request, for the sessions of one shard."""
+    return "journal_index:" + _idx(shard)
+
+
+def reservations_due(shard: int) -> str:
+    """Sorted set by deadline: "session|request" (a session reservation: its owner's lease,
+    renewed while it works, never past the reservation's TTL) and TENANT_DUE-prefixed
+    "tenant<US>session|request|reserved_ms" (a tenant hold, due at the reservation's TTL)."""
+    return "reservations_due:" + _idx(shard)
+
+
+TENANT_DUE = "t" + "\x1f"  # prefix of a tenant hold's member in reservations_due
+
+
+def tenant_due(tenant: str, session_id: str, request_id: str, reserved_ms: int) -> str:
+    return TENANT_DUE + tenant + "\x1f" + tenant_hold(session_id, request_id, reserved_ms)
+
+
+def parse_tenant_due(member: str) -> tuple[str, str, str, int]:
+    """(tenant, session id, request id, reserve time ms) of a tenant_due member."""
+    tenant, _, hold = member[len(TENANT_DUE):].partition("\x1f")
+    session_id, _, rest = hold.partition("|")
+    request_id, _, reserved_ms = rest.rpartition("|")
+    return tenant, session_id, request_id, int(reserved_ms)
+
+
+def cost_rollup(bucket: str, shard: int) -> str:
+    """Hash of spend (nanos) per dimension for one hour bucket YYYYMMDDHH and one shard."""
+    return "costs:" + _idx(shard) + ":" + bucket
 
 
 COST_DIMENSIONS = ("tenant", "session", "model", "assembly")  # order of a rollup field's parts

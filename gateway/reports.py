@@ -1,4 +1,5 @@
-"""Cost reports from the hourly rollups that every settlement writes (`costs:<YYYYMMDDHH>`).
+"""Cost reports from the hourly rollups that every settlement writes (`costs:{idx:K}:<YYYYMMDDHH>`,
+one per index shard K: a report reads every shard of every hour).
 
 Spend is grouped by tenant, session, model or Assembly over whole UTC hours: an hour is in
 a report when it overlaps [since, until). Money stays integer nano-dollars. A series
@@ -13,11 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from redis.asyncio import Redis
-
 from gateway import redis_keys as keys
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.money import nanos_to_usd_str
+from gateway.redis_client import AnyRedis
 from gateway.state.ledger import REDIS_ERRORS
 
 TOOL_PREFIX = "mcp:"  # MCP tool calls are rolled up under model "mcp:<server>__<tool>"
@@ -152,19 +152,19 @@ def _dimension(group_by: str) -> _Part:
 
 
 async def _rollups(
-    redis: Redis, since: datetime, until: datetime
+    redis: AnyRedis, since: datetime, until: datetime, shards: int
 ) -> list[tuple[int, dict[bytes, bytes]]]:
-    """(bucket YYYYMMDDHH, rollup hash) for every hour that overlaps [since, until)."""
+    """(bucket YYYYMMDDHH, rollup hash) for every hour that overlaps [since, until) and every shard."""
     try:
         found = await redis.zrangebyscore(keys.COST_BUCKETS, _bucket(since), _last_bucket(until))
-        buckets = [int(b) for b in found]
+        wanted = [(int(b), shard) for b in found for shard in range(shards)]
         async with redis.pipeline(transaction=False) as pipe:
-            for bucket in buckets:
-                pipe.hgetall(keys.cost_rollup(str(bucket)))
-            rollups = await pipe.execute() if buckets else []
+            for bucket, shard in wanted:
+                pipe.hgetall(keys.cost_rollup(str(bucket), shard))
+            rollups = await pipe.execute() if wanted else []
     except REDIS_ERRORS as exc:
         raise ServiceUnavailable("cost store unavailable") from exc
-    return list(zip(buckets, rollups, strict=True))
+    return [(bucket, rollup) for (bucket, _), rollup in zip(wanted, rollups, strict=True)]
 
 
 def _spend(rollup: dict[bytes, bytes], part: _Part) -> Iterator[tuple[str, int]]:
@@ -176,17 +176,21 @@ def _spend(rollup: dict[bytes, bytes], part: _Part) -> Iterator[tuple[str, int]]
             yield key, int(value)
 
 
-async def cost_report(redis: Redis, group_by: str, since: datetime, until: datetime) -> CostReport:
+async def cost_report(
+    redis: AnyRedis, group_by: str, since: datetime, until: datetime, *, shards: int = keys.DEFAULT_SHARDS
+) -> CostReport:
     part = _dimension(group_by)
     totals: dict[str, int] = {}
-    for _, rollup in await _rollups(redis, since, until):
+    for _, rollup in await _rollups(redis, since, until, shards):
         for key, nanos in _spend(rollup, part):
             totals[key] = totals.get(key, 0) + nanos
     rows = sorted((CostRow(k, v) for k, v in totals.items() if v), key=lambda r: (-r.nanos, r.key))
     return CostReport(group_by, since, until, tuple(rows))
 
 
-async def cost_series(redis: Redis, group_by: str, since: datetime, until: datetime) -> CostSeries:
+async def cost_series(
+    redis: AnyRedis, group_by: str, since: datetime, until: datetime, *, shards: int = keys.DEFAULT_SHARDS
+) -> CostSeries:
     """The same rollups as `cost_report`, kept apart by hour: its per-key sums are the report."""
     part = _dimension(group_by)
     first, last = _hour(since), _hour(until - timedelta(microseconds=1))
@@ -196,7 +200,7 @@ async def cost_series(redis: Redis, group_by: str, since: datetime, until: datet
     hours = tuple(first + timedelta(hours=i) for i in range(count))
     slot = {_bucket(hour): i for i, hour in enumerate(hours)}
     per_key: dict[str, list[int]] = {}
-    for bucket, rollup in await _rollups(redis, since, until):
+    for bucket, rollup in await _rollups(redis, since, until, shards):
         for key, nanos in _spend(rollup, part):
             per_key.setdefault(key, [0] * count)[slot[bucket]] += nanos
     series = sorted(
@@ -205,7 +209,7 @@ async def cost_series(redis: Redis, group_by: str, since: datetime, until: datet
     return CostSeries(group_by, since, until, hours, tuple(series))
 
 
-async def denial_series(redis: Redis, since: datetime, until: datetime) -> dict[str, Any]:
+async def denial_series(redis: AnyRedis, since: datetime, until: datetime) -> dict[str, Any]:
     """Denials per reason for every hour that overlaps [since, until), from their hourly tallies."""
     first, last = _hour(since), _hour(until - timedelta(microseconds=1))
     count = (last - first) // timedelta(hours=1) + 1
@@ -234,11 +238,13 @@ async def denial_series(redis: Redis, since: datetime, until: datetime) -> dict[
 TOOL_SEPARATOR = "__"  # MCP tools are named <server>__<tool>
 
 
-async def tool_spend(redis: Redis, since: datetime, until: datetime) -> list[dict[str, Any]] | None:
+async def tool_spend(
+    redis: AnyRedis, since: datetime, until: datetime, *, shards: int = keys.DEFAULT_SHARDS
+) -> list[dict[str, Any]] | None:
     """Spend per MCP server and tool, or None while cost rollups have no "tool" dimension."""
     if "tool" not in GROUPS:
         return None
-    report = await cost_report(redis, "tool", since, until)
+    report = await cost_report(redis, "tool", since, until, shards=shards)
     rows = []
     for row in report.rows:
         if not row.key:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.assembly.model import Assembly
 from gateway.capability import Keyring, mint
 from gateway.errors import InvalidRequest, NotFound
 from gateway.money import nanos_to_usd_str
+from gateway.redis_client import AnyRedis
 from gateway.state.entries import Kind, make_entry
 from gateway.state.ledger import REDIS_ERRORS, Ledger
 
@@ -74,7 +74,7 @@ class SessionRecord:
 
 
 class SessionStore:
-    def __init__(self, redis: Redis, ledger: Ledger, keyring: Keyring, *, retention_s: int) -> None:
+    def __init__(self, redis: AnyRedis, ledger: Ledger, keyring: Keyring, *, retention_s: int) -> None:
         self.redis = redis
         self.ledger = ledger
         self.keyring = keyring
@@ -127,7 +127,8 @@ class SessionStore:
                 fields[name] = value
         keep_until = expires_at + self.retention_s
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            # Not a MULTI: the session and the SESSIONS index live in different cluster slots.
+            async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(keys.session(session_id), mapping=fields)
                 pipe.expireat(keys.session(session_id), keep_until)
                 pipe.zadd(keys.SESSIONS, {session_id: now})

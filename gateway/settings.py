@@ -169,7 +169,23 @@ class RedisSettings(_Frozen):
     data_dir: str = "./var"
     # Past this, a Redis call counts as down and the request fails closed with 503.
     timeout_ms: Annotated[int, Field(gt=0)] = 1000
-    max_connections: Annotated[int, Field(gt=0)] = 64
+    max_connections: Annotated[int, Field(gt=0)] = 64  # per Redis node in cluster mode
+    # Redis Cluster (or ABC_REDIS_CLUSTER=1): `url` names any node; the client finds the rest.
+    cluster: bool = False
+    # The global indexes (journal index, cost rollups, due reservations) are split over this
+    # many keys, each in its own hash slot, so no single key takes every request's writes.
+    # Changing it hides what older shards hold from reports: pick it once.
+    shards: Annotated[int, Field(ge=1, le=1024)] = 16
+    # Replicas that must have a settlement (WAIT) before its answer goes out; 0: don't wait.
+    # With 1, an answer the client got survives the failover of its Redis master.
+    wait_replicas: Annotated[int, Field(ge=0, le=16)] = 0
+    wait_timeout_ms: Annotated[int, Field(gt=0)] = 500
+
+    @model_validator(mode="after")
+    def _cluster_needs_url(self) -> RedisSettings:
+        if self.cluster and not self.url:
+            raise ValueError("cluster mode needs ABC_REDIS_URL (or redis.url) naming a node of the cluster")
+        return self
 
 
 class BudgetSettings(_Frozen):
@@ -303,6 +319,9 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
     return f"{source}: invalid settings: " + "; ".join(problems)
 
 
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def settings_from_dict(data: dict[str, Any], *, source: str = "settings") -> Settings:
     env = {
         "admin_token": os.environ.get("ABC_ADMIN_TOKEN") or None,
@@ -318,6 +337,11 @@ def settings_from_dict(data: dict[str, Any], *, source: str = "settings") -> Set
     redis_url = os.environ.get("ABC_REDIS_URL")
     if redis_url:
         data["redis"] = {**(data.get("redis") or {}), "url": redis_url}
+    cluster = os.environ.get("ABC_REDIS_CLUSTER", "").strip().lower()
+    if cluster:
+        if cluster not in _FLAGS:
+            raise ConfigError(f"ABC_REDIS_CLUSTER: expected one of {', '.join(sorted(_FLAGS))}, got {cluster!r}")
+        data["redis"] = {**(data.get("redis") or {}), "cluster": _FLAGS[cluster]}
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

@@ -1,5 +1,9 @@
 """Shared fixtures: a real redis-server per test session (flushed per test), settings,
-and a real gateway on a background thread that the official openai SDK can call."""
+and a real gateway on a background thread that the official openai SDK can call.
+
+`redis_url` is a single node by default. A module that sets `pytestmark = BOTH_REDIS`
+runs each of its tests twice: on the single node and on a real 3-master Redis Cluster
+(started once per test session); the gateways it starts then run in cluster mode."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from gateway.capability import Keyring
 from gateway.plugins import Registry
 from gateway.server import BackgroundServer
 from gateway.settings import Settings, load_settings
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import RedisClusterProcess, RedisProcess, is_cluster_url
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-" + secrets.token_hex(16)
@@ -33,12 +37,35 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcess]:
+    cluster = RedisClusterProcess(tmp_path_factory.mktemp("cluster"), masters=3).start()
+    yield cluster
+    cluster.stop()
+
+
+# Run a module's tests on a single Redis and on a Redis Cluster: `pytestmark = BOTH_REDIS`.
+BOTH_REDIS = pytest.mark.parametrize("redis_kind", ["single", "cluster"], indirect=True)
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisProcess) -> Iterator[str]:
-    client = redis.Redis.from_url(redis_server.url)
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = getattr(request, "param", "single")
+    return kind
+
+
+@pytest.fixture
+def redis_url(redis_kind: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    if redis_kind == "cluster":
+        cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        yield cluster.url
+        return
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    client = redis.Redis.from_url(server.url)
     client.flushall()
     client.close()
-    yield redis_server.url
+    yield server.url
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -108,9 +135,16 @@ class Gateway:
         return shown
 
 
+def for_redis(settings: Settings, redis_url: str) -> Settings:
+    """`settings` in cluster mode when `redis_url` is a test cluster's."""
+    if not is_cluster_url(redis_url):
+        return settings
+    return settings.model_copy(update={"redis": settings.redis.model_copy(update={"cluster": True, "url": redis_url})})
+
+
 def start_gateway(settings: Settings, redis_url: str, keyring: Keyring, *, plugins: Registry | None = None) -> Gateway:
     """`plugins`: what this replica can run; absent, the installed entry points."""
-    server = BackgroundServer(settings, redis_url=redis_url, keyring=keyring, plugins=plugins).start()
+    server = BackgroundServer(for_redis(settings, redis_url), redis_url=redis_url, keyring=keyring, plugins=plugins).start()
     admin = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
     return Gateway(server, admin)
 

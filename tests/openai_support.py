@@ -8,11 +8,11 @@ from typing import Any
 import httpx
 import openai
 import orjson
-import redis
 
 from gateway import redis_keys
 from gateway.state.entries import entry_body
 from tests.conftest import Gateway, assert_no_server_errors  # noqa: F401  (re-exported)
+from tests.redis_proc import client_for
 
 TIMEOUT_S = 30.0
 
@@ -44,7 +44,7 @@ def openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
 
 def journal(redis_url: str, session_id: str) -> list[dict[str, Any]]:
     """A session's journal entries in order, fields decoded and `body` decompressed."""
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     try:
         raw = client.xrange(redis_keys.journal(session_id))
     finally:
@@ -62,7 +62,7 @@ def journal(redis_url: str, session_id: str) -> list[dict[str, Any]]:
 
 def all_redis_bytes(redis_url: str) -> bytes:
     """Every key and value in Redis (strings, hashes, sets, streams), concatenated."""
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     out = bytearray()
     try:
         for key in client.scan_iter(count=1000):

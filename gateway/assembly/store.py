@@ -13,12 +13,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-import redis.asyncio as redis
 from pydantic import ValidationError
 
 from gateway import redis_keys
 from gateway.assembly.model import Assembly, assembly_id
 from gateway.errors import GatewayError, NotFound
+from gateway.redis_client import AnyRedis
 
 __all__ = ["AssemblyIntegrityError", "AssemblyStore"]
 
@@ -36,7 +36,7 @@ class AssemblyIntegrityError(GatewayError):
 class AssemblyStore:
     def __init__(
         self,
-        redis_client: redis.Redis,
+        redis_client: AnyRedis,
         *,
         cache_size: int = 1024,
         clock: Callable[[], float] = time.time,

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.journal.recorded import OUTCOMES
 from gateway.pipeline.policy import tool_call_names
 from gateway.providers.base import Endpoint
+from gateway.redis_client import AnyRedis
 from gateway.state.entries import Kind, entry_body
 from gateway.state.export import read_all
 
@@ -184,7 +184,7 @@ def walk(log: SessionLog, entries: Iterable[tuple[bytes, Mapping[bytes, bytes]]]
     return log
 
 
-async def read_session(redis: Redis, session_id: str, *, replays: bool = False) -> SessionLog | None:
+async def read_session(redis: AnyRedis, session_id: str, *, replays: bool = False) -> SessionLog | None:
     """The session's journal as requests; None when the session is gone (or, unless
     `replays`, is a replay of another: its calls are copies)."""
     raw = await redis.hgetall(keys.session(session_id))  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
@@ -203,6 +203,6 @@ async def read_session(redis: Redis, session_id: str, *, replays: bool = False) 
     return walk(log, [item async for item in read_all(redis, session_id)])
 
 
-async def read_sessions(redis: Redis, session_ids: Iterable[str]) -> list[SessionLog]:
+async def read_sessions(redis: AnyRedis, session_ids: Iterable[str]) -> list[SessionLog]:
     logs = [await read_session(redis, session_id) for session_id in session_ids]
     return [log for log in logs if log is not None]

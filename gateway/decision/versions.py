@@ -21,13 +21,13 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.assembly.model import Assembly
 from gateway.assembly.plan import Plan
 from gateway.decision.planfile import plan_data, plan_from_assembly
 from gateway.errors import NotFound
+from gateway.redis_client import AnyRedis
 
 __all__ = ["PlanVersions", "Version"]
 
@@ -68,10 +68,11 @@ class Version:
 
 
 class PlanVersions:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: AnyRedis) -> None:
         self._redis = redis
         source = (resources.files("gateway") / "lua" / f"{keys.PLAN_VERSION_SCRIPT}.lua").read_text("utf-8")
-        self._record = redis.register_script(source)
+        # RedisCluster has it too (redis-py types it for Redis only); its NOSCRIPT reload goes to every master.
+        self._record = redis.register_script(source)  # type: ignore[misc]
 
     async def record(
         self, plan: Plan, assembly: Assembly, *, by: str, actor: str | None = None, now_ms: int | None = None

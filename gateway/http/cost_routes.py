@@ -17,21 +17,23 @@ TOP_SESSIONS = 10
 async def costs(request: web.Request) -> web.Response:
     query = request.query
     since, until = resolve_window(query.get("since"), query.get("until"))
-    report = await cost_report(deps_of(request).redis, query.get("group_by", "tenant"), since, until)
+    deps = deps_of(request)
+    report = await cost_report(deps.redis, query.get("group_by", "tenant"), since, until, shards=deps.settings.redis.shards)
     return web.Response(body=orjson.dumps(report.to_dict()), content_type="application/json")
 
 
 async def costs_series(request: web.Request) -> web.Response:
     query = request.query
     since, until = resolve_window(query.get("since"), query.get("until"))
-    series = await cost_series(deps_of(request).redis, query.get("group_by", "tenant"), since, until)
+    deps = deps_of(request)
+    series = await cost_series(deps.redis, query.get("group_by", "tenant"), since, until, shards=deps.settings.redis.shards)
     return web.Response(body=orjson.dumps(series.to_dict()), content_type="application/json")
 
 
 async def dashboard_panels(request: web.Request) -> web.Response:
     deps = deps_of(request)
     since, until = resolve_window(request.query.get("since"), request.query.get("until"))
-    sessions = await cost_report(deps.redis, "session", since, until)
+    sessions = await cost_report(deps.redis, "session", since, until, shards=deps.settings.redis.shards)
     count, (p50, p99) = deps.metrics.overhead_quantiles(0.5, 0.99)
     body = {
         "denials": await denial_series(deps.redis, since, until),
@@ -41,7 +43,7 @@ async def dashboard_panels(request: web.Request) -> web.Response:
         ],
         # Since this gateway (all its workers) started: a Prometheus histogram, not the journal.
         "overhead": {"count": count, "p50_ms": _ms(p50), "p99_ms": _ms(p99)},
-        "tools": await tool_spend(deps.redis, since, until),
+        "tools": await tool_spend(deps.redis, since, until, shards=deps.settings.redis.shards),
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.capability import bearer_token, constant_time_equals
 from gateway.errors import (
@@ -119,7 +119,7 @@ async def _translated(request: web.Request, handler: Handler, request_id: str, r
         if exc.status == 503:
             deps_of(request).metrics.observe_redis_error("request")
         return error_response(exc, request_id, request.path)
-    except RedisError:
+    except (RedisError, RedisClusterException):
         # Whatever path touched Redis, its trouble fails closed: 503, nothing forwarded.
         deps_of(request).metrics.observe_redis_error("request")
         unavailable = ServiceUnavailable("state store unavailable; request not served")

@@ -9,8 +9,8 @@ Retention, explicitly: nothing is ever trimmed by a bare MAXLEN.
 - A session's journal stream, its head and its replay keys get EXPIREAT at the session's
   expiry plus `journal.retention_s` (default 30 days), set when the session is opened,
   so they go together with the session hash and never before it.
-- The global index stream (`journal_index`) is trimmed by MINID to the same retention
-  window: it only points at per-session entries and holds no bodies.
+- The global index streams (`journal_index:{idx:K}`, one per index shard) are trimmed by
+  MINID to the same retention window: they only point at per-session entries and hold no bodies.
 - Anything earlier goes only after archiving: `abc-gateway journal export SESSION
   > file.jsonl --trim` writes every entry exactly as stored, then drops the exported
   entries (XTRIM MINID through the last one, proven by its hash). The head remembers the

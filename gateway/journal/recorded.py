@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.deps import Deps
@@ -33,6 +32,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.providers.base import Endpoint, Reply
+from gateway.redis_client import AnyRedis
 from gateway.state.entries import ChainReport, Kind, entry_body, verify_chain
 from gateway.state.export import read_all
 from gateway.state.ledger import REDIS_ERRORS, Ledger
@@ -41,7 +41,7 @@ OUTCOMES = frozenset({Kind.RESPONSE, Kind.STREAM, Kind.ERROR, Kind.ABORTED})
 MAX_DIFFS = 20
 
 
-async def verify_session(redis: Redis, session_id: str) -> ChainReport:
+async def verify_session(redis: AnyRedis, session_id: str) -> ChainReport:
     """Check the whole chain, from where an export trimmed it, up to the head."""
     head = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.journal_head(session_id))).items()}  # type: ignore[misc]  # redis-py types results Awaitable[T] | T
     prev, first_seq = head.get("trimmed_hash", ""), int(head.get("trimmed_seq", 0)) + 1
@@ -87,7 +87,7 @@ class RecordedCall:
         return f"{self.request_hash}|{self.request_entry}|{self.outcome_entry}"
 
 
-async def recorded_calls(redis: Redis, session_id: str) -> list[RecordedCall]:
+async def recorded_calls(redis: AnyRedis, session_id: str) -> list[RecordedCall]:
     return group_calls([item async for item in read_all(redis, session_id)])
 
 
@@ -128,7 +128,7 @@ async def open_recorded(deps: Deps, source: str) -> dict[str, Any]:
     }
 
 
-async def bind_recording(redis: Redis, replay_session: str, calls: list[RecordedCall], keep_until: int) -> None:
+async def bind_recording(redis: AnyRedis, replay_session: str, calls: list[RecordedCall], keep_until: int) -> None:
     """Give a new replay session its recording (in its own slot) and a cursor at 0."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.replay_calls(replay_session))
@@ -140,7 +140,7 @@ async def bind_recording(redis: Redis, replay_session: str, calls: list[Recorded
 
 
 async def recorded_provider(
-    redis: Redis, ledger: Ledger, *, session_id: str, source: str, request_hash: str, body: dict[str, Any]
+    redis: AnyRedis, ledger: Ledger, *, session_id: str, source: str, request_hash: str, body: dict[str, Any]
 ) -> ReplayProvider:
     """The provider for a replay session's next call, or 409 when the call is not the recorded one."""
     status, index, listed = await ledger.take_recorded(session_id, request_hash)
@@ -167,7 +167,7 @@ async def recorded_provider(
     return ReplayProvider(outcome)
 
 
-async def _entry(redis: Redis, session_id: str, entry_id: str) -> dict[bytes, bytes] | None:
+async def _entry(redis: AnyRedis, session_id: str, entry_id: str) -> dict[bytes, bytes] | None:
     try:
         found = await redis.xrange(keys.journal(session_id), min=entry_id, max=entry_id)
     except REDIS_ERRORS as exc:

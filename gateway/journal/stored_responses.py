@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from gateway.redis_client import AnyRedis
 from gateway.state.entries import Kind, entry_body
 from gateway.state.ledger import REDIS_ERRORS
 from gateway.translate.responses import TERMINAL
@@ -31,14 +31,14 @@ class Stored:
     previous: str | None
 
 
-async def remember(redis: Redis, session_id: str, response_id: str, entry_id: str, keep_until: int) -> None:
+async def remember(redis: AnyRedis, session_id: str, response_id: str, entry_id: str, keep_until: int) -> None:
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.responses(session_id), response_id, entry_id)
         pipe.expireat(keys.responses(session_id), keep_until)
         await pipe.execute()
 
 
-async def load(redis: Redis, session_id: str, response_id: object) -> Stored:
+async def load(redis: AnyRedis, session_id: str, response_id: object) -> Stored:
     if not isinstance(response_id, str) or not response_id:
         raise InvalidRequest("a response id must be a non-empty string", param="previous_response_id")
     try:
@@ -67,7 +67,7 @@ def _response(fields: dict[bytes, bytes]) -> tuple[dict[str, Any], bytes]:
     raise NotFound("the stored response has no final event", code="response_not_found")
 
 
-async def history(redis: Redis, session_id: str, previous_id: object) -> list[dict[str, Any]]:
+async def history(redis: AnyRedis, session_id: str, previous_id: object) -> list[dict[str, Any]]:
     """Every input and output item of the conversation ending at `previous_id`, oldest first."""
     if previous_id is None:
         return []

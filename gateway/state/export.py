@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from gateway import redis_keys as keys
 from gateway.errors import InvalidRequest, StateConflict
+from gateway.redis_client import AnyRedis
 from gateway.state.entries import entry_body
 
 PAGE = 1000
@@ -29,14 +29,14 @@ JSON_FIELDS = frozenset({"plugins"})  # what each policy plugin did, by plugin n
 Raw = tuple[bytes, dict[bytes, bytes]]
 
 
-async def read_page(redis: Redis, session_id: str, *, after: str | None, limit: int) -> list[Raw]:
+async def read_page(redis: AnyRedis, session_id: str, *, after: str | None, limit: int) -> list[Raw]:
     """Up to `limit` entries after the entry id `after` (exclusive), oldest first."""
     start = "-" if not after else "(" + after
     page: list[Raw] = await redis.xrange(keys.journal(session_id), min=start, max="+", count=limit)
     return page
 
 
-async def read_all(redis: Redis, session_id: str) -> AsyncIterator[Raw]:
+async def read_all(redis: AnyRedis, session_id: str) -> AsyncIterator[Raw]:
     after: str | None = None
     while True:
         page = await read_page(redis, session_id, after=after, limit=PAGE)
@@ -95,7 +95,7 @@ def lines_to_entries(lines: Iterable[dict[str, Any]]) -> list[Raw]:
     return entries
 
 
-async def trim_through(redis: Redis, session_id: str, *, through: str, exported_hash: str) -> dict[str, Any]:
+async def trim_through(redis: AnyRedis, session_id: str, *, through: str, exported_hash: str) -> dict[str, Any]:
     """Drop the entries up to and including `through`, which the caller has archived.
 
     `exported_hash` must be that entry's chain hash, as the archive holds it: proof that the

@@ -1,9 +1,18 @@
 """The Redis side of every request: reserve, settle, close and journal, as versioned Lua.
 
-Each call is one round trip: the script (which touches only the session's hash-tagged
-keys) plus, in the same pipeline, the writes to global indexes. Any Redis trouble
-becomes `ServiceUnavailable`: callers fail closed and nothing is forwarded. A settlement
-Redis could not take is kept and written when it is back (see `leases`).
+On one Redis node each call is one round trip: the script plus, in the same pipeline, the
+writes to the (sharded) global indexes. Any Redis trouble becomes `ServiceUnavailable`:
+callers fail closed and nothing is forwarded. A settlement Redis could not take is kept
+and written when it is back (see `leases`).
+
+On Redis Cluster every script touches the keys of one hash slot only: the session's
+(`{sess:ID}`) or the tenant's (`{ten:NAME}`). The index write a reservation needs to be
+found again (its due entry) goes first, then the script, then the other index writes, on
+the nodes that hold them. Tenant limits span two slots there, so they are a protocol of
+two scripts (README, "Tenant limits on Redis Cluster"): hold the worst case on the
+tenant's slot, then reserve on the session's; give the hold back if the session refuses;
+settle both; the reaper closes what nobody settles. On one node the reserve script checks
+the tenant's counters itself, in the same round trip.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import secrets
 import time
@@ -22,7 +32,7 @@ from typing import Any
 
 import orjson
 from redis import exceptions as rx
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway import redis_keys as keys
 from gateway.assembly.model import Limits
@@ -35,6 +45,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.money import nanos_to_usd_str
+from gateway.redis_client import AnyRedis
 from gateway.state.entries import Entry, Kind, digest, make_entry
 from gateway.state.leases import Backlog, Held, Leases
 from gateway.state.wire import Wire
@@ -47,12 +58,16 @@ SCRIPT_NAMES = (
     keys.CLOSE_SCRIPT,
     keys.LEASE_SCRIPT,
     keys.REPLAY_TAKE_SCRIPT,
+    keys.TENANT_RESERVE_SCRIPT,
+    keys.TENANT_SETTLE_SCRIPT,
 )
-REDIS_ERRORS = (rx.RedisError, OSError, TimeoutError)
+# RedisClusterException is no RedisError: the cluster client raises it when no node covers a slot.
+REDIS_ERRORS = (rx.RedisError, rx.RedisClusterException, OSError, TimeoutError)
 # Redis away, stalled or not yet ready: a settlement that met one of these is tried again.
 TRANSIENT = (
     rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, rx.ReadOnlyError, rx.TryAgainError,
     rx.ClusterDownError, rx.MasterDownError, rx.OutOfMemoryError, OSError, TimeoutError,
+    rx.RedisClusterException, rx.SlotNotCoveredError,
 )
 # How long shutdown waits for deferred settlements to be written.
 DRAIN_ON_CLOSE_S = 5.0
@@ -132,8 +147,34 @@ def _day(now: float) -> str:
     return time.strftime("%Y%m%d", time.gmtime(now))
 
 
+@dataclass(frozen=True, slots=True)
+class TenantHold:
+    """Redis Cluster: a tenant hold this process made and has yet to settle, and where its
+    counters are (the day and minute it was made in)."""
+
+    tenant: str
+    day: str
+    minute: int
+    reserved_ms: int
+
+    def keys(self) -> list[str]:
+        return [
+            keys.tenant_holds(self.tenant),
+            keys.tenant_spend(self.tenant, self.day),
+            keys.tenant_rate(self.tenant, "req", self.minute),
+            keys.tenant_rate(self.tenant, "tok", self.minute),
+        ]
+
+    def field(self, session_id: str, request_id: str) -> str:
+        return keys.tenant_hold(session_id, request_id, self.reserved_ms)
+
+
 class RedisAway(ServiceUnavailable):
     """Redis was unreachable, stalled or not ready: worth trying again later."""
+
+
+class NotReplicated(RedisAway):
+    """A script ran on its master, but fewer replicas than `wait_replicas` acknowledged it in time."""
 
 
 def _transient(exc: BaseException | None) -> bool:
@@ -145,18 +186,30 @@ def _transient(exc: BaseException | None) -> bool:
 class Ledger:
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         *,
         reservation_ttl_s: int,
         journal_retention_s: int,
         lease_s: float = 3.0,
         settle_backlog: int = 1000,
+        shards: int = keys.DEFAULT_SHARDS,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 500,
+        tenant_holds: bool | None = None,
         observe: Callable[[str, float], None] | None = None,
         count: Callable[[str], None] | None = None,
     ) -> None:
+        """`tenant_holds`: tenant limits by the two-slot protocol (default: on a cluster only)."""
         self.redis = redis
         # The reserve and settle round trips of a single Redis, without redis-py's pipeline.
-        self._wire = Wire.of(redis)
+        self._wire = None if isinstance(redis, RedisCluster) else Wire.of(redis)
+        self.cluster = isinstance(redis, RedisCluster)
+        self.shards = shards
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.tenant_holds = self.cluster if tenant_holds is None else tenant_holds
+        # Tenant holds of requests in flight here, by (session, request): settle closes them.
+        self._holds: dict[tuple[str, str], TenantHold] = {}
         self._observe = observe or (lambda op, seconds: None)
         self._count = count or (lambda event: None)
         self._last_bucket = ""  # the hour bucket this process last registered in COST_BUCKETS
@@ -167,46 +220,121 @@ class Ledger:
         self.leases = Leases(lease_ms=int(lease_s * 1000), ttl_ms=self.reservation_ttl_ms)
         self.backlog: Backlog[Deferred] = Backlog(settle_backlog, self._write_deferred, RedisAway)
         self._sources = _load_sources()
-        self._sha: dict[str, str] = {}
+        # A script's SHA1 is known without asking Redis, so concurrent requests never race
+        # over a cache of them; Redis is (re)taught the sources when it answers NOSCRIPT.
+        self._sha = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in self._sources.items()}
+        self._loaded = False
         self._releases: set[asyncio.Task[None]] = set()
 
-    async def load_scripts(self) -> None:
+    async def load_scripts(self, node: Any = None) -> None:
+        """Teach Redis the scripts: every master, or (cluster) the one `node` that answered
+        NOSCRIPT, e.g. a replica just promoted, which the client may not list as a master yet."""
+        where = {} if node is None else {"target_nodes": node}
         try:
-            for name, source in self._sources.items():
-                self._sha[name] = await self.redis.script_load(source)
+            for source in self._sources.values():
+                await self.redis.execute_command("SCRIPT LOAD", source, **where)
+            if node is None:
+                self._loaded = True
         except REDIS_ERRORS as exc:
             raise ServiceUnavailable("budget store unavailable") from exc
 
-    async def _run(self, name: str, keys_: list[str], args: list[Any], extra: Sequence[tuple[Any, ...]] = ()) -> Any:
-        """EVALSHA `name` and the `extra` commands in one round trip; returns the script's result."""
+    async def _run(
+        self,
+        name: str,
+        keys_: list[str],
+        args: list[Any],
+        extra: Sequence[tuple[Any, ...]] = (),
+        *,
+        first: Sequence[tuple[Any, ...]] = (),
+        wait: bool = False,
+    ) -> Any:
+        """EVALSHA `name` and the index commands `extra`; returns the script's result.
+
+        One node: `first`, the script and `extra`, in one pipeline. Cluster: `first` (what
+        must be written before the script runs: a reservation's due entry, so the reaper can
+        always find it) in its own round trip, then the script, then `extra`, once it ran: a
+        due entry removed while its settle failed would hide a reservation for good.
+        `wait`: the script's writes must reach `wait_replicas` replicas before we answer
+        (WAIT, on the script's own connection).
+        """
         started = time.perf_counter()
+        after: Sequence[tuple[Any, ...]] = ()
+        if self.cluster:
+            if first:
+                await self._commands(first)
+            first, extra, after = (), (), extra
+        waiting = wait and self.wait_replicas > 0
         for attempt in (1, 2):
             try:
-                if name not in self._sha:
+                if not self._loaded:
                     await self.load_scripts()
-                results = await self._send([("EVALSHA", self._sha[name], len(keys_), *keys_, *args), *extra])
+                elif attempt == 2:
+                    await self.load_scripts(self._node_of(keys_[0]) if self.cluster else None)
+                commands = [*first, ("EVALSHA", self._sha[name], len(keys_), *keys_, *args)]
+                if waiting:
+                    commands.append(("WAIT", self.wait_replicas, self.wait_timeout_ms))
+                results = await self._send([*commands, *extra], wait_on=keys_[0] if waiting else None)
             except REDIS_ERRORS as exc:
                 raise _unavailable(exc) from exc
-            result = results[0]
+            result = results[len(first)]
             if isinstance(result, rx.NoScriptError) and attempt == 1:
-                # Redis restarted and lost its script cache: load and retry the script alone.
-                self._sha.clear()
-                extra = ()
+                # Redis restarted, or a replica was promoted, and lost its script cache:
+                # load and retry the script alone (the other commands already ran).
+                first, extra = (), ()
                 continue
             if isinstance(result, Exception):
                 raise _unavailable(result) from result
+            if waiting and not _acked(results[len(first) + 1], self.wait_replicas):
+                if after:
+                    await self._index(after)  # the script ran: its index entries belong with it
+                raise NotReplicated("budget store not replicated in time; request not served")
+            if after:
+                await self._index(after)
             self._observe(name, time.perf_counter() - started)
             return result
         raise ServiceUnavailable("budget store unavailable")
 
-    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """The commands' replies in order, errors among them; one round trip."""
+    async def _send(self, commands: list[tuple[Any, ...]], *, wait_on: str | None = None) -> list[Any]:
+        """The commands' replies in order, errors among them; one round trip (on a cluster,
+        one per node). `wait_on`: the key whose master a WAIT among them goes to, on the
+        connection of the script before it."""
         if self._wire is not None:
             return await self._wire.execute(commands)
+        node = self._node_of(wait_on) if self.cluster and wait_on is not None else None
         async with self.redis.pipeline(transaction=False) as pipe:
             for command in commands:
-                pipe.execute_command(*command)
+                if node is not None and command[0] == "WAIT":
+                    pipe.execute_command(*command, target_nodes=node)
+                else:
+                    pipe.execute_command(*command)
             return await pipe.execute(raise_on_error=False)
+
+    async def _index(self, commands: Sequence[tuple[Any, ...]]) -> None:
+        """Cluster: the index writes of a script that ran. One that fails is logged: the
+        session's journal and counters (the truth) are in place; a report may miss it."""
+        try:
+            results = await self._send(list(commands))
+        except REDIS_ERRORS as exc:
+            results = [exc]
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            log.warning("an index write failed (%s); the session's journal and counters are intact", type(failed).__name__)
+
+    async def _commands(self, commands: Sequence[tuple[Any, ...]]) -> None:
+        try:
+            results = await self._send(list(commands))
+        except REDIS_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise _unavailable(failed) from failed
+
+    def _node_of(self, key: str) -> Any:
+        assert isinstance(self.redis, RedisCluster)
+        return self.redis.get_node_from_key(key)
+
+    def _shard(self, session_id: str) -> int:
+        return keys.shard_of(session_id, self.shards)
 
     async def reserve(
         self,
@@ -239,6 +367,13 @@ class Ledger:
         tenant_limited = tenant is not None and (
             limits.tenant_rpm or limits.tenant_tpm or limits.tenant_usd_nanos_per_day is not None
         )
+        if tenant_limited and self.tenant_holds:
+            assert tenant is not None
+            return await self._reserve_held(
+                TenantHold(tenant, _day(now), minute, now_ms), session_id=session_id, request_id=request_id,
+                est_nanos=est_nanos, est_tokens=est_tokens, step_candidates=step_candidates, limits=limits,
+                entry=entry, idempotency_key=idempotency_key, request_hash=request_hash, capped=capped,
+            )
         if tenant_limited:
             assert tenant is not None
             tenant_keys = [
@@ -274,17 +409,111 @@ class Ledger:
             *(capped or ("", "")), now_ms + self.leases.lease_ms, self.owner,
             entry.digest, *entry.flat(),
         ]
-        due = ("ZADD", keys.RESERVATIONS_DUE, self.leases.deadline(now_ms, now_ms), f"{session_id}|{request_id}")
+        due = ("ZADD", keys.reservations_due(self._shard(session_id)), self.leases.deadline(now_ms, now_ms), f"{session_id}|{request_id}")
         try:
-            result = await self._run(keys.RESERVE_SCRIPT, script_keys, args, [due])
+            if self.cluster:
+                result = await self._run(keys.RESERVE_SCRIPT, script_keys, args, first=[due], wait=True)
+            else:
+                result = await self._run(keys.RESERVE_SCRIPT, script_keys, args, [due], wait=True)
         except ServiceUnavailable as exc:
-            if isinstance(exc.__cause__, (rx.TimeoutError, TimeoutError)):
+            if _may_have_run(exc):
                 self._release_later(session_id, tenant, entry)
             raise
         admission = _admission(result)
         if admission.held is None:
             self.leases.hold(session_id, request_id, Held(now_ms, idempotency_key))
         return admission
+
+    async def _reserve_held(
+        self, hold: TenantHold, *, session_id: str, request_id: str, est_nanos: int, est_tokens: int,
+        step_candidates: str, limits: Limits, entry: Entry, idempotency_key: str | None, request_hash: str,
+        capped: tuple[str, int] | None,
+    ) -> Admission:
+        """The two-slot reserve (Redis Cluster): hold the worst case on the tenant's slot,
+        then reserve on the session's, with no tenant limit left for the session's script to
+        check; give the hold back when the session refuses. The due entries of both sides are
+        written first, so the reaper finds either whatever fails after."""
+        now_ms = hold.reserved_ms
+        key = (session_id, request_id)
+        due = (
+            "ZADD", keys.reservations_due(self._shard(session_id)),
+            self.leases.deadline(now_ms, now_ms), f"{session_id}|{request_id}",
+            # The hold is due after its reservation's backstop: a late settle up to then corrects both.
+            now_ms + 2 * self.reservation_ttl_ms, keys.tenant_due(hold.tenant, session_id, request_id, now_ms),
+        )
+        await self._hold_tenant(hold, session_id, request_id, est_nanos, est_tokens, limits, due)
+        # Stand-in keys in the session's slot, never read: the session's script sees no tenant limit.
+        stand_ins = [keys.session_rate(session_id, f"t{u}", hold.minute) for u in ("usd", "req", "tok")]
+        script_keys = [
+            keys.session(session_id), keys.reservations(session_id), keys.journal(session_id),
+            keys.journal_head(session_id), keys.session_rate(session_id, "req", hold.minute),
+            keys.session_rate(session_id, "tok", hold.minute), *stand_ins,
+            idempotency_key or keys.idempotency(session_id, "-"), keys.capped_calls(session_id),
+        ]
+        args = [
+            now_ms, request_id, est_nanos, est_tokens, step_candidates, _opt(limits.session_rpm),
+            _opt(limits.session_tpm), "", "", "", "" if idempotency_key is None else self.reservation_ttl_ms,
+            request_hash, *(capped or ("", "")), now_ms + self.leases.lease_ms, self.owner,
+            entry.digest, *entry.flat(),
+        ]
+        try:
+            admission = _admission(await self._run(keys.RESERVE_SCRIPT, script_keys, args, wait=True))
+        except ServiceUnavailable as exc:
+            if _may_have_run(exc):
+                # Settled at nothing later if it did run, and its hold with it (see _release).
+                self._holds[key] = hold
+                self._release_later(session_id, hold.tenant, entry)
+            else:
+                await self._close_hold(hold, session_id, request_id, 0, release=True)
+            raise
+        except asyncio.CancelledError:
+            # Cancelled mid-call, the reserve may have run: giving the hold back now could
+            # leave the session charged and the tenant not. Look later, as after a timeout.
+            self._holds[key] = hold
+            self._release_later(session_id, hold.tenant, entry)
+            raise
+        except BaseException:
+            await self._close_hold(hold, session_id, request_id, 0, release=True)  # refused: give it back
+            raise
+        if admission.held is not None:  # an Idempotency-Key already in use: nothing was reserved
+            await self._close_hold(hold, session_id, request_id, 0, release=True)
+            return admission
+        self._holds[key] = hold
+        self.leases.hold(session_id, request_id, Held(now_ms, idempotency_key))
+        return admission
+
+    async def _hold_tenant(
+        self, hold: TenantHold, session_id: str, request_id: str, est_nanos: int, est_tokens: int, limits: Limits,
+        due: tuple[Any, ...],
+    ) -> None:
+        """Step one of the two-slot reserve: hold the worst case on the tenant's slot."""
+        tenant_keys = [
+            keys.tenant_spend(hold.tenant, hold.day),
+            keys.tenant_rate(hold.tenant, "req", hold.minute),
+            keys.tenant_rate(hold.tenant, "tok", hold.minute),
+            keys.tenant_holds(hold.tenant),
+        ]
+        args = [
+            hold.field(session_id, request_id), est_nanos, est_tokens, _opt(limits.tenant_rpm),
+            _opt(limits.tenant_tpm), _opt(limits.tenant_usd_nanos_per_day), hold.day,
+        ]
+        result = await self._run(keys.TENANT_RESERVE_SCRIPT, tenant_keys, args, first=[due])
+        status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
+        if status != "ok":
+            with contextlib.suppress(ServiceUnavailable):  # else the reaper drops them, later
+                await self._commands([("ZREM", due[1], due[3], due[5])])
+            _admission(result)  # raises the refusal, shaped as the session script's
+            raise ServiceUnavailable("unexpected answer from the budget store")
+
+    async def _close_hold(self, hold: TenantHold, session_id: str, request_id: str, actual_nanos: int, *, release: bool) -> None:
+        """Settle or give back a tenant hold; if Redis fails, the reaper closes it (charged in full)."""
+        self._holds.pop((session_id, request_id), None)
+        args = [hold.field(session_id, request_id), actual_nanos, "release" if release else "settle"]
+        due = keys.tenant_due(hold.tenant, session_id, request_id, hold.reserved_ms)
+        try:
+            await self._run(keys.TENANT_SETTLE_SCRIPT, hold.keys(), args, [("ZREM", keys.reservations_due(self._shard(session_id)), due)])
+        except ServiceUnavailable:
+            log.warning("a tenant hold could not be closed; the reaper will charge it in full")
 
     def _release_later(self, session_id: str, tenant: str | None, request: Entry) -> None:
         """A reserve that timed out may still run when a stalled Redis catches up, and the
@@ -305,6 +534,7 @@ class Ledger:
                 if held is None:
                     continue  # not run yet, or never will
                 if held.startswith((b"R", b"Z")):
+                    self._holds.pop((session_id, rid), None)  # the reaper closes the hold too
                     return  # closed by the reaper meanwhile
                 field = request.fields.get
                 entry = make_entry(
@@ -320,6 +550,9 @@ class Ledger:
                 return
             except (ServiceUnavailable, *REDIS_ERRORS):
                 continue
+        hold = self._holds.pop((session_id, rid), None)
+        if hold is not None:  # the session's reserve never ran: its tenant hold goes back
+            await self._close_hold(hold, session_id, rid, 0, release=True)
 
     async def keep_leases(self, stop: asyncio.Event) -> None:
         """Renew every lease this process holds, every third of a lease, until `stop`."""
@@ -336,16 +569,20 @@ class Ledger:
         scores, records = self.leases.renewal(now_ms)
         if not scores:
             return
-        if keys.LEASE_SCRIPT not in self._sha:
+        if not self._loaded:
             await self.load_scripts()
+        by_shard: dict[int, list[Any]] = {}
+        for i in range(0, len(scores), 2):
+            by_shard.setdefault(self._shard(scores[i + 1].partition("|")[0]), []).extend(scores[i:i + 2])
         async with self.redis.pipeline(transaction=False) as pipe:
             # XX: a reservation settled (or closed) meanwhile is not brought back.
-            pipe.execute_command("ZADD", keys.RESERVATIONS_DUE, "XX", *scores)
+            for shard, pairs in by_shard.items():
+                pipe.execute_command("ZADD", keys.reservations_due(shard), "XX", *pairs)
             for record, request_id, lease in records:
-                pipe.evalsha(self._sha[keys.LEASE_SCRIPT], 1, record, request_id, lease)
+                pipe.execute_command("EVALSHA", self._sha[keys.LEASE_SCRIPT], 1, record, request_id, lease)
             results = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, rx.NoScriptError) for r in results):
-            self._sha.clear()  # Redis lost its scripts; loaded again next time
+            self._loaded = False  # Redis lost its scripts (a restart, a promoted replica): loaded again next time
 
     async def aclose(self) -> None:
         """Shutdown: write what settlements wait (for a while), stop pending releases; the
@@ -387,6 +624,9 @@ class Ledger:
             self._count("settle_deferred")
             raise
         self.leases.drop(session_id, request_id)
+        if held is not None and not settlement.seq:
+            # Our reservation is gone (lost in a failover, or taken over): nothing journaled, nothing served.
+            raise ServiceUnavailable("this request's reservation was lost by the budget store; answer withheld")
         return settlement
 
     async def _settle(self, job: Deferred, *, retried: bool = False) -> Settlement:
@@ -399,7 +639,8 @@ class Ledger:
             keys.reservations(session_id),
             keys.journal(session_id),
             keys.journal_head(session_id),
-            keys.tenant_spend(job.tags.tenant, _day(now)),
+            # With tenant holds, the tenant's counters are tenant_settle's: a stand-in in the session's slot.
+            keys.session_rate(session_id, "tusd", 0) if self.tenant_holds else keys.tenant_spend(job.tags.tenant, _day(now)),
             job.record or keys.idempotency(session_id, "-"),
         ]
         args = [
@@ -408,7 +649,7 @@ class Ledger:
             job.entry.digest, *job.entry.flat(),
         ]
         extra = self._index_commands(job.entry, job.tags, job.actual_nanos, now)
-        result = await self._run(keys.SETTLE_SCRIPT, script_keys, args, () if retried else extra)
+        result = await self._run(keys.SETTLE_SCRIPT, script_keys, args, () if retried else extra, wait=True)
         entry_id = result[2].decode() if isinstance(result[2], bytes) else str(result[2] or "")
         settlement = Settlement(budget_left_nanos=int(result[0]), seq=int(result[1]), entry_id=entry_id)
         if retried and settlement.seq:
@@ -419,6 +660,9 @@ class Ledger:
                     await pipe.execute()
             except REDIS_ERRORS:
                 log.warning("a deferred settlement was written, but not its cost report entries")
+        hold = self._holds.get((session_id, job.request_id))
+        if hold is not None:  # the tenant's side, once the session's is settled
+            await self._close_hold(hold, session_id, job.request_id, job.actual_nanos, release=False)
         return settlement
 
     async def _write_deferred(self, job: Deferred) -> None:
@@ -429,12 +673,13 @@ class Ledger:
 
     def _index_commands(self, entry: Entry, tags: CostTags, nanos: int, now: float) -> list[tuple[Any, ...]]:
         bucket = _hour_bucket(now)
-        rollup = keys.cost_rollup(bucket)
+        shard = self._shard(tags.session_id)
+        rollup = keys.cost_rollup(bucket, shard)
         min_id = int(now * 1000) - self.index_retention_ms
         kind = entry.fields.get(b"kind", b"")
         commands: list[tuple[Any, ...]] = [
-            ("ZREM", keys.RESERVATIONS_DUE, f"{tags.session_id}|{request_id_of(entry)}"),
-            ("XADD", keys.JOURNAL_INDEX, "MINID", "~", min_id, "*",
+            ("ZREM", keys.reservations_due(shard), f"{tags.session_id}|{request_id_of(entry)}"),
+            ("XADD", keys.journal_index(shard), "MINID", "~", min_id, "*",
              "session", tags.session_id, "kind", kind, "cost_nanos", nanos, "tenant", tags.tenant,
              "model", tags.model, "assembly", tags.assembly_id),
         ]
@@ -466,7 +711,7 @@ class Ledger:
     async def reap(self, session_id: str, request_id: str, reservation: bytes, entry: Entry, *, charge: str = "full") -> bool:
         """Close a reservation as read (compare-and-set): "full" charges it all (past its
         TTL), "zero" nothing (its owner's lease ran out). True if it was closed."""
-        extra = [("ZREM", keys.RESERVATIONS_DUE, f"{session_id}|{request_id}")]
+        extra = [("ZREM", keys.reservations_due(self._shard(session_id)), f"{session_id}|{request_id}")]
         _, closed = await self._close(session_id, request_id, entry, reservation=reservation, charge=charge, extra=extra)
         if closed:
             self._count("reaped_" + charge)
@@ -480,7 +725,7 @@ class Ledger:
             Kind.ABORTED, rid=request_id, cost_nanos=0, tokens=0, ts=now_ms,
             reason="its process stopped renewing the lease; a retry took the request over",
         )
-        extra = [("ZREM", keys.RESERVATIONS_DUE, f"{session_id}|{request_id}")]
+        extra = [("ZREM", keys.reservations_due(self._shard(session_id)), f"{session_id}|{request_id}")]
         taken, _ = await self._close(session_id, request_id, entry, record=record, lease_before_ms=now_ms, extra=extra)
         if taken:
             self._count("taken_over")
@@ -501,6 +746,19 @@ class Ledger:
         taken, closed = await self._run(keys.CLOSE_SCRIPT, script_keys, args, extra)
         return bool(taken), bool(closed)
 
+    async def reap_hold(self, tenant: str, session_id: str, request_id: str, reserved_ms: int) -> bool:
+        """Close a tenant hold nobody will settle (its reservation is closed, settled or was
+        never made): it stays charged in full, the conservative side. Running it twice changes nothing."""
+        field = keys.tenant_hold(session_id, request_id, reserved_ms)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(keys.tenant_holds(tenant), field)
+                pipe.zrem(keys.reservations_due(self._shard(session_id)), keys.tenant_due(tenant, session_id, request_id, reserved_ms))
+                removed, _ = await pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        return bool(removed)
+
 
 # Denial tallies are for the dashboard's recent history, not an audit record (the journal is).
 DENIAL_TALLY_TTL_S = 35 * 24 * 3600
@@ -514,6 +772,20 @@ def denial_tally(reason: str, now: float) -> list[tuple[Any, ...]]:
 
 def request_id_of(entry: Entry) -> str:
     return entry.fields.get(b"rid", b"").decode()
+
+
+def _acked(answer: Any, replicas: int) -> bool:
+    """WAIT's answer: at least `replicas` replicas have the writes before it."""
+    return not isinstance(answer, Exception) and int(answer) >= replicas
+
+
+def _opt(v: int | None) -> str:
+    return "" if v is None else str(v)
+
+
+def _may_have_run(exc: ServiceUnavailable) -> bool:
+    """A reserve that failed this way may have run in Redis all the same."""
+    return isinstance(exc, NotReplicated) or isinstance(exc.__cause__, (rx.TimeoutError, rx.ConnectionError, TimeoutError))
 
 
 def _unavailable(cause: BaseException) -> ServiceUnavailable:

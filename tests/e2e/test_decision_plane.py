@@ -15,7 +15,6 @@ from typing import Any, cast
 import httpx
 import openai
 import pytest
-import redis
 import yaml
 
 from gateway import redis_keys
@@ -24,9 +23,10 @@ from gateway.http.keys import DEPS
 from gateway.money import cost_nanos
 from gateway.providers.mock import MockProvider
 from gateway.settings import Price, Settings
-from tests.conftest import Gateway, make_settings, start_gateway
+from tests.conftest import BOTH_REDIS, Gateway, make_settings, start_gateway
 from tests.e2e.test_cli import ok, run
 from tests.openai_support import openai_error, sdk
+from tests.redis_proc import client_for
 
 LOOKUP = {
     "name": "lookup_order",
@@ -73,7 +73,7 @@ def nearest_rank(values: list[int], p: int) -> int:
 
 def journal(redis_url: str, session_id: str) -> list[dict[str, str]]:
     """A session's journal entries in order, without their bodies."""
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     try:
         raw = client.xrange(redis_keys.journal(session_id))
     finally:
@@ -141,6 +141,7 @@ def test_suggestions_name_each_change_with_the_numbers_from_the_journal(
     assert revised["steps"][1]["next"] == ["escalate", "answer"] and revised["budget"]["usd"] == 0.01
 
 
+@BOTH_REDIS  # also on a Redis Cluster
 def test_compiling_the_suggestion_makes_a_new_version_and_leaves_running_sessions_alone(
     gw: Gateway, recorded: tuple[str, list[str]]
 ) -> None:
@@ -283,6 +284,7 @@ def test_a_candidate_without_an_edge_reports_the_steps_that_break(
     assert {c["step"] for c in report["calls"] if c["index"] == 0} == {"greet"}
 
 
+@BOTH_REDIS  # also on a Redis Cluster
 def test_higher_prices_report_the_spend_to_the_nano_dollar(
     gw: Gateway, redis_url: str, keyring: Keyring, eval_session: str
 ) -> None:

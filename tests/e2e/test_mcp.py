@@ -23,7 +23,13 @@ from mcp.shared.exceptions import MCPError
 
 from gateway.capability import Keyring
 from gateway.settings import Settings, ToolServerSettings
-from tests.conftest import Gateway, assert_no_server_errors, make_settings, start_gateway
+from tests.conftest import (
+    BOTH_REDIS,
+    Gateway,
+    assert_no_server_errors,
+    make_settings,
+    start_gateway,
+)
 from tests.fakes.mcp_proc import McpServerProcess
 from tests.fakes.mcp_server import WEATHER
 
@@ -202,6 +208,7 @@ def test_step_order_holds_for_tool_calls_and_the_journal_interleaves_them(mgw: G
     assert verify["integrity"] == "ok" and verify["entries"] == len(entries)
 
 
+@BOTH_REDIS  # also on a Redis Cluster
 def test_max_calls_is_enforced_per_entry_and_session(mgw: Gateway, shop: McpServerProcess) -> None:
     capped = plan(mcp=[{"server": "shop", "tools": ["get_order", "weather"], "price_per_call_usd": PRICE, "max_calls": 2}])
     token = mgw.token(capped)
@@ -406,6 +413,7 @@ def test_a_recorded_replay_answers_tool_calls_from_the_journal(mgw: Gateway, sho
     assert diverged.error.data is not None and diverged.error.data["code"] == "replay_divergence"
 
 
+@BOTH_REDIS  # also on a Redis Cluster
 def test_a_live_replay_calls_the_tools_again_and_costs_show_tool_spend(mgw: Gateway, shop: McpServerProcess) -> None:
     opened = mgw.open_session(plan(mcp=[{"server": "shop", "tools": ["get_order", "echo"], "price_per_call_usd": PRICE}]))
 

@@ -13,15 +13,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 
 from gateway import redis_keys
 from gateway.cli import main as cli_main
 from gateway.money import NANOS_PER_USD, cost_nanos, nanos_to_usd_str
 from gateway.settings import ModelSettings, Price
 from gateway.tokenizer import count_chat_prompt
-from tests.conftest import ADMIN_TOKEN, OPEN_PLAN, Gateway, make_settings, start_gateway
+from tests.conftest import ADMIN_TOKEN, BOTH_REDIS, OPEN_PLAN, Gateway, make_settings, start_gateway
 from tests.openai_support import bearer, openai_error
+from tests.redis_proc import client_for
+
+pytestmark = BOTH_REDIS  # each test runs on a single Redis and on a Redis Cluster
 
 HELLO = [{"role": "user", "content": "hello"}]
 USD = r"^-?\d+\.\d{9}$"
@@ -116,7 +118,7 @@ def test_the_tenant_daily_limit_holds_across_sessions(gateway: Gateway, redis_ur
         break
     else:
         pytest.fail("the tenant's daily limit never denied a request")
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     try:
         counter = int(client.get(redis_keys.tenant_spend(tenant, time.strftime("%Y%m%d", time.gmtime()))))
     finally:

@@ -22,7 +22,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import redis.asyncio as aredis
 import yaml
 
@@ -33,7 +32,7 @@ from gateway.state.reaper import reap_due
 from gateway.tokenizer import count_chat_prompt
 from tests.conftest import ADMIN_TOKEN, ROOT, SIGNING_SECRET
 from tests.openai_support import bearer
-from tests.redis_proc import free_port
+from tests.redis_proc import client_for, free_port, is_cluster_url
 
 REPLICAS = 3
 REQUESTS = 200
@@ -58,15 +57,19 @@ class Replica:
             "ABC_REDIS_URL": redis_url,
             "ABC_ADMIN_TOKEN": ADMIN_TOKEN,
             "ABC_SIGNING_KEY": SIGNING_SECRET,
+            **({"ABC_REDIS_CLUSTER": "1"} if is_cluster_url(redis_url) else {}),
         }
         command = [str(Path(sys.executable).with_name("abc-gateway")), "serve", "--config", str(config), "--port", str(self.port)]
-        self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stderr to a file: a pipe nobody reads blocks a chatty replica, and the log is evidence.
+        self.log = config.parent / f"replica-{self.port}.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
 
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"replica exited: {self.process.stderr.read().decode() if self.process.stderr else ''}")
+                raise RuntimeError(f"replica exited: {self.log.read_text(errors='replace')[-2000:]}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return
@@ -108,8 +111,9 @@ def start_replicas(config: Path, redis_url: str, count: int) -> list[Replica]:
 @pytest.fixture
 def replicas(tmp_path: Path, redis_url: str) -> Iterator[list[Replica]]:
     # ~70 requests in flight per replica: more Redis connections than the default 64, whose
-    # pool refuses (not queues) the excess. Pool sizing is not what this test is about.
-    config = write_config(tmp_path, redis={"max_connections": 256})
+    # pool refuses (not queues) the excess, and a generous timeout: on a busy machine a Redis
+    # call can take a while. Pool sizing and timeouts are not what this test is about.
+    config = write_config(tmp_path, redis={"max_connections": 256, "timeout_ms": 10_000})
     started = start_replicas(config, redis_url, REPLICAS)
     yield started
     for replica in started:
@@ -121,7 +125,7 @@ def admin(replica: Replica) -> httpx.Client:
 
 
 def journal(redis_url: str, session_id: str) -> list[dict[bytes, bytes]]:
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     try:
         return [fields for _, fields in client.xrange(redis_keys.journal(session_id))]
     finally:

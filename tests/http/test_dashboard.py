@@ -13,13 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from gateway import redis_keys
 from gateway.money import NANOS_PER_USD, nanos_to_usd_str
 from tests.chromium import CHROMIUM, Chromium
-from tests.conftest import ADMIN_TOKEN, OPEN_PLAN, Gateway
+from tests.conftest import ADMIN_TOKEN, BOTH_REDIS, OPEN_PLAN, Gateway
 from tests.openai_support import bearer, openai_error, sdk
+from tests.redis_proc import client_for
 
 TENANTS = ("acme", "globex")
 MODELS = ("gpt-4o-mini", "gpt-4o")
@@ -58,6 +58,7 @@ def series(gw: Gateway, **params: str) -> dict[str, Any]:
     return body
 
 
+@BOTH_REDIS
 def test_the_series_adds_up_to_the_report_and_to_the_sessions(gw: Gateway) -> None:
     before = datetime.now(UTC)
     spent = spend_on_two_tenants_and_two_models(gw)
@@ -92,8 +93,9 @@ def test_the_series_adds_up_to_the_report_and_to_the_sessions(gw: Gateway) -> No
     assert spent_in <= {before.replace(minute=0, second=0, microsecond=0), after.replace(minute=0, second=0, microsecond=0)}
 
 
+@BOTH_REDIS
 def test_the_series_puts_each_rollup_hour_in_its_bucket_and_keeps_empty_hours(gw: Gateway, redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     try:
         for bucket, fields in {
             "2030010108": {("acme", "s1", "gpt-4o", "asm1"): 7},  # before the window
@@ -102,7 +104,8 @@ def test_the_series_puts_each_rollup_hour_in_its_bucket_and_keeps_empty_hours(gw
             "2030010113": {("globex", "s2", "gpt-4o", "asm1"): 9},  # `until` is exclusive
         }.items():
             for dims, value in fields.items():
-                client.hincrby(redis_keys.cost_rollup(bucket), redis_keys.cost_field(*dims), value)
+                shard = redis_keys.shard_of(dims[1], redis_keys.DEFAULT_SHARDS)  # the session's shard, as the gateway writes
+                client.hincrby(redis_keys.cost_rollup(bucket, shard), redis_keys.cost_field(*dims), value)
             client.zadd(redis_keys.COST_BUCKETS, {bucket: int(bucket)})
     finally:
         client.close()
@@ -171,8 +174,8 @@ async def test_the_dashboard_draws_spend_by_tenant_and_model_in_a_browser(
     spend_on_two_tenants_and_two_models(gw)
     # And an earlier hour, as a settlement then would have written it: its bar goes in its slot.
     earlier = (datetime.now(UTC) - timedelta(hours=3)).strftime("%Y%m%d%H")
-    client = redis.Redis.from_url(redis_url)
-    client.hincrby(redis_keys.cost_rollup(earlier), redis_keys.cost_field("acme", "s0", "gpt-4o", "a0"), 123_456)
+    client = client_for(redis_url)
+    client.hincrby(redis_keys.cost_rollup(earlier, 0), redis_keys.cost_field("acme", "s0", "gpt-4o", "a0"), 123_456)
     client.zadd(redis_keys.COST_BUCKETS, {earlier: int(earlier)})
     client.close()
     earlier_iso = datetime.strptime(earlier, "%Y%m%d%H").strftime("%Y-%m-%dT%H:00:00Z")

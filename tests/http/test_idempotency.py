@@ -16,14 +16,16 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from gateway import redis_keys
 from gateway.capability import Keyring
 from gateway.settings import BudgetSettings, ModelSettings, Price, ProviderSettings, load_settings
-from tests.conftest import ROOT, Gateway, make_settings, start_gateway
+from tests.conftest import BOTH_REDIS, ROOT, Gateway, make_settings, start_gateway
 from tests.fakes.upstream import FakeUpstream
 from tests.openai_support import assert_no_server_errors
+from tests.redis_proc import client_for
+
+pytestmark = BOTH_REDIS  # each test runs on a single Redis and on a Redis Cluster
 
 PLAN: dict[str, Any] = {"name": "idem", "tenant": "acme", "models": [{"name": "up-model", "max_tokens": 50}], "budget": {"usd": 5}}
 ASK = {"model": "up-model", "messages": [{"role": "user", "content": "count the apples please"}]}
@@ -68,7 +70,7 @@ async def setup(redis_url: str, keyring: Keyring) -> AsyncIterator[Setup]:
 
 
 def _kinds(redis_url: str, session_id: str) -> list[str]:
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     try:
         return [fields[b"kind"].decode() for _, fields in client.xrange(redis_keys.journal(session_id))]
     finally:
@@ -185,7 +187,7 @@ async def test_the_record_is_kept_under_a_hash_of_the_key(setup: Setup) -> None:
     session_id, client = setup.session()
     async with client:
         await client.post("/chat/completions", json=ASK, headers={"Idempotency-Key": "secret-ish-key"})
-    raw = redis.Redis.from_url(setup.redis_url)
+    raw = client_for(setup.redis_url)
     try:
         names = [k.decode() for k in raw.scan_iter(match="idem:*")]
         assert len(names) == 1 and names[0].startswith(redis_keys.idempotency(session_id, ""))

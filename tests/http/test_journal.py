@@ -12,12 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from gateway import redis_keys
 from gateway.state.entries import verify_chain
 from gateway.state.export import lines_to_entries
-from tests.conftest import ADMIN_TOKEN, OPEN_PLAN, ROOT, Gateway
+from tests.conftest import ADMIN_TOKEN, BOTH_REDIS, OPEN_PLAN, ROOT, Gateway
+from tests.redis_proc import client_for
+
+pytestmark = BOTH_REDIS  # each test runs on a single Redis and on a Redis Cluster
 
 HI = [{"role": "user", "content": "hi"}]
 TOOLS = [{"type": "function", "function": {"name": "refund_order", "parameters": {"type": "object", "properties": {}}}}]
@@ -94,7 +96,7 @@ def test_mixed_calls_are_journaled_in_order_and_the_chain_verifies(gateway: Gate
 def _rewrite(redis_url: str, session_id: str, seq: int, field: bytes, change: Any) -> None:
     """What someone with redis-cli could do: read the stream, DEL it, XADD it back with the
     same ids and one field of one entry changed."""
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     key = redis_keys.journal(session_id)
     try:
         entries = client.xrange(key)
@@ -134,7 +136,7 @@ def test_verify_finds_one_changed_field_at_its_seq(
 def test_verify_finds_entries_deleted_from_the_end(gateway: Gateway, redis_url: str) -> None:
     session_id, _ = _run_mixed(gateway)
     entries = _journal_api(gateway, session_id, limit=1000)["entries"]
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     client.xdel(redis_keys.journal(session_id), entries[-1]["id"])
     client.close()
 
@@ -197,7 +199,7 @@ def test_export_then_trim_keeps_the_rest_verifiable(gateway: Gateway, redis_url:
     assert [line["id"] for line in lines] == [e["id"] for e in before]
     offline = verify_chain(lines_to_entries(lines))
     assert offline.ok and offline.entries == len(before)
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     assert client.xlen(redis_keys.journal(session_id)) == 0
     client.close()
 

@@ -12,11 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from gateway import redis_keys
 from gateway.state.entries import entry_body
-from tests.conftest import ADMIN_TOKEN, OPEN_PLAN, ROOT, Gateway
+from tests.conftest import ADMIN_TOKEN, BOTH_REDIS, OPEN_PLAN, ROOT, Gateway
+from tests.redis_proc import client_for
+
+pytestmark = BOTH_REDIS  # each test runs on a single Redis and on a Redis Cluster
 
 TOOLS = [{"type": "function", "function": {
     "name": "lookup_order", "description": "Find an order by id",
@@ -62,7 +64,7 @@ def _replay(gw: Gateway, source: str, **body: Any) -> httpx.Response:
 
 
 def _kinds(redis_url: str, session_id: str) -> list[str]:
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     try:
         return [f[b"kind"].decode() for _, f in client.xrange(redis_keys.journal(session_id))]
     finally:
@@ -145,7 +147,7 @@ def test_a_live_replay_matches_every_call_with_the_deterministic_mock(gateway: G
 
 def test_a_live_replay_reports_the_call_whose_answer_differs(gateway: Gateway, redis_url: str) -> None:
     source, recorded = _record(gateway)
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     key = redis_keys.journal(source)
     entries = client.xrange(key)
     client.delete(key)
@@ -205,7 +207,7 @@ def test_the_cli_replays_with_a_progress_bar_and_a_summary_table(gateway: Gatewa
 
 def test_the_cli_exits_non_zero_when_the_chain_is_broken(gateway: Gateway, redis_url: str) -> None:
     source, _ = _record(gateway)
-    client = redis.Redis.from_url(redis_url)
+    client = client_for(redis_url)
     first = client.xrange(redis_keys.journal(source), count=1)[0][0]
     client.xdel(redis_keys.journal(source), first)
     client.close()

@@ -12,8 +12,10 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import OPEN_PLAN, Gateway
+from tests.conftest import BOTH_REDIS, OPEN_PLAN, Gateway
 from tests.openai_support import openai_error, sdk
+
+pytestmark = BOTH_REDIS  # each test runs on a single Redis and on a Redis Cluster
 
 HELLO = [{"role": "user", "content": "hello"}]
 PLAN: dict[str, Any] = {**OPEN_PLAN, "name": "sessions", "budget": {"usd": 1.0}, "ttl_s": 600}

@@ -18,6 +18,7 @@ from gateway.state.entries import Kind, make_entry, verify_chain
 from gateway.state.idempotency import await_answer
 from gateway.state.ledger import Deferred, Ledger, Stored
 from gateway.state.reaper import reap_due
+from tests.conftest import BOTH_REDIS
 from tests.redis_proc import RedisProcess
 from tests.unit.test_ledger import NO_LIMITS, open_session, reserve, session_hash, settle, tags
 
@@ -40,6 +41,7 @@ async def reserve_keyed(ledger: Ledger, session_id: str, rid: str, record: str, 
     )
 
 
+@BOTH_REDIS  # renewals write every index shard's due list, on one node or a cluster
 async def test_a_renewed_lease_keeps_the_reaper_away_and_a_lapsed_one_is_closed_at_nothing(client: aredis.Redis) -> None:
     owner, other = make_ledger(client), make_ledger(client)
     sid = await open_session(owner)
@@ -137,7 +139,8 @@ async def test_a_closed_request_id_can_be_reused_and_the_old_late_settle_leaves_
     assert await reap_due(client, other, now=time.time() + LEASE_S + 1) == 1
     await asyncio.sleep(0.002)  # another millisecond: another reservation
     await reserve(other, sid, "rid", 8_000)  # a client retrying with the same x-request-id
-    await settle(dead, sid, "rid", 1_000)  # the first one's owner was alive after all
+    with pytest.raises(ServiceUnavailable):  # the first one's owner was alive after all: its answer
+        await settle(dead, sid, "rid", 1_000)  # is not journaled, so it must not be served
     s = await session_hash(client, sid)
     assert (s["reserved_nanos"], s["spent_nanos"]) == (8_000, 0)
     await settle(other, sid, "rid", 2_000)

@@ -1,5 +1,6 @@
 """The Ledger against real Redis and its Lua scripts: reserve, settle, refusals, the tenant's
-daily counter, a lost script cache, and a reserve that runs after its caller gave up."""
+daily counter and its two-slot protocol, a lost script cache, and a reserve that runs after
+its caller gave up. Most run on a single node and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from gateway.money import usd_to_nanos
 from gateway.sessions import SessionStore
 from gateway.state.entries import Kind, make_entry, verify_chain
 from gateway.state.ledger import CostTags, Ledger
-from tests.conftest import SIGNING_SECRET, make_settings
+from tests.conftest import BOTH_REDIS, SIGNING_SECRET, make_settings
 
 PLAN: dict[str, Any] = {
     "name": "ledger-test",
@@ -76,6 +77,7 @@ async def settle(ledger: Ledger, session_id: str, rid: str, actual: int, *, tena
     )
 
 
+@BOTH_REDIS
 async def test_reserve_then_settle_charges_actual_and_returns_the_rest(ledger: Ledger, client: aredis.Redis) -> None:
     sid = await open_session(ledger, budget_usd=0.001)  # 1_000_000 nanos
     admission = await reserve(ledger, sid, "r1", 300_000)
@@ -88,12 +90,13 @@ async def test_reserve_then_settle_charges_actual_and_returns_the_rest(ledger: L
     s = await session_hash(client, sid)
     assert (s["reserved_nanos"], s["spent_nanos"], s["reserved_tokens"], s["spent_tokens"]) == (0, 120_000, 0, 5)
     assert await client.hlen(keys.reservations(sid)) == 0
-    assert await client.zcard(keys.RESERVATIONS_DUE) == 0
+    assert await client.zcard(keys.reservations_due(keys.shard_of(sid, ledger.shards))) == 0
     entries = await client.xrange(keys.journal(sid))
     assert [f[b"kind"] for _, f in entries] == [b"state", b"request", b"response"]
     assert verify_chain(entries).ok
 
 
+@BOTH_REDIS
 async def test_a_reserve_over_budget_is_refused_and_writes_nothing(ledger: Ledger, client: aredis.Redis) -> None:
     sid = await open_session(ledger, budget_usd=0.001)
     await reserve(ledger, sid, "r1", 600_000)
@@ -108,6 +111,7 @@ async def test_a_reserve_over_budget_is_refused_and_writes_nothing(ledger: Ledge
     assert await client.xlen(keys.journal(sid)) == before + 1
 
 
+@BOTH_REDIS
 async def test_a_request_id_already_in_flight_is_refused_without_touching_its_reservation(ledger: Ledger, client: aredis.Redis) -> None:
     sid = await open_session(ledger)
     await reserve(ledger, sid, "same", 1000)
@@ -122,6 +126,7 @@ async def test_a_request_id_already_in_flight_is_refused_without_touching_its_re
     await reserve(ledger, sid, "same", 1000)  # settled: the id is free again
 
 
+@BOTH_REDIS
 async def test_the_tenant_day_counter_only_moves_for_sessions_that_charged_it(ledger: Ledger, client: aredis.Redis) -> None:
     """A session without a tenant limit must not correct (lower) the counter that limited
     sessions of the same tenant are checked against."""
@@ -145,6 +150,7 @@ async def test_the_tenant_day_counter_only_moves_for_sessions_that_charged_it(le
     assert caught.value.extra["budget"] == "tenant_usd_day"
 
 
+@BOTH_REDIS
 async def test_session_rate_limit_is_enforced_in_the_reserve(ledger: Ledger) -> None:
     sid = await open_session(ledger)
     limits = Limits(session_rpm=2)
@@ -155,6 +161,7 @@ async def test_session_rate_limit_is_enforced_in_the_reserve(ledger: Ledger) -> 
     assert caught.value.code == "session_rpm"
 
 
+@BOTH_REDIS
 async def test_scripts_are_reloaded_after_redis_forgets_them(ledger: Ledger, client: aredis.Redis) -> None:
     sid = await open_session(ledger)
     await client.script_flush()
@@ -191,3 +198,83 @@ async def test_a_reserve_that_runs_after_its_caller_timed_out_is_released(redis_
     finally:
         await ledger.aclose()
         await impatient.aclose()
+
+
+@pytest.fixture
+def held(client: aredis.Redis) -> Ledger:
+    """Tenant limits by the two-slot protocol (a cluster's), here on either kind of Redis."""
+    return Ledger(client, reservation_ttl_s=60, journal_retention_s=3600, tenant_holds=True)
+
+
+def _today() -> str:
+    return time.strftime("%Y%m%d", time.gmtime())
+
+
+@BOTH_REDIS
+async def test_a_tenant_hold_is_given_back_when_the_session_refuses(held: Ledger, client: aredis.Redis) -> None:
+    ledger = held
+    """Tenant first, then session: the session's refusal releases the tenant's hold, counts included."""
+    sid = await open_session(ledger, budget_usd=0.0001)  # 100_000 nanos
+    limits = Limits(tenant_usd_nanos_per_day=1_000_000, tenant_rpm=10, tenant_tpm=1000)
+    with pytest.raises(BudgetExceeded) as caught:
+        await reserve(ledger, sid, "big", 200_000, limits=limits, tokens=7)
+    assert caught.value.extra["budget"] == "usd"  # the session refused, not the tenant
+    assert int(await client.get(keys.tenant_spend("acme", _today())) or 0) == 0
+    assert await client.hlen(keys.tenant_holds("acme")) == 0
+    minute = int(time.time() * 1000) // 60000
+    assert int(await client.get(keys.tenant_rate("acme", "req", minute)) or 0) == 0
+    assert int(await client.get(keys.tenant_rate("acme", "tok", minute)) or 0) == 0
+
+
+@BOTH_REDIS
+async def test_settling_corrects_both_the_session_and_the_tenant_hold(held: Ledger, client: aredis.Redis) -> None:
+    ledger = held
+    sid = await open_session(ledger)
+    limits = Limits(tenant_usd_nanos_per_day=1_000_000)
+    await reserve(ledger, sid, "r1", 600_000, limits=limits)
+    assert int(await client.get(keys.tenant_spend("acme", _today()))) == 600_000  # the hold counts as spent
+    assert await client.hlen(keys.tenant_holds("acme")) == 1
+    with pytest.raises(BudgetExceeded) as caught:  # 600_000 held + 500_000 > the cap
+        await reserve(ledger, sid, "r2", 500_000, limits=limits)
+    assert caught.value.extra == {"budget": "tenant_usd_day", "remaining": "0.000400000"}
+    await settle(ledger, sid, "r1", 250_000)
+    assert int(await client.get(keys.tenant_spend("acme", _today()))) == 250_000
+    assert await client.hlen(keys.tenant_holds("acme")) == 0
+    await reserve(ledger, sid, "r2", 500_000, limits=limits)  # room again after the refund
+    s = await session_hash(client, sid)
+    assert (s["spent_nanos"], s["reserved_nanos"]) == (250_000, 500_000)
+
+
+@BOTH_REDIS
+async def test_a_tenant_rate_limit_refuses_before_the_session_reserves_anything(held: Ledger, client: aredis.Redis) -> None:
+    ledger = held
+    sid = await open_session(ledger)
+    limits = Limits(tenant_rpm=1)
+    await reserve(ledger, sid, "r1", 10, limits=limits)
+    with pytest.raises(RateLimited) as caught:
+        await reserve(ledger, sid, "r2", 10, limits=limits)
+    assert caught.value.code == "tenant_rpm"
+    s = await session_hash(client, sid)
+    assert (s["reserved_nanos"], s["requests"]) == (10, 1)
+    kinds = [f[b"kind"] for _, f in await client.xrange(keys.journal(sid))]
+    assert kinds == [b"state", b"request"]
+
+
+@BOTH_REDIS
+async def test_a_reserve_no_replica_acknowledged_fails_closed_and_is_given_back(client: aredis.Redis) -> None:
+    """With `wait_replicas`, a reserve whose writes no replica took in time is not admitted
+    (it ran on the master all the same): 503, and its reservation is released at nothing."""
+    ledger = Ledger(client, reservation_ttl_s=60, journal_retention_s=3600, wait_replicas=1, wait_timeout_ms=20)
+    try:
+        sid = await open_session(ledger)
+        with pytest.raises(ServiceUnavailable):
+            await reserve(ledger, sid, "lonely", 5_000)
+        async with asyncio.timeout(10):
+            while (await session_hash(client, sid)).get("reserved_nanos", 0) or await client.hlen(keys.reservations(sid)):
+                await asyncio.sleep(0.05)
+        s = await session_hash(client, sid)
+        assert (s["spent_nanos"], s["reserved_nanos"]) == (0, 0)
+        kinds = [f[b"kind"] for _, f in await client.xrange(keys.journal(sid))]
+        assert kinds == [b"state", b"request", b"error"]
+    finally:
+        await ledger.aclose()

@@ -10,11 +10,15 @@ import pytest
 import redis.asyncio as aredis
 
 from gateway import redis_keys as keys
+from gateway.assembly.model import Limits
 from gateway.metrics import Metrics
 from gateway.state.entries import Kind, make_entry, verify_chain
 from gateway.state.ledger import Ledger
 from gateway.state.reaper import reap_due, run_reaper
+from tests.conftest import BOTH_REDIS
 from tests.unit.test_ledger import open_session, reserve, session_hash, settle
+
+pytestmark = BOTH_REDIS
 
 TTL_S = 1
 
@@ -41,7 +45,7 @@ async def test_an_orphaned_reservation_is_charged_in_full_once(ledger: Ledger, c
     last = entries[-1][1]
     assert (last[b"kind"], last[b"rid"], last[b"cost_nanos"], last[b"tokens"]) == (b"aborted", b"orphan", b"42000", b"77")
     assert verify_chain(entries).ok
-    assert await client.zcard(keys.RESERVATIONS_DUE) == 0
+    assert await client.zcard(keys.reservations_due(keys.shard_of(sid, ledger.shards))) == 0
 
     assert await reap_due(client, ledger, now=now + 3600) == 0
     assert (await session_hash(client, sid))["spent_nanos"] == 42_000
@@ -83,9 +87,10 @@ async def test_a_late_settle_corrects_a_reaped_reservation_down(ledger: Ledger, 
 
 async def test_the_reaper_skips_entries_whose_reservation_is_gone(ledger: Ledger, client: aredis.Redis) -> None:
     # A refused reserve still leaves its deadline behind (the ZADD rides in the same pipeline).
-    await client.zadd(keys.RESERVATIONS_DUE, {"sess_gone|req_x": 1})
+    due = keys.reservations_due(keys.shard_of("sess_gone", ledger.shards))
+    await client.zadd(due, {"sess_gone|req_x": 1})
     assert await reap_due(client, ledger, now=time.time()) == 0
-    assert await client.zcard(keys.RESERVATIONS_DUE) == 0
+    assert await client.zcard(due) == 0
     # And a reap racing a settle (reservation changed since it was read) does nothing.
     sid = await open_session(ledger)
     await reserve(ledger, sid, "r", 500)
@@ -111,3 +116,32 @@ async def test_the_running_reaper_counts_its_settlements_in_the_metrics(ledger: 
         stop.set()
         await reaper
     assert b"abc_reaper_settlements_total 3.0" in metrics.render()
+
+
+async def test_an_orphaned_tenant_hold_counts_in_full_until_a_late_settle_or_its_session_closes(
+    client: aredis.Redis,
+) -> None:
+    """Tenant limits by the two-slot protocol (Redis Cluster's; here on either kind of Redis).
+    A replica stalls with both sides open: the reaper charges the session in full and the
+    tenant's hold counts in full; a late settle corrects both to the actual cost. A hold whose
+    session side is gone (its process died mid-way) is closed as it stands."""
+    ledger = Ledger(client, reservation_ttl_s=TTL_S, journal_retention_s=3600, tenant_holds=True)
+    sid = await open_session(ledger)
+    limits = Limits(tenant_usd_nanos_per_day=1_000_000)
+    spend = keys.tenant_spend("acme", time.strftime("%Y%m%d", time.gmtime()))
+    await reserve(ledger, sid, "slow", 300_000, limits=limits)
+    assert await reap_due(client, ledger, now=time.time() + TTL_S + 0.5) == 1  # the session's side (its hold is due at 2 TTL)
+    assert await client.hlen(keys.tenant_holds("acme")) == 1  # kept, for the late settle
+    assert int(await client.get(spend)) == 300_000
+    assert (await session_hash(client, sid))["spent_nanos"] == 300_000
+    await settle(ledger, sid, "slow", 40_000)
+    assert int(await client.get(spend)) == 40_000
+    assert await client.hlen(keys.tenant_holds("acme")) == 0
+    assert (await session_hash(client, sid))["spent_nanos"] == 40_000
+
+    await reserve(ledger, sid, "dead", 200_000, limits=limits)
+    await client.hdel(keys.reservations(sid), "dead")  # as if its session side never came to be
+    assert await reap_due(client, ledger, now=time.time() + 3600) == 1  # the hold, closed in full
+    assert await client.hlen(keys.tenant_holds("acme")) == 0
+    assert int(await client.get(spend)) == 240_000
+    assert await client.zcard(keys.reservations_due(keys.shard_of(sid, ledger.shards))) == 0

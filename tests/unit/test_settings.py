@@ -224,3 +224,23 @@ def test_settings_are_frozen() -> None:
     settings = settings_from_dict(BASE)
     with pytest.raises(Exception, match="frozen"):
         settings.server.port = 1
+
+
+def test_cluster_mode_comes_from_the_file_or_abc_redis_cluster_and_needs_a_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_dict(BASE).redis.cluster is False  # a single node is the default
+    with pytest.raises(ConfigError, match="redis: Value error, cluster mode needs ABC_REDIS_URL"):
+        settings_from_dict(_with("redis.cluster", True))  # the embedded server is one node
+    monkeypatch.setenv("ABC_REDIS_URL", "redis://node-3:7002/0")
+    assert settings_from_dict(_with("redis.cluster", True)).redis.cluster is True
+    for value, expected in (("1", True), ("true", True), ("0", False), ("no", False)):
+        monkeypatch.setenv("ABC_REDIS_CLUSTER", value)
+        assert settings_from_dict(BASE).redis.cluster is expected
+    monkeypatch.setenv("ABC_REDIS_CLUSTER", "maybe")
+    with pytest.raises(ConfigError, match="ABC_REDIS_CLUSTER"):
+        settings_from_dict(BASE)
+
+
+@pytest.mark.parametrize(("path", "value"), [("redis.shards", 0), ("redis.shards", 2000), ("redis.wait_replicas", -1)])
+def test_index_shards_and_replica_acks_are_bounded(path: str, value: int) -> None:
+    with pytest.raises(ConfigError, match=path):
+        settings_from_dict(_with(path, value))

@@ -74,6 +74,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- else }}
 {{- fail "set redis.url, redis.urlFromSecret.name or redis.enabled=true: the gateway needs a Redis" }}
 {{- end }}
+{{- if .Values.redis.cluster }}
+{{- if include "abc-gateway.bundledRedis" . }}
+{{- fail "redis.cluster needs an external Redis Cluster (redis.url or redis.urlFromSecret): the bundled Redis is one node" }}
+{{- end }}
+- name: ABC_REDIS_CLUSTER
+  value: "1"
+{{- end }}
 {{- end }}
 
 {{/* The bundled Redis gets its own name label so the gateway's selectors never match it. */}}
