@@ -13,6 +13,9 @@ REQUEST_ID = "abc_request_id"  # request-scoped values are plain string keys in 
 CLAIMS = "abc_claims"
 ADMIN_LABEL = "abc_admin_label"  # the label of the admin token a request carried
 REPORT = "abc_report"  # the request's CallReport, filled as it goes, logged at its end
+# The response whose status line and headers are already sent (a stream): nothing after
+# it may start another response on the connection.
+STARTED = "abc_started"
 
 
 def report_of(request: web.Request) -> CallReport:
@@ -27,3 +30,8 @@ def deps_of(request: web.Request) -> Deps:
 def claims_of(request: web.Request) -> Claims:
     claims: Claims = request[CLAIMS]
     return claims
+
+
+def started_of(request: web.Request) -> web.StreamResponse | None:
+    started: web.StreamResponse | None = request.get(STARTED)
+    return started

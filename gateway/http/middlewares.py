@@ -30,7 +30,7 @@ from gateway.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
-from gateway.http.keys import ADMIN_LABEL, CLAIMS, REPORT, REQUEST_ID, deps_of
+from gateway.http.keys import ADMIN_LABEL, CLAIMS, REPORT, REQUEST_ID, deps_of, started_of
 from gateway.request_log import LEVELS, CallReport
 from gateway.tracing import NOOP
 from gateway.translate import messages
@@ -115,9 +115,14 @@ async def _translated(request: web.Request, handler: Handler, request_id: str, r
         report.status, report.code = ClientGone.status, ClientGone.code  # gone before the exchange saw it
         raise
     except GatewayError as exc:
-        report.status, report.code = exc.status, exc.code
         if exc.status == 503:
             deps_of(request).metrics.observe_redis_error("request")
+        started = started_of(request)
+        if started is not None:
+            # The stream's status line went out: it ended with an error event, not a second response.
+            report.status, report.code = started.status, exc.code
+            return started
+        report.status, report.code = exc.status, exc.code
         return error_response(exc, request_id, request.path)
     except (RedisError, RedisClusterException):
         # Whatever path touched Redis, its trouble fails closed: 503, nothing forwarded.
@@ -135,6 +140,10 @@ async def _translated(request: web.Request, handler: Handler, request_id: str, r
     except Exception:
         log.exception("unhandled error in request %s", request_id)
         report.code = "internal_error"
+        started = started_of(request)
+        if started is not None:
+            report.status = started.status
+            return started
         return error_response(GatewayError(f"internal error (request id {request_id})"), request_id, request.path)
 
 

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import ClientGone, GatewayError
+from gateway.http.keys import STARTED
 from gateway.pipeline.exchange import Exchange
 from gateway.state import idempotency
 from gateway.translate.common import event_type, sse_event
@@ -73,6 +74,7 @@ async def _relay(
     try:
         # Inside the try: a client gone before the headers go out is settled like one gone later.
         await response.prepare(request)
+        request[STARTED] = response
         if first is not None:
             sent.append(frame(first))
             await _write(request, response, sent[-1], limit_s)
@@ -84,12 +86,19 @@ async def _relay(
         raise ClientGone("client disconnected mid-stream") from gone
     except Exception as exc:  # after the first byte, whatever failed becomes an error event
         await chunks.aclose()
-        settled = await ex.close(exc)
-        assert settled.error is not None
-        await _write_quietly(request, response, error(settled.error, len(sent)), limit_s)
+        try:
+            failure = (await ex.close(exc)).error
+        except GatewayError as unsettled:  # Redis away: the settlement waits for it (ledger backlog)
+            failure = unsettled
+        assert failure is not None
+        await _write_quietly(request, response, error(failure, len(sent)), limit_s)
         return response
-    # Kept in the settle step for retries with the same Idempotency-Key: the bytes sent.
-    settled = await ex.close(keep=lambda cost: idempotency.Stored(200, headers, b"".join(sent) + tail(cost)))
+    try:
+        # Kept in the settle step for retries with the same Idempotency-Key: the bytes sent.
+        settled = await ex.close(keep=lambda cost: idempotency.Stored(200, headers, b"".join(sent) + tail(cost)))
+    except GatewayError as unsettled:  # as above: the stream ends with the error, not its cost
+        await _write_quietly(request, response, error(unsettled, len(sent)), limit_s)
+        return response
     await _write_quietly(request, response, tail(settled.cost_nanos), limit_s)
     return response
 

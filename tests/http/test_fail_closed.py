@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 
@@ -237,3 +238,36 @@ async def test_requests_running_when_redis_dies_are_closed_soon_after_it_returns
     shown = rig.session(session_id)
     assert shown["reserved_nanos"] == 0
     assert shown["spent_nanos"] == sum(int(f.get(b"cost_nanos", 0)) for f in entries if f[b"kind"] in TERMINAL) > 0
+
+
+async def test_a_stream_whose_settlement_meets_redis_down_ends_with_an_error_event_not_a_second_response(rig: Rig) -> None:
+    """The status line went out with the first chunk; when Redis dies before the stream is
+    settled, the client gets the chunks, an error event and [DONE], in one well-formed
+    response, and the settlement is written once Redis is back."""
+    opened = rig.gw.open_session(PLAN)
+    head = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "fake-chat"}
+    words = [{**head, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in ("one", " two", " three")]
+    usage = {**head, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}
+    rig.fake.stream_with([*words, usage], delay_s=0.3)
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream(
+            "POST", rig.gw.openai_base + "/chat/completions", headers=bearer(opened["token"]),
+            json={"model": "fake-chat", "messages": HELLO, "stream": True},
+        ) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            assert (await anext(lines)).startswith("data: ")  # the stream started
+            await asyncio.to_thread(rig.redis.stop)  # before the gateway settles it
+            rest = [line async for line in lines]  # a malformed chunked body would raise here
+    events = [line.removeprefix("data: ") for line in rest if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = orjson.loads(events[-2])["error"]
+    assert error["code"] == "service_unavailable"
+    await asyncio.to_thread(rig.redis.start)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and rig.gw.session(opened["session_id"]).get("reserved_nanos"):
+        await asyncio.sleep(0.05)
+    journal = rig.sync_redis().xrange(redis_keys.journal(opened["session_id"]))
+    kinds = [fields[b"kind"] for _, fields in journal]
+    assert kinds[-1] == b"stream", kinds  # the deferred settlement, written on Redis's return
+    assert rig.gw.session(opened["session_id"])["reserved_nanos"] == 0
