@@ -7,9 +7,13 @@ Reports the latency of each path (p50, p99), the p50 overhead, and the gateway p
 CPU time per call (utime + stime from /proc, over the gateway's blocks only).
 
 Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0] [--profile stacks.txt] [--tree DIR]
+     .venv/bin/python -m bench.mcp_tools --instructions [--calls 200] [--tree DIR]
 (--profile: py-spy samples the gateway during the whole measurement; the top functions
 are printed, the raw stacks kept in the file. --tree: the gateway's code from another
-source tree, e.g. a checkout from before a change, with this venv's dependencies.)
+source tree, e.g. a checkout from before a change, with this venv's dependencies.
+--instructions: no timing; the gateway runs under callgrind and the user-space
+instructions per tools/call and per chat completion are printed: a count that stays
+within ~1% on a busy machine, where CPU time moves by 30%.)
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,7 @@ import yaml
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from bench.procs import cpu_ms, free_port
+from bench.procs import cpu_ms, free_port, sys_cpu_ms
 from bench.profiling import py_spy_argv, py_spy_executable, summarize_collapsed
 from bench.targets import REPO_ROOT, gateway_executable, tool_env
 
@@ -86,29 +91,35 @@ async def model_reference(base: str, token: str, calls: int, gateway_pid: int) -
         for _ in range(50):
             (await http.post("/v1/chat/completions", json=body)).raise_for_status()
         latencies = []
-        before = cpu_ms(gateway_pid) or 0.0
+        before, before_sys = cpu_ms(gateway_pid) or 0.0, sys_cpu_ms(gateway_pid) or 0.0
         for _ in range(calls):
             started = time.perf_counter()
             (await http.post("/v1/chat/completions", json=body)).raise_for_status()
             latencies.append(time.perf_counter() - started)
         used = (cpu_ms(gateway_pid) or 0.0) - before
-    return {"model_call_p50_ms": percentile(latencies, 0.5) * 1e3, "model_call_gateway_cpu_ms": used / calls}
+        kernel = (sys_cpu_ms(gateway_pid) or 0.0) - before_sys
+    return {
+        "model_call_p50_ms": percentile(latencies, 0.5) * 1e3,
+        "model_call_gateway_cpu_ms": used / calls,
+        "model_call_gateway_cpu_ms_kernel": kernel / calls,
+    }
 
 
 async def measure(direct_url: str, gateway_url: str, token: str, calls: int, gateway_pid: int) -> dict[str, Any]:
     http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
     direct_s: list[float] = []
     through_s: list[float] = []
-    gateway_cpu_ms = 0.0
+    gateway_cpu_ms = gateway_sys_ms = 0.0
     async with Client(direct_url, mode="legacy", cache=None) as direct, \
             Client(streamable_http_client(gateway_url, http_client=http), mode="legacy", cache=None) as through:
         await timed_calls(direct, "echo", 50)  # warm-up: connections, caches, JIT-less Python paths
         await timed_calls(through, "bench__echo", 50)
         for _ in range(max(1, calls // BLOCK)):
             direct_s += await timed_calls(direct, "echo", BLOCK)
-            before = cpu_ms(gateway_pid) or 0.0
+            before, before_sys = cpu_ms(gateway_pid) or 0.0, sys_cpu_ms(gateway_pid) or 0.0
             through_s += await timed_calls(through, "bench__echo", BLOCK)
             gateway_cpu_ms += (cpu_ms(gateway_pid) or 0.0) - before
+            gateway_sys_ms += (sys_cpu_ms(gateway_pid) or 0.0) - before_sys
     return {
         "calls": len(through_s),
         "direct_p50_ms": percentile(direct_s, 0.5) * 1e3,
@@ -118,6 +129,7 @@ async def measure(direct_url: str, gateway_url: str, token: str, calls: int, gat
         "overhead_p50_ms": (percentile(through_s, 0.5) - percentile(direct_s, 0.5)) * 1e3,
         "overhead_mean_ms": (statistics.fmean(through_s) - statistics.fmean(direct_s)) * 1e3,
         "gateway_cpu_ms_per_call": gateway_cpu_ms / len(through_s),
+        "gateway_cpu_ms_per_call_kernel": gateway_sys_ms / len(through_s),
     }
 
 
@@ -146,44 +158,115 @@ def profiled(out: Path | None, pid: int) -> Iterator[None]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--ttl", type=float, default=1.0, help="definitions_ttl_s of the tool server (0: list before every call)")
+    parser.add_argument(
+        "--ttl", type=float, help="definitions_ttl_s of the tool server (0: list before every call; "
+        "default 1, or 3600 with --instructions, where a second holds only a few calls)",
+    )
     parser.add_argument("--profile", type=Path, help="py-spy the gateway while measuring; raw stacks to this file")
     parser.add_argument("--tree", type=Path, help="run the gateway package of this source tree")
+    parser.add_argument(
+        "--instructions", action="store_true",
+        help="count the gateway's user-space instructions per tools/call under callgrind instead of timing",
+    )
     args = parser.parse_args()
+    ttl = args.ttl if args.ttl is not None else (3600.0 if args.instructions else 1.0)
+    if args.instructions:
+        if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+            sys.exit("--instructions needs valgrind (apt-get install valgrind)")
+        result = count_instructions(args.tree, args.calls, ttl)
+    else:
+        with stack(args.tree, ttl) as (mcp_url, base, token, gateway):
+            with profiled(args.profile, gateway.pid):
+                result = asyncio.run(measure(mcp_url, base + "/mcp", token, args.calls, gateway.pid))
+            result |= asyncio.run(model_reference(base, token, min(args.calls, 500), gateway.pid))
+    result["definitions_ttl_s"] = ttl
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return 0
+
+
+@contextmanager
+def stack(tree: Path | None, ttl: float, prefix: list[str] | None = None) -> Iterator[tuple[str, str, str, subprocess.Popen[bytes]]]:
+    """Redis, the MCP server and the gateway (its argv after `prefix`, e.g. valgrind), a
+    compiled plan granting the server's tool and an open session: (MCP server URL, gateway
+    base URL, the session's token, the gateway process)."""
     work = Path(tempfile.mkdtemp(prefix="abc-bench-mcp-"))
     redis_port, mcp_port, gw_port = free_port(), free_port(), free_port()
     admin, signing = secrets.token_hex(16), secrets.token_hex(32)
+    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
     settings = {
         "providers": [{"name": "mock", "kind": "mock"}],
         "models": [{"name": "gpt-4o-mini", "provider": "mock", "price": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}],
-        "tool_servers": [{"name": "bench", "url": f"http://127.0.0.1:{mcp_port}/mcp", "definitions_ttl_s": args.ttl}],
+        "tool_servers": [{"name": "bench", "url": mcp_url, "definitions_ttl_s": ttl}],
         "server": {"host": "127.0.0.1", "port": gw_port},
     }
     config = work / "gateway.yaml"
     config.write_text(yaml.safe_dump(settings))
     env = tool_env(ABC_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", ABC_ADMIN_TOKEN=admin, ABC_SIGNING_KEY=signing)
     base = f"http://127.0.0.1:{gw_port}"
-    gateway_env = env if args.tree is None else {**env, "PYTHONPATH": f"{args.tree.resolve()}{os.pathsep}{env['PYTHONPATH']}"}
+    gateway_env = env if tree is None else {**env, "PYTHONPATH": f"{tree.resolve()}{os.pathsep}{env['PYTHONPATH']}"}
+    program = [str(gateway_executable())] if prefix is None else [*prefix, sys.executable, "-m", "gateway"]
+    gateway_argv = [*program, "serve", "--config", str(config)]
     redis_argv = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(work)]
     with child(redis_argv, env), \
             child([sys.executable, "-m", "bench.mcp_upstream", "--port", str(mcp_port)], env, f"http://127.0.0.1:{mcp_port}/"), \
-            child([str(gateway_executable()), "serve", "--config", str(config)], gateway_env, base + "/healthz") as gateway:
+            child(gateway_argv, gateway_env, base + "/healthz") as gateway:
         headers = {"Authorization": f"Bearer {admin}"}
         plan = {
             "name": "bench-mcp", "models": [{"name": "gpt-4o-mini", "max_tokens": 16}],
             "mcp": [{"server": "bench", "tools": ["echo"], "price_per_call_usd": 0.000001}],
             "budget": {"usd": 1000},
         }
-        compiled = httpx.post(base + "/admin/v1/plans/compile", json=plan, headers=headers, timeout=60).raise_for_status().json()
-        opened = httpx.post(base + "/admin/v1/sessions", json={"assembly_id": compiled["assembly_id"]}, headers=headers).raise_for_status().json()
-        with profiled(args.profile, gateway.pid):
-            result = asyncio.run(measure(f"http://127.0.0.1:{mcp_port}/mcp", base + "/mcp", opened["token"], args.calls, gateway.pid))
-        result |= asyncio.run(model_reference(base, opened["token"], min(args.calls, 500), gateway.pid))
-    result["definitions_ttl_s"] = args.ttl
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    return 0
+        compiled = httpx.post(base + "/admin/v1/plans/compile", json=plan, headers=headers, timeout=600).raise_for_status().json()
+        opened = httpx.post(base + "/admin/v1/sessions", json={"assembly_id": compiled["assembly_id"]}, headers=headers, timeout=600)
+        yield mcp_url, base, opened.raise_for_status().json()["token"], gateway
+
+
+def count_instructions(tree: Path | None, calls: int, ttl: float) -> dict[str, Any]:
+    """The gateway's instructions per tools/call and per chat completion (the reference),
+    each over `calls` sequential calls after a warm-up; callgrind counts only between
+    `callgrind_control -i on` and `-i off`, so start-up and the warm-up are left out."""
+    work = Path(tempfile.mkdtemp(prefix="abc-bench-mcp-callgrind-"))
+    out = work / "callgrind.out"
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    counts: dict[str, Any] = {"calls": calls}
+
+    async def counted(kind: str, run: Callable[[int], Awaitable[None]], pid: int) -> None:
+        await run(20)  # warm-up
+        subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
+        await run(calls)
+        subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-d", kind, str(pid)], check=True, capture_output=True)
+
+    async def drive(base: str, token: str, pid: int) -> None:
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=600)
+        async with Client(streamable_http_client(base + "/mcp", http_client=http), mode="legacy", cache=None) as through:
+            await counted("tools", lambda n: timed_calls(through, "bench__echo", n), pid)
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+        async with httpx2.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=600) as chat:
+
+            async def chats(n: int) -> None:
+                for _ in range(n):
+                    (await chat.post("/v1/chat/completions", json=body)).raise_for_status()
+
+            await counted("chat", chats, pid)
+
+    with stack(tree, ttl, prefix=valgrind) as (_, base, token, gateway):
+        asyncio.run(drive(base, token, gateway.pid))  # valgrind execs python: the same pid
+    for kind in ("tools", "chat"):
+        counts[f"{kind}_call_instructions_M"] = _dumped(work, kind) / calls / 1e6
+    return counts
+
+
+def _dumped(work: Path, kind: str) -> int:
+    """The instruction total of the dump named `kind` (callgrind_control -d names it)."""
+    for dump in work.glob("callgrind.out*"):
+        text = dump.read_text(errors="replace")
+        if f"desc: Trigger: dump {kind}\n" in text:
+            return max(int(line.split()[1]) for line in text.splitlines() if line.startswith(("summary:", "totals:")))
+    raise RuntimeError(f"no callgrind dump for {kind} in {work}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,12 @@ def cpu_ms(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) * MS_PER_TICK
 
 
+def sys_cpu_ms(pid: int) -> float | None:
+    """stime alone (the kernel's share of cpu_ms: syscalls, socket work), in milliseconds."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[12]) * MS_PER_TICK
+
+
 def tree_pids(root: int) -> list[int]:
     """The root and all its descendants alive now."""
     children: dict[int, list[int]] = {}
