@@ -1,9 +1,12 @@
 """POST /mcp: the gateway as an MCP server (streamable HTTP) serving the session's tools only.
 
 The whole JSON-RPC layer is here, on aiohttp. The auth middleware has already checked the
-VCS token (else HTTP 401, before any JSON-RPC). A request is answered with one JSON body,
-or one SSE `message` event when the client accepts `text/event-stream`; notifications and
-responses get 202. Versions: the initialize handshake's (the SDK's client falls back to it
+VCS token (else HTTP 401, before any JSON-RPC). A request is answered with one JSON body
+(the transport lets the server choose; the gateway never has anything to send before its
+one answer), or one SSE `message` event for a client that accepts `text/event-stream`
+only. Not SSE by default: a client such as the SDK's closes an SSE response as soon as it
+has the answer, before the body's end, so each call would cost a new TCP connection.
+Notifications and responses get 202. Versions: the initialize handshake's (the SDK's client falls back to it
 when `server/discover` is not found). The MCP session is the ABC session: `Mcp-Session-Id`
 is the session id, so every replica knows it without shared state. No server-initiated
 stream (GET is 405) and no resources, prompts, sampling or completion: those are denied.
@@ -140,10 +143,16 @@ def _error(rid: Any, code: int, message: str, data: dict[str, Any] | None = None
 def _answer(request: web.Request, payload: dict[str, Any], *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     body = orjson.dumps(payload)
     headers = {"x-abc-session": claims_of(request).session_id, **(headers or {})}
-    if status == 200 and "text/event-stream" in request.headers.get("Accept", ""):
+    if status == 200 and _only_events(request.headers.get("Accept", "")):
         # One event, then the stream ends: the response is complete, nothing is held open.
         return web.Response(body=b"event: message\ndata: " + body + b"\n\n", content_type="text/event-stream", headers=headers)
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+def _only_events(accept: str) -> bool:
+    """Whether the client takes SSE and not JSON (nor `application/*` or `*/*`)."""
+    ranges = {part.partition(";")[0].strip().lower() for part in accept.split(",")}
+    return "text/event-stream" in ranges and ranges.isdisjoint(("application/json", "application/*", "*/*"))
 
 
 async def not_allowed(request: web.Request) -> web.Response:

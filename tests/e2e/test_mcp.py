@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -377,6 +378,22 @@ def test_a_bad_token_is_http_401_before_any_json_rpc(mgw: Gateway) -> None:
         response = httpx.post(mgw.base_url + "/mcp", json=body, headers=headers)
         assert response.status_code == 401
         assert "jsonrpc" not in response.json()
+
+
+def test_answers_are_one_json_body_on_a_kept_connection_unless_the_client_takes_only_sse(mgw: Gateway) -> None:
+    token = mgw.token(plan())
+    body = {"jsonrpc": "2.0", "id": 7, "method": "tools/list"}
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+    with httpx.Client(base_url=mgw.base_url, headers=headers) as http:
+        first = http.post("/mcp", json=body)
+        second = http.post("/mcp", json=body)
+    assert first.headers["content-type"].startswith("application/json")
+    assert first.json()["id"] == 7 and len(first.json()["result"]["tools"]) == 2
+    assert second.extensions["network_stream"] is first.extensions["network_stream"]  # the same connection
+    only_events = httpx.post(mgw.base_url + "/mcp", json=body, headers={**headers, "Accept": "text/event-stream"})
+    assert only_events.headers["content-type"].startswith("text/event-stream")
+    event, data = only_events.text.rstrip("\n").split("\n")
+    assert event == "event: message" and json.loads(data.removeprefix("data: "))["result"] == first.json()["result"]
 
 
 def test_resources_and_prompts_are_not_served(mgw: Gateway) -> None:
