@@ -10,7 +10,6 @@ structured content is checked against the frozen output schema.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ import orjson
 from gateway import plugins
 from gateway.assembly.model import Assembly, McpTool
 from gateway.errors import InvalidRequest, StateConflict, UpstreamError
+from gateway.mcp import schemas
 from gateway.pipeline.request_fields import denied, show
 
 __all__ = ["ToolGrant", "authorize_tool", "check_result"]
@@ -147,21 +147,8 @@ def _put(target: Any, path: _Path, text: str) -> None:
 
 
 def _first_error(schema: dict[str, Any], value: Any) -> str | None:
-    error = next(iter(_validator(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)).iter_errors(value)), None)
+    error = schemas.first_error(schema, value)
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path)
     return f"{where or '(arguments)'}: {show(error.message, 200)}"
-
-
-@functools.lru_cache(maxsize=1024)
-def _validator(schema_json: bytes) -> Any:
-    # Compiling a validator costs far more than using one: once per frozen schema.
-    # jsonschema is imported on first use, like the MCP SDK: only plans with MCP tools need it.
-    from jsonschema.validators import validator_for  # type: ignore[import-untyped]
-    from referencing import Registry
-
-    schema = orjson.loads(schema_json)
-    cls: Any = validator_for(schema)
-    # An empty registry: a $ref resolves inside the schema, never over the network.
-    return cls(schema, registry=Registry())
