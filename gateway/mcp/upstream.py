@@ -84,43 +84,52 @@ class ToolServer:
     async def call(self, tool: str, arguments: Mapping[str, Any]) -> Reply:
         """tools/call with the bare name; the CallToolResult. A tool's own failure (isError)
         is a result; the server refusing or failing to answer is an UpstreamError."""
+        client = await self._connected()
+        try:  # the hot path: _guard's work without its generator
+            async with asyncio.timeout(self.settings.timeout_s):
+                if self._post is not None:
+                    return await self._post.call(tool, arguments)
+                return await self._sdk_call(client, tool, arguments)
+        except Exception as exc:
+            raise await self._failure(exc, "tools/call") from None
+
+    @staticmethod
+    async def _sdk_call(client: Client, tool: str, arguments: Mapping[str, Any]) -> Reply:
         import mcp_types as types
 
-        client = await self._connected()
-        async with self._guard("tools/call"):
-            if self._post is not None:
-                return await self._post.call(tool, arguments)
-            # Not ClientSession.call_tool: it re-lists tools to check structured content,
-            # which the gateway does itself against the frozen output schema.
-            request = types.CallToolRequest(params=types.CallToolRequestParams(name=tool, arguments=dict(arguments)))
-            result = await client.session.send_request(request, types.CallToolResult)
+        # Not ClientSession.call_tool: it re-lists tools to check structured content,
+        # which the gateway does itself against the frozen output schema.
+        request = types.CallToolRequest(params=types.CallToolRequestParams(name=tool, arguments=dict(arguments)))
+        result = await client.session.send_request(request, types.CallToolResult)
         out: dict[str, Any] = result.model_dump(mode="json", by_alias=True, exclude_none=True)
         return Reply(body=orjson.dumps(out), data=out)
 
     @contextlib.asynccontextmanager
     async def _guard(self, what: str) -> Any:
-        """Upstream trouble as the gateway's typed errors; never the server's URL or headers."""
-        from mcp.shared.exceptions import MCPError
-
+        """Upstream trouble as the gateway's typed errors (see _failure), within the timeout."""
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 yield
-        except SessionLost:
-            await self._drop()
-            raise UpstreamError(f"tool server {self.name!r} lost its session; the next call opens a new one") from None
-        except MCPError as exc:
-            # A JSON-RPC error, or the SDK's word for a lost session (server restarted, child
-            # process gone): either way the next call starts from a fresh session.
-            await self._drop()
-            raise UpstreamError(f"tool server {self.name!r} refused {what} (JSON-RPC error {exc.error.code})") from None
-        except TimeoutError:
-            await self._drop()
-            raise UpstreamTimeout(f"tool server {self.name!r} did not answer {what} in {self.settings.timeout_s:g} s") from None
-        except GatewayError:
-            raise
         except Exception as exc:
-            await self._drop()
-            raise UpstreamError(f"tool server {self.name!r} is unreachable ({type(exc).__name__})") from None
+            raise await self._failure(exc, what) from None
+
+    async def _failure(self, exc: Exception, what: str) -> GatewayError:
+        """The typed error for upstream trouble; never the server's URL or headers. Any but
+        the gateway's own errors drop the session: the next call starts from a fresh one."""
+        from mcp.shared.exceptions import MCPError
+
+        if isinstance(exc, GatewayError):
+            return exc
+        await self._drop()
+        if isinstance(exc, SessionLost):
+            return UpstreamError(f"tool server {self.name!r} lost its session; the next call opens a new one")
+        if isinstance(exc, MCPError):
+            # A JSON-RPC error, or the SDK's word for a lost session (server restarted, child
+            # process gone).
+            return UpstreamError(f"tool server {self.name!r} refused {what} (JSON-RPC error {exc.error.code})")
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeout(f"tool server {self.name!r} did not answer {what} in {self.settings.timeout_s:g} s")
+        return UpstreamError(f"tool server {self.name!r} is unreachable ({type(exc).__name__})")
 
     async def _connected(self) -> Client:
         client = self._client

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import yarl
 
 from gateway.errors import UpstreamError
 from gateway.providers.base import Reply
@@ -35,7 +36,7 @@ class ToolPost:
 
     def __init__(self, name: str, url: str, max_bytes: int) -> None:
         self.name = name
-        self._url = url
+        self._url = yarl.URL(url)  # parsed once, not on every POST
         self._headers: dict[str, str] = {}
         self._max_bytes = max_bytes
         self._ids = itertools.count(1)
@@ -66,7 +67,10 @@ class ToolPost:
         if params is not None:
             message["params"] = params
         if self._http is None:
-            self._http = aiohttp.ClientSession()
+            # No cookies and no timers of its own: ToolServer bounds each call with its timeout.
+            self._http = aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None),
+            )
         async with self._http.post(self._url, data=orjson.dumps(message), headers=self._headers, allow_redirects=False) as response:
             if response.status == 404 and _SESSION_HEADER in self._headers:
                 raise SessionLost
