@@ -151,6 +151,8 @@ def _answer(request: web.Request, payload: dict[str, Any], *, status: int = 200,
 
 def _only_events(accept: str) -> bool:
     """Whether the client takes SSE and not JSON (nor `application/*` or `*/*`)."""
+    if "text/event-stream" not in accept:
+        return False
     ranges = {part.partition(";")[0].strip().lower() for part in accept.split(",")}
     return "text/event-stream" in ranges and ranges.isdisjoint(("application/json", "application/*", "*/*"))
 
