@@ -206,7 +206,8 @@ def stack(tree: Path | None, ttl: float, prefix: list[str] | None = None) -> Ite
     env = tool_env(ABC_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", ABC_ADMIN_TOKEN=admin, ABC_SIGNING_KEY=signing)
     base = f"http://127.0.0.1:{gw_port}"
     gateway_env = env if tree is None else {**env, "PYTHONPATH": f"{tree.resolve()}{os.pathsep}{env['PYTHONPATH']}"}
-    program = [str(gateway_executable())] if prefix is None else [*prefix, sys.executable, "-m", "gateway"]
+    # -P: else `-m` puts the current directory (this tree) first on sys.path, whatever --tree says.
+    program = [str(gateway_executable())] if prefix is None else [*prefix, sys.executable, "-P", "-m", "gateway"]
     gateway_argv = [*program, "serve", "--config", str(config)]
     redis_argv = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(work)]
     with child(redis_argv, env), \
