@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -49,30 +50,46 @@ class ToolServer:
         self._listed_at = 0.0
         self._session_id: str | None = None  # the SDK's streamable HTTP session, as the server named it
         self._post = None if settings.url is None else ToolPost(settings.name, settings.url, settings.max_result_bytes)
+        # The last tools/list pages read, by cursor: with a short definitions_ttl_s the same
+        # answer comes back on most calls, and reading it (the SDK's model, hashes) costs more
+        # than the request.
+        self._pages: dict[str | None, _Page] = {}
 
     async def list_tools(self) -> dict[str, dict[str, Any]]:
         """Every tool the server defines now, by name, as the JSON it sent (camelCase keys)."""
-        import mcp_types as types
 
         client = await self._connected()
         tools: dict[str, dict[str, Any]] = {}
+        hashes: dict[str, str] = {}
         cursor: str | None = None
         async with self._guard("tools/list"):
             while True:
                 params = None if cursor is None else {"cursor": cursor}
                 if self._post is not None:
-                    # Read with the SDK's model, as its client would: the same definitions, the same hashes.
-                    page = types.ListToolsResult.model_validate(await self._post.request("tools/list", params))
+                    page = self._read_page(cursor, await self._post.request("tools/list", params))
                 else:
-                    page = await client.session.list_tools(params=params)  # type: ignore[arg-type]
-                for tool in page.tools:
-                    tools[tool.name] = tool.model_dump(mode="json", by_alias=True, exclude_none=True)
+                    page = _Page.of(await client.session.list_tools(params=params))  # type: ignore[arg-type]
+                tools.update(page.tools)
+                hashes.update(page.hashes)
                 cursor = page.next_cursor
                 if not cursor or len(tools) > 10_000:
                     break
-        self._listed, self._listed_at = tools, time.monotonic()
-        self._hashes = {name: definition_hash(tool) for name, tool in tools.items()}
+        self._listed, self._listed_at, self._hashes = tools, time.monotonic(), hashes
         return tools
+
+    def _read_page(self, cursor: str | None, result: dict[str, Any]) -> _Page:
+        """A tools/list page as the SDK's client reads it (its model: the same definitions, the
+        same hashes); a page that came back byte for byte as last time is not read again."""
+        import mcp_types as types
+
+        raw = orjson.dumps(result)
+        seen = self._pages.get(cursor)
+        if seen is not None and seen.raw == raw:
+            return seen
+        if len(self._pages) > 1000:
+            self._pages.clear()
+        page = self._pages[cursor] = _Page.of(types.ListToolsResult.model_validate(result), raw)
+        return page
 
     async def current_hash(self, tool: str) -> str | None:
         """The hash of the server's current definition of `tool` (None: it has none)."""
@@ -214,6 +231,19 @@ class ToolServer:
             await self._drop()
             if self._post is not None:
                 await self._post.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    tools: dict[str, dict[str, Any]]  # by name, as the JSON the server sent (camelCase keys)
+    hashes: dict[str, str]
+    next_cursor: str | None
+    raw: bytes = b""  # the result as received, re-serialised: what an unchanged page is known by
+
+    @classmethod
+    def of(cls, page: Any, raw: bytes = b"") -> _Page:
+        tools = {tool.name: tool.model_dump(mode="json", by_alias=True, exclude_none=True) for tool in page.tools}
+        return cls(tools, {name: definition_hash(tool) for name, tool in tools.items()}, page.next_cursor, raw)
 
 
 class ToolServers:

@@ -306,6 +306,19 @@ def test_a_rug_pull_is_refused_and_recompiling_warns_and_changes_the_id(mgw: Gat
     assert any("secrets or key files" in w for w in warned)
 
 
+def test_a_rug_pull_between_two_calls_is_refused_on_the_second(mgw: Gateway, shop: McpServerProcess) -> None:
+    token = mgw.token(plan())
+
+    async def call(client: Client) -> Any:
+        return await client.call_tool("shop__weather", {"city": "Oslo"})
+
+    assert with_client(mgw, token, call).is_error is False  # the server's listing, read and remembered
+    shop.control("rugpull")
+    error = refusal(mgw, token, "shop__weather", {"city": "Oslo"})
+    assert error.error.data is not None and error.error.data["code"] == "tool_changed"
+    assert shop.calls() == {"weather": 1}
+
+
 def test_an_unreachable_server_is_a_clear_error_and_releases_the_reservation(
     mgw: Gateway, redis_url: str, keyring: Keyring
 ) -> None:
