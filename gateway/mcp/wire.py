@@ -10,6 +10,7 @@ as JSON or as an SSE stream.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,9 @@ __all__ = ["SessionLost", "ToolPost"]
 
 _SESSION_HEADER = "mcp-session-id"
 _VERSION_HEADER = "mcp-protocol-version"
+# What may follow an SSE answer before its stream ends, and for how long.
+_FINISH_BYTES = 65536
+_FINISH_S = 5.0
 
 
 class SessionLost(Exception):
@@ -41,6 +45,7 @@ class ToolPost:
         self._max_bytes = max_bytes
         self._ids = itertools.count(1)
         self._http: aiohttp.ClientSession | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
 
     def on_session(self, credentials: Mapping[str, str], session_id: str | None, protocol_version: str | None) -> None:
         """The session the SDK's client just opened (with the gateway's `credentials`); each
@@ -71,17 +76,23 @@ class ToolPost:
             self._http = aiohttp.ClientSession(
                 cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None),
             )
-        async with self._http.post(self._url, data=orjson.dumps(message), headers=self._headers, allow_redirects=False) as response:
+        response = await self._http.post(self._url, data=orjson.dumps(message), headers=self._headers, allow_redirects=False)
+        try:
             if response.status == 404 and _SESSION_HEADER in self._headers:
                 raise SessionLost
             if response.status != 200:
                 raise UpstreamError(f"tool server {self.name!r} answered {method} with HTTP {response.status}")
-            raw = await self._read(response)
-            events = response.content_type == "text/event-stream"
-        try:
-            answer = _answer(raw, rid, events)
+            answer = await self._read(response, rid)
         except orjson.JSONDecodeError:
+            response.release()
             raise UpstreamError(f"tool server {self.name!r} answered {method} with something not JSON") from None
+        except BaseException:
+            response.release()  # as `async with` would: the connection is kept only if it was read to the end
+            raise
+        if response.content.is_eof():
+            response.release()
+        else:
+            self._finish_later(response)
         if answer is None:
             raise UpstreamError(f"tool server {self.name!r} sent no answer to {method}")
         error = answer.get("error")
@@ -93,32 +104,62 @@ class ToolPost:
             raise UpstreamError(f"tool server {self.name!r} sent a malformed {method} result")
         return result
 
-    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+    async def _read(self, response: aiohttp.ClientResponse, rid: str) -> dict[str, Any] | None:
+        """The JSON-RPC response to `rid`. An SSE answer is read up to the event carrying it:
+        the stream's end follows at once, and waiting for it would cost the call a wake-up."""
         # An SSE answer may carry notifications before the result: room for them too.
         cap = 2 * self._max_bytes + 65536
         if response.content_length is not None and response.content_length > cap:
             raise UpstreamError(f"the answer of tool server {self.name!r} is larger than {cap} bytes")
+        events = response.content_type == "text/event-stream"
         parts: list[bytes] = []
         size = 0
-        async for part in response.content.iter_any():
+        while part := await response.content.readany():
             size += len(part)
             if size > cap:
                 raise UpstreamError(f"the answer of tool server {self.name!r} is larger than {cap} bytes")
             parts.append(part)
-        return b"".join(parts)
+            # An event ends with a blank line (one split between two reads is found at the end).
+            if events and (b"\n\n" in part or b"\n\r\n" in part):
+                answer = _answer(b"".join(parts), rid, events, ended=False)
+                if answer is not None:
+                    return answer
+        return _answer(b"".join(parts), rid, events)
+
+    def _finish_later(self, response: aiohttp.ClientResponse) -> None:
+        task = asyncio.ensure_future(self._finish(response))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, response: aiohttp.ClientResponse) -> None:
+        """Read an answered SSE stream to its end, so its connection serves the next call; a
+        stream that goes on past the answer (bytes or time), or breaks, is closed instead."""
+        try:
+            async with asyncio.timeout(_FINISH_S):
+                size = 0
+                while size <= _FINISH_BYTES and (part := await response.content.readany()):
+                    size += len(part)
+        except Exception:  # noqa: BLE001  # timed out or broken: release() below closes it
+            pass
+        finally:
+            response.release()  # back to the pool if read to the end, else closed
 
     async def close(self) -> None:
+        for task in self._finishing:
+            task.cancel()
         if self._http is not None:
             await self._http.close()
             self._http = None
 
 
-def _answer(raw: bytes, rid: str, events: bool) -> dict[str, Any] | None:
-    """The JSON-RPC response to `rid`: the body itself, or one of the SSE events' data."""
+def _answer(raw: bytes, rid: str, events: bool, *, ended: bool = True) -> dict[str, Any] | None:
+    """The JSON-RPC response to `rid`: the body itself, or one of the SSE events' data (of
+    the complete events only, while the stream has not `ended`)."""
     if not events:
         message = orjson.loads(raw)
         return message if isinstance(message, dict) and message.get("id") == rid else None
-    for event in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+    found = raw.replace(b"\r\n", b"\n").split(b"\n\n")
+    for event in found if ended else found[:-1]:
         data = b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
         if not data:
             continue
