@@ -183,13 +183,14 @@ class Metrics:
         gateway_s: float, upstream_s: float,
     ) -> None:
         """One settled MCP tool call; its spend joins the models' under model="mcp:<server>__<tool>"."""
-        self._child(self.tool_calls, server, tool, outcome).inc()
+        observe, inc = self._observe, self._inc  # folded with the request's, as observe_settled's are
+        inc(self.tool_calls, (server, tool, outcome), 1)
         if cost:
-            self._child(self.cost, tenant or "default", "mcp:" + tool, assembly).inc(cost)
-            self._child(self.tool_cost, tenant or "default", server, tool).inc(cost)
+            inc(self.cost, (tenant or "default", "mcp:" + tool, assembly), cost)
+            inc(self.tool_cost, (tenant or "default", server, tool), cost)
         if outcome in ("ok", "error_result"):
-            self.overhead.observe(gateway_s)
-            self._child(self.upstream, "mcp:" + tool).observe(upstream_s)
+            observe(self.overhead, (), gateway_s)
+            observe(self.upstream, ("mcp:" + tool,), upstream_s)
 
     def observe_denial(self, exc: GatewayError) -> None:
         self._child(self.denials, denial_reason(exc)).inc()

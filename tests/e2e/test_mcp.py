@@ -33,6 +33,7 @@ from tests.conftest import (
 )
 from tests.fakes.mcp_proc import McpServerProcess
 from tests.fakes.mcp_server import WEATHER
+from tests.metrics_support import counter
 
 T = TypeVar("T")
 PRICE = 0.01  # USD per call
@@ -118,6 +119,10 @@ def test_an_allowed_call_reaches_the_server_with_the_bare_name_and_is_charged(mg
     assert shop.calls() == {"get_order": 1}
     shown = mgw.session(opened["session_id"])
     assert (shown["spent_usd"], shown["reserved_nanos"], shown["requests"]) == ("0.010000000", 0, 1)
+    metrics = httpx.get(mgw.base_url + "/metrics").text
+    assert counter(metrics, "abc_tool_calls_total", server="shop", tool="shop__get_order", outcome="ok") == 1
+    assert counter(metrics, "abc_tool_cost_nanos_total", server="shop", tool="shop__get_order") == 10_000_000
+    assert counter(metrics, "abc_cost_nanos_total", model="mcp:shop__get_order") == 10_000_000
 
 
 VARIANTS = [
