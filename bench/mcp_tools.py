@@ -6,11 +6,14 @@ sequential calls with the SDK's client: in alternating blocks, directly and thro
 Reports the latency of each path (p50, p99), the p50 overhead, and the gateway process's
 CPU time per call (utime + stime from /proc, over the gateway's blocks only).
 
-Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0] [--profile stacks.txt] [--tree DIR]
+Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0] [--profile stacks.txt] [--tree DIR] [--json-upstream]
      .venv/bin/python -m bench.mcp_tools --instructions [--calls 200] [--tree DIR]
 (--profile: py-spy samples the gateway during the whole measurement; the top functions
 are printed, the raw stacks kept in the file. --tree: the gateway's code from another
 source tree, e.g. a checkout from before a change, with this venv's dependencies.
+--json-upstream: the MCP server answers with JSON bodies instead of SSE streams; the
+SDK's client then keeps its connection to it, where an SSE answer costs the direct path
+a new TCP connection per call.
 --instructions: no timing; the gateway runs under callgrind and the user-space
 instructions per tools/call and per chat completion are printed: a count that stays
 within ~1% on a busy machine, where CPU time moves by 30%.)
@@ -168,18 +171,20 @@ def main() -> int:
         "--instructions", action="store_true",
         help="count the gateway's user-space instructions per tools/call under callgrind instead of timing",
     )
+    parser.add_argument("--json-upstream", action="store_true", help="the MCP server answers JSON, not SSE")
     args = parser.parse_args()
     ttl = args.ttl if args.ttl is not None else (3600.0 if args.instructions else 1.0)
     if args.instructions:
         if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
             sys.exit("--instructions needs valgrind (apt-get install valgrind)")
-        result = count_instructions(args.tree, args.calls, ttl)
+        result = count_instructions(args.tree, args.calls, ttl, args.json_upstream)
     else:
-        with stack(args.tree, ttl) as (mcp_url, base, token, gateway):
+        with stack(args.tree, ttl, json_upstream=args.json_upstream) as (mcp_url, base, token, gateway):
             with profiled(args.profile, gateway.pid):
                 result = asyncio.run(measure(mcp_url, base + "/mcp", token, args.calls, gateway.pid))
             result |= asyncio.run(model_reference(base, token, min(args.calls, 500), gateway.pid))
     result["definitions_ttl_s"] = ttl
+    result["upstream_answers"] = "json" if args.json_upstream else "sse"
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
@@ -187,7 +192,9 @@ def main() -> int:
 
 
 @contextmanager
-def stack(tree: Path | None, ttl: float, prefix: list[str] | None = None) -> Iterator[tuple[str, str, str, subprocess.Popen[bytes]]]:
+def stack(
+    tree: Path | None, ttl: float, prefix: list[str] | None = None, json_upstream: bool = False,
+) -> Iterator[tuple[str, str, str, subprocess.Popen[bytes]]]:
     """Redis, the MCP server and the gateway (its argv after `prefix`, e.g. valgrind), a
     compiled plan granting the server's tool and an open session: (MCP server URL, gateway
     base URL, the session's token, the gateway process)."""
@@ -209,9 +216,10 @@ def stack(tree: Path | None, ttl: float, prefix: list[str] | None = None) -> Ite
     # -P: else `-m` puts the current directory (this tree) first on sys.path, whatever --tree says.
     program = [str(gateway_executable())] if prefix is None else [*prefix, sys.executable, "-P", "-m", "gateway"]
     gateway_argv = [*program, "serve", "--config", str(config)]
+    upstream_argv = [sys.executable, "-m", "bench.mcp_upstream", "--port", str(mcp_port), *(["--json"] if json_upstream else [])]
     redis_argv = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(work)]
     with child(redis_argv, env), \
-            child([sys.executable, "-m", "bench.mcp_upstream", "--port", str(mcp_port)], env, f"http://127.0.0.1:{mcp_port}/"), \
+            child(upstream_argv, env, f"http://127.0.0.1:{mcp_port}/"), \
             child(gateway_argv, gateway_env, base + "/healthz") as gateway:
         headers = {"Authorization": f"Bearer {admin}"}
         plan = {
@@ -224,7 +232,7 @@ def stack(tree: Path | None, ttl: float, prefix: list[str] | None = None) -> Ite
         yield mcp_url, base, opened.raise_for_status().json()["token"], gateway
 
 
-def count_instructions(tree: Path | None, calls: int, ttl: float) -> dict[str, Any]:
+def count_instructions(tree: Path | None, calls: int, ttl: float, json_upstream: bool = False) -> dict[str, Any]:
     """The gateway's instructions per tools/call and per chat completion (the reference),
     each over `calls` sequential calls after a warm-up; callgrind counts only between
     `callgrind_control -i on` and `-i off`, so start-up and the warm-up are left out."""
@@ -254,7 +262,7 @@ def count_instructions(tree: Path | None, calls: int, ttl: float) -> dict[str, A
 
             await counted("chat", chats, pid)
 
-    with stack(tree, ttl, prefix=valgrind) as (_, base, token, gateway):
+    with stack(tree, ttl, prefix=valgrind, json_upstream=json_upstream) as (_, base, token, gateway):
         asyncio.run(drive(base, token, gateway.pid))  # valgrind execs python: the same pid
     for kind in ("tools", "chat"):
         counts[f"{kind}_call_instructions_M"] = _dumped(work, kind) / calls / 1e6
