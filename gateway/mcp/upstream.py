@@ -57,7 +57,6 @@ class ToolServer:
 
     async def list_tools(self) -> dict[str, dict[str, Any]]:
         """Every tool the server defines now, by name, as the JSON it sent (camelCase keys)."""
-
         client = await self._connected()
         tools: dict[str, dict[str, Any]] = {}
         hashes: dict[str, str] = {}
