@@ -7,9 +7,10 @@ one answer), or one SSE `message` event for a client that accepts `text/event-st
 only. Not SSE by default: a client such as the SDK's closes an SSE response as soon as it
 has the answer, before the body's end, so each call would cost a new TCP connection.
 Notifications and responses get 202. Versions: the initialize handshake's (the SDK's
-client falls back to it when `server/discover` is not found). The MCP session is the ABC session: `Mcp-Session-Id`
-is the session id, so every replica knows it without shared state. No server-initiated
-stream (GET is 405) and no resources, prompts, sampling or completion: those are denied.
+client falls back to it when `server/discover` is not found). The MCP session is the ABC
+session: `Mcp-Session-Id` is the session id, so every replica knows it without shared
+state. No server-initiated stream (GET is 405) and no resources, prompts, sampling or
+completion: those are denied.
 """
 
 from __future__ import annotations
