@@ -13,9 +13,7 @@ from collections.abc import AsyncGenerator, Iterable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from gateway.errors import (
     GatewayError,
@@ -26,6 +24,16 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.providers.base import Endpoint, Reply
+from gateway.providers.transport import (
+    BodyIncomplete,
+    Client,
+    ConnectFailed,
+    Disconnected,
+    Response,
+    Target,
+    Timeouts,
+    TransportError,
+)
 from gateway.settings import ProviderSettings
 from gateway.tracing import NOOP, Tracer
 
@@ -34,7 +42,7 @@ __all__ = [
     "AnthropicProvider",
     "OpenAICompatProvider",
     "SSEParser",
-    "make_client_session",
+    "make_upstream_client",
     "scrub",
 ]
 
@@ -92,17 +100,13 @@ def scrub(text: str, secrets: Iterable[str | None]) -> str:
     return _BEARER.sub("Bearer " + _REDACTED, text)
 
 
-def make_client_session(*, limit: int = 256) -> aiohttp.ClientSession:
-    """The one keep-alive session shared by every `openai` provider; the app closes it."""
-    connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300, keepalive_timeout=30)
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),  # upstream cookies must never leak between sessions
-        auto_decompress=True,
-        raise_for_status=False,
-        trust_env=False,  # HTTP(S)_PROXY from the environment must not reroute keyed traffic
-        timeout=aiohttp.ClientTimeout(total=None),  # each provider passes its own
-    )
+def make_upstream_client(*, limit: int = 256) -> Client:
+    """The one keep-alive pool shared by every `openai` provider; the app closes it.
+
+    It reads nothing from the environment (no HTTP(S)_PROXY rerouting keyed traffic), keeps
+    no cookies (nothing leaks between sessions) and follows no redirects.
+    """
+    return Client(limit=limit, keepalive_s=30.0)
 
 
 class SSEParser:
@@ -174,30 +178,31 @@ class SSEParser:
 class OpenAICompatProvider:
     """Forwards checked request bodies to one OpenAI-compatible `api_base` and maps its answers."""
 
-    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession, *, tracer: Tracer = NOOP) -> None:
+    def __init__(self, settings: ProviderSettings, http: Client, *, tracer: Tracer = NOOP) -> None:
         if not settings.api_base:
             raise ValueError(f"provider {settings.name!r}: api_base is required")
         self.name = settings.name
         self._tracer = tracer  # adds `traceparent` to upstream calls when tracing
-        self._session = session
+        self._http = http
         base = settings.api_base.rstrip("/")
         # Fixed here, once: nothing in a request body is ever read to build a URL.
-        self._urls: dict[Endpoint, URL] = {ep: URL(f"{base}/{ep.value}") for ep in Endpoint}
+        self._targets: dict[Endpoint, Target] = {ep: Target.parse(f"{base}/{ep.value}") for ep in Endpoint}
         timeouts = settings.timeouts
-        self._timeout = aiohttp.ClientTimeout(
-            total=timeouts.total_s, connect=timeouts.connect_s, sock_read=timeouts.idle_s
+        self._timeouts = Timeouts(
+            connect=timeouts.connect_s, first_byte=timeouts.first_byte_s, idle=timeouts.idle_s, total=timeouts.total_s,
         )
-        self._first_byte_s = timeouts.first_byte_s
         key = settings.api_key()
         parts = urlsplit(base)
         self._secrets: tuple[str | None, ...] = (key, base, parts.netloc, parts.password)
         self.native_endpoints = frozenset({Endpoint.RESPONSES}) if settings.responses == "native" else frozenset()
-        # aiohttp's default User-Agent would tell the upstream our Python and aiohttp versions.
+        # A library's default User-Agent would tell the upstream our Python and library versions.
         common = {"User-Agent": "abc-gateway", **self._auth_headers(key)}
         self._json_headers: dict[str, str] = {
             **common,
             "Content-Type": "application/json",
             "Accept": "application/json",
+            # Compressing a few KiB of JSON on loopback or a LAN costs both sides more than it saves.
+            "Accept-Encoding": "identity",
         }
         self._sse_headers: dict[str, str] = {
             **common,
@@ -220,7 +225,7 @@ class OpenAICompatProvider:
                     raise await self._failure(resp)
                 raw = await resp.read()
                 passthrough = _passthrough_headers(resp)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, TransportError) as exc:
             raise _transport_error(exc) from None
         try:
             data = orjson.loads(raw)
@@ -244,7 +249,7 @@ class OpenAICompatProvider:
                 try:
                     parser = SSEParser()
                     done = False
-                    async for chunk in resp.content.iter_any():
+                    while chunk := await resp.read_chunk():
                         for payload in parser.feed(chunk):
                             if payload == _DONE:
                                 done = True
@@ -267,28 +272,22 @@ class OpenAICompatProvider:
                     # return it half-read to the pool; closing it is what stops the upstream.
                     resp.close()
                     raise
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, TransportError) as exc:
             raise _transport_error(exc) from None
 
     async def close(self) -> None:
-        """Nothing to do: the shared session belongs to the app, which closes it."""
+        """Nothing to do: the shared client belongs to the app, which closes it."""
 
-    async def _post(
-        self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
-        """The response, once its status and headers are in: within `first_byte_s`."""
-        async with asyncio.timeout(self._first_byte_s):
-            return await self._session.post(
-                self._urls[endpoint],
-                data=orjson.dumps(body),
-                headers=headers,
-                timeout=self._timeout,
-                # A redirect would take the key and the request somewhere other than api_base.
-                allow_redirects=False,
-            )
+    async def _post(self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        """The response, once its status and headers are in: within `first_byte_s`.
 
-    async def _failure(self, resp: aiohttp.ClientResponse) -> GatewayError:
-        raw = await _read_limited(resp, _MAX_ERROR_BODY_BYTES)
+        The client follows no redirect: one would take the key and the request somewhere
+        other than api_base.
+        """
+        return await self._http.request(self._targets[endpoint], orjson.dumps(body), headers, self._timeouts)
+
+    async def _failure(self, resp: Response) -> GatewayError:
+        raw = await resp.read_limited(_MAX_ERROR_BODY_BYTES)
         status = resp.status
         if status in _CLIENT_FAULT_STATUSES:
             message, param, code = _parse_error(raw)
@@ -340,8 +339,8 @@ class AnthropicProvider(OpenAICompatProvider):
 
     speaks_chat = False
 
-    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession, *, tracer: Tracer = NOOP) -> None:
-        super().__init__(settings, session, tracer=tracer)
+    def __init__(self, settings: ProviderSettings, http: Client, *, tracer: Tracer = NOOP) -> None:
+        super().__init__(settings, http, tracer=tracer)
         self.native_endpoints = frozenset({Endpoint.MESSAGES})
 
     def _auth_headers(self, key: str | None) -> dict[str, str]:
@@ -377,7 +376,7 @@ def _with_request_id(headers: dict[str, str], request_id: str | None) -> dict[st
     return {**headers, "X-Request-Id": request_id}
 
 
-def _passthrough_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+def _passthrough_headers(resp: Response) -> dict[str, str]:
     found = {name: value for name in PASSTHROUGH_HEADERS if (value := resp.headers.get(name))}
     upstream_id = resp.headers.get("x-request-id")
     if upstream_id:
@@ -385,15 +384,15 @@ def _passthrough_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
     return found
 
 
-def _transport_error(exc: TimeoutError | aiohttp.ClientError) -> GatewayError:
-    """Map aiohttp/asyncio failures; their text names the upstream host, so none of it is kept."""
-    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+def _transport_error(exc: TimeoutError | TransportError) -> GatewayError:
+    """Map transport failures; none of their text is kept (it could name the upstream host)."""
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout("upstream timed out")
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    if isinstance(exc, BodyIncomplete):
         return UpstreamError("upstream stream ended early")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed):
         return UpstreamUnavailable("upstream unreachable")
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+    if isinstance(exc, Disconnected):
         return UpstreamUnavailable("upstream connection failed")
     return UpstreamError("upstream connection failed")
 
@@ -407,28 +406,18 @@ def _retry_after(value: str | None) -> float | None:
     return seconds if seconds is not None and seconds >= 0 else None
 
 
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < limit:
-        chunk = await resp.content.read(limit - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
-
-
-async def _drain(resp: aiohttp.ClientResponse) -> None:
+async def _drain(resp: Response) -> None:
     """Read what follows [DONE] (normally just the chunked body's end) to keep the connection."""
-    if resp.content.at_eof():
+    if resp.at_eof():
         return
     try:
         async with asyncio.timeout(_DRAIN_AFTER_DONE_S):
             seen = 0
-            while not resp.content.at_eof() and seen < _MAX_ERROR_BODY_BYTES:
-                seen += len(await resp.content.readany())
-    except (TimeoutError, aiohttp.ClientError):
+            while not resp.at_eof() and seen < _MAX_ERROR_BODY_BYTES:
+                seen += len(await resp.read_chunk())
+    except (TimeoutError, TransportError):
         pass
-    if not resp.content.at_eof():
+    if not resp.at_eof():
         resp.close()
 
 

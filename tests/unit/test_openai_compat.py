@@ -7,7 +7,6 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
@@ -16,9 +15,10 @@ from gateway.providers.base import Endpoint
 from gateway.providers.openai_compat import (
     OpenAICompatProvider,
     SSEParser,
-    make_client_session,
+    make_upstream_client,
     scrub,
 )
+from gateway.providers.transport import Client
 from gateway.settings import ProviderSettings
 from tests.fakes.upstream import FakeUpstream
 
@@ -45,14 +45,14 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    s = make_client_session()
+async def session() -> AsyncIterator[Client]:
+    s = make_upstream_client()
     yield s
     await s.close()
 
 
 @pytest.fixture
-def make_provider(session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> MakeProvider:
+def make_provider(session: Client, monkeypatch: pytest.MonkeyPatch) -> MakeProvider:
     monkeypatch.setenv(KEY_ENV, KEY)
 
     def make(api_base: str, **overrides: Any) -> OpenAICompatProvider:
@@ -510,8 +510,15 @@ def test_sse_parser_refuses_an_endless_line() -> None:
             parser.feed(b"x" * 1_000_000)
 
 
-async def test_client_session_ignores_environment_proxies_and_cookies(
-    session: aiohttp.ClientSession,
+async def test_upstream_client_ignores_environment_proxies_and_keeps_no_cookies(
+    upstream: FakeUpstream, provider: OpenAICompatProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert session.trust_env is False
-    assert isinstance(session.cookie_jar, aiohttp.DummyCookieJar)
+    async with FakeUpstream() as proxy:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.setenv(name, proxy.base_url)
+        upstream.respond_with(json={"ok": True}, headers={"Set-Cookie": "session=abc; Path=/"})
+        await provider.send(Endpoint.CHAT, CHAT_BODY)
+        await provider.send(Endpoint.CHAT, CHAT_BODY)
+        assert proxy.requests == []
+    assert len(upstream.requests) == 2
+    assert "Cookie" not in upstream.requests[1].headers
