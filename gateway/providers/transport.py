@@ -22,7 +22,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -144,6 +144,15 @@ class Client:
             conn.close()
             raise
         return Response(self, conn)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open or opening, in use or idle (at most `limit`)."""
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(conns) for conns in self._idle.values())
 
     async def close(self) -> None:
         """Close idle connections now; those in use are closed when their response is done."""
@@ -461,8 +470,7 @@ class _Conn(asyncio.Protocol):
     # --- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._state == _UNTIL_EOF:
@@ -489,9 +497,9 @@ class _Conn(asyncio.Protocol):
             if state == _HEAD:
                 self._buf += data
                 end = self._buf.find(b"\r\n\r\n")
+                if end > MAX_HEADER_BYTES or (end < 0 and len(self._buf) > MAX_HEADER_BYTES):
+                    raise BadResponse("response headers over the limit")
                 if end < 0:
-                    if len(self._buf) > MAX_HEADER_BYTES:
-                        raise BadResponse("response headers over the limit")
                     return
                 data = self._parse_head(end)
                 state = self._state
