@@ -58,7 +58,9 @@ def per_request(tree: Path, kind: str, requests: int) -> float:
         mock, port = start_mock(sup, cpus=None, delay_ms=0.0)
         target = start_abc(
             sup, name="abc", mock=mock, mock_port=port, workers=1, gateway_cpus=None, redis_cpus=None,
-            workdir=work, command_prefix=["env", f"PYTHONPATH={tree}", *valgrind, sys.executable, "-m", "gateway"],
+            # -P: without it `-m` puts the current directory first on sys.path, and a bench run
+            # from inside a tree would measure that tree's `gateway` for every tree.
+            workdir=work, command_prefix=["env", f"PYTHONPATH={tree}", *valgrind, sys.executable, "-P", "-m", "gateway"],
         )
         assert target.gateway is not None
         send = _sender(target, kind)

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             targets[label] = start_abc(
                 sup, name=label, mock=mock, mock_port=port, workers=1, gateway_cpus=args.gateway_cpus,
                 redis_cpus=args.gateway_cpus, workdir=work / label,
-                command_prefix=["env", f"PYTHONPATH={tree.resolve()}", sys.executable, "-m", "gateway"],
+                # -P: else `-m` puts the current directory (maybe another tree) first on sys.path.
+                command_prefix=["env", f"PYTHONPATH={tree.resolve()}", sys.executable, "-P", "-m", "gateway"],
             )
         for target in targets.values():  # warm-up: lazy imports, caches, connections
             run_wrk(target, scenario, duration_s=2, load_cpus=args.load_cpus)
