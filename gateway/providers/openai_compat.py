@@ -29,10 +29,12 @@ from gateway.providers.transport import (
     Client,
     ConnectFailed,
     Disconnected,
+    HeaderBlock,
     Response,
     Target,
     Timeouts,
     TransportError,
+    encode_headers,
 )
 from gateway.settings import ProviderSettings
 from gateway.tracing import NOOP, Tracer
@@ -197,20 +199,20 @@ class OpenAICompatProvider:
         self.native_endpoints = frozenset({Endpoint.RESPONSES}) if settings.responses == "native" else frozenset()
         # A library's default User-Agent would tell the upstream our Python and library versions.
         common = {"User-Agent": "abc-gateway", **self._auth_headers(key)}
-        self._json_headers: dict[str, str] = {
+        self._json_headers = encode_headers({
             **common,
             "Content-Type": "application/json",
             "Accept": "application/json",
             # Compressing a few KiB of JSON on loopback or a LAN costs both sides more than it saves.
             "Accept-Encoding": "identity",
-        }
-        self._sse_headers: dict[str, str] = {
+        })
+        self._sse_headers = encode_headers({
             **common,
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
             # Compressed SSE can sit in a zlib buffer; tokens must flow as they come.
             "Accept-Encoding": "identity",
-        }
+        })
 
     def _auth_headers(self, key: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"} if key else {}
@@ -218,7 +220,7 @@ class OpenAICompatProvider:
     async def send(
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None
     ) -> Reply:
-        headers = self._tracer.inject(_with_request_id(self._json_headers, request_id))
+        headers = self._headers(self._json_headers, request_id)
         try:
             async with await self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:
@@ -239,7 +241,7 @@ class OpenAICompatProvider:
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        headers = self._tracer.inject(_with_request_id(self._sse_headers, request_id))
+        headers = self._headers(self._sse_headers, request_id)
         try:
             async with await self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:
@@ -278,7 +280,12 @@ class OpenAICompatProvider:
     async def close(self) -> None:
         """Nothing to do: the shared client belongs to the app, which closes it."""
 
-    async def _post(self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]) -> Response:
+    def _headers(self, fixed: HeaderBlock, request_id: str | None) -> HeaderBlock:
+        """The provider's fixed headers, then this call's: its request id and trace context."""
+        extra = self._tracer.inject(_request_id_header(request_id))
+        return HeaderBlock(fixed + encode_headers(extra)) if extra else fixed
+
+    async def _post(self, endpoint: Endpoint, body: dict[str, Any], headers: HeaderBlock) -> Response:
         """The response, once its status and headers are in: within `first_byte_s`.
 
         The client follows no redirect: one would take the key and the request somewhere
@@ -369,11 +376,11 @@ class AnthropicProvider(OpenAICompatProvider):
             yield payload
 
 
-def _with_request_id(headers: dict[str, str], request_id: str | None) -> dict[str, str]:
+def _request_id_header(request_id: str | None) -> dict[str, str]:
     # Only a plain token is forwarded: it is ours, but it must not become a header injection.
     if request_id is None or not _REQUEST_ID.match(request_id):
-        return headers
-    return {**headers, "X-Request-Id": request_id}
+        return {}
+    return {"X-Request-Id": request_id}
 
 
 def _passthrough_headers(resp: Response) -> dict[str, str]:

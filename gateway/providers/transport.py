@@ -22,8 +22,8 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, cast
-from urllib.parse import urlsplit
+from typing import Final, NewType, cast
+from urllib.parse import quote, urlsplit
 
 __all__ = [
     "BadResponse",
@@ -31,10 +31,12 @@ __all__ = [
     "Client",
     "ConnectFailed",
     "Disconnected",
+    "HeaderBlock",
     "Response",
     "Target",
     "Timeouts",
     "TransportError",
+    "encode_headers",
 ]
 
 # A response's status line and headers together; aiohttp allows 8 KiB per line.
@@ -47,6 +49,19 @@ _HIGH_WATER: Final = 256 * 1024
 _TIMER_SLACK_S: Final = 0.001
 _INF: Final = float("inf")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+# Request header lines, encoded and checked once (see `encode_headers`): a provider's fixed
+# headers are encoded when it is built, not on every call.
+HeaderBlock = NewType("HeaderBlock", bytes)
+
+
+def encode_headers(headers: dict[str, str]) -> HeaderBlock:
+    """`Name: value` lines; a line break in a name or value (header injection) is refused."""
+    block = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    if block.count("\n") != len(headers) or block.count("\r") != len(headers):
+        raise ValueError("a header name or value holds a line break")
+    return HeaderBlock(block.encode())
 
 
 class TransportError(Exception):
@@ -86,6 +101,8 @@ class Target:
     origin: tuple[str, str, int]  # (scheme, host, port): the pool's key
     host_header: str
     path: str
+    # "PATH HTTP/1.1\r\nHost: HOST\r\n", encoded once: what follows the method in every request.
+    head: bytes = b""
 
     @classmethod
     def parse(cls, url: str) -> Target:
@@ -95,11 +112,14 @@ class Target:
         default = 443 if parts.scheme == "https" else 80
         port = parts.port or default
         host = parts.hostname
-        shown = f"[{host}]" if ":" in host else host
-        path = parts.path or "/"
+        ascii_host = host if host.isascii() else host.encode("idna").decode("ascii")
+        shown = f"[{ascii_host}]" if ":" in host else ascii_host
+        path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=~")
         if parts.query:
-            path += "?" + parts.query
-        return cls((parts.scheme, host, port), shown if port == default else f"{shown}:{port}", path)
+            path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=~?")
+        host_header = shown if port == default else f"{shown}:{port}"
+        head = f"{path} HTTP/1.1\r\nHost: {host_header}\r\n".encode("ascii")
+        return cls((parts.scheme, host, port), host_header, path, head)
 
 
 class Client:
@@ -118,20 +138,14 @@ class Client:
         self._closed = False
 
     async def request(
-        self, target: Target, body: bytes, headers: dict[str, str], timeouts: Timeouts, *, method: str = "POST",
+        self, target: Target, body: bytes, headers: HeaderBlock, timeouts: Timeouts, *, method: bytes = b"POST",
     ) -> Response:
         """Send one request; the `Response` is returned once its status and headers are in.
 
         `headers` go out as given, after `Host` and before `Content-Length`. Use the response
         in `async with`: it goes back to the pool only if its body was read to the end.
         """
-        block = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
-        if block.count("\n") != len(headers) or block.count("\r") != len(headers):
-            raise ValueError("a header name or value holds a line break")
-        head = (
-            f"{method} {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\n{block}"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
+        head = b"%s %s%sContent-Length: %d\r\n\r\n" % (method, target.head, headers, len(body))
         loop = asyncio.get_running_loop()
         start = loop.time()
         conn = self._take_idle(target.origin, start)
@@ -238,10 +252,10 @@ class Client:
             conn.close()
             return
         conn.idle = True
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.last_read  # the response's last bytes: as good as now, and free
         self._idle.setdefault(conn.origin, []).append(conn)
         if self._sweep is None:
-            self._sweep = asyncio.get_running_loop().call_later(self._keepalive_s, self._expire)
+            self._sweep = asyncio.get_running_loop().call_at(conn.idle_since + self._keepalive_s, self._expire)
         self._wake()
 
     def _expire(self) -> None:
@@ -335,7 +349,6 @@ class Response:
         if conn is None:
             return
         if conn.complete and not conn.body and conn.keep_alive and conn.is_open():
-            conn.finish()
             self._client._put(conn)
         else:
             conn.close()
@@ -383,7 +396,7 @@ class _Conn(asyncio.Protocol):
         self._first_byte_at = _INF
         self._total_at = _INF
         self._idle_s = _INF
-        self._last_read = 0.0
+        self.last_read = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -398,7 +411,6 @@ class _Conn(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes, timeouts: Timeouts, start: float) -> None:
         assert self._transport is not None
-        self.finish()
         self._state = _HEAD
         self._head_done = False
         self.status = 0
@@ -409,7 +421,16 @@ class _Conn(asyncio.Protocol):
         self._first_byte_at = _INF if timeouts.first_byte is None else start + timeouts.first_byte
         self._total_at = _INF if timeouts.total is None else start + timeouts.total
         self._idle_s = _INF if timeouts.idle is None else timeouts.idle
-        self._last_read = start
+        self.last_read = start
+        # One timer per connection, kept across requests and moved only when it fires: a
+        # timer left from an earlier request fires early at worst, sees the new deadline
+        # and re-arms. Only a sooner deadline (another provider's timeouts) replaces it.
+        deadline = self._deadline()
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer) if deadline != _INF else None
         if len(body) < _HIGH_WATER:
             self._transport.write(head + body)  # one send for the usual small request
         else:
@@ -435,17 +456,18 @@ class _Conn(asyncio.Protocol):
         """Until the next bytes (or the end, or an error) arrive, within the deadlines."""
         waiter = self._waiter = self._loop.create_future()
         if self._timer is None:
-            self._timer = self._loop.call_at(self._deadline(), self._on_timer)
+            deadline = self._deadline()
+            if deadline != _INF:
+                self._timer = self._loop.call_at(deadline, self._on_timer)
         await waiter
 
-    def finish(self) -> None:
-        """The response was read to its end: stop its timer before the connection idles."""
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def close(self) -> None:
-        self.finish()
+        self._stop_timer()
         if self._transport is not None and not self._lost:
             self._transport.close()
             self._gone(None)
@@ -453,14 +475,14 @@ class _Conn(asyncio.Protocol):
     # --- the deadlines -----------------------------------------------------------------------
 
     def _deadline(self) -> float:
-        deadline = min(self._total_at, self._last_read + self._idle_s)
+        deadline = min(self._total_at, self.last_read + self._idle_s)
         return min(deadline, self._first_byte_at) if self._state == _HEAD else deadline
 
     def _on_timer(self) -> None:
         self._timer = None
         waiter = self._waiter
         if waiter is None or waiter.done():
-            return  # nobody waits: the next wait arms a new timer
+            return  # nobody waits (or the connection idles): the next wait arms a new timer
         deadline = self._deadline()
         if self._loop.time() + _TIMER_SLACK_S < deadline:
             self._timer = self._loop.call_at(deadline, self._on_timer)  # bytes came since: later
@@ -492,7 +514,7 @@ class _Conn(asyncio.Protocol):
             if self.idle:
                 self.close()
             return
-        self._last_read = self._loop.time()
+        self.last_read = self._loop.time()
         try:
             if state == _HEAD:
                 self._buf += data
@@ -676,7 +698,7 @@ class _Conn(asyncio.Protocol):
         if self._lost:
             return
         self._lost = True
-        self.finish()
+        self._stop_timer()
         self._client._forget(self)
 
 
