@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from gateway.plugins import Registry
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.server")
+YOUNG_GENERATION = 10_000  # allocations (net of frees) between collections of the youngest generation
 
 
 def keyring_for(settings: Settings, *, demo_key_dir: Path | None = None) -> Keyring:
@@ -150,6 +152,7 @@ async def _serve_until_signalled(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     runner = await _start(app, settings, host, port, reuse_port)
+    _settle_heap()
     if started is not None:
         log.info("listening", extra={"fields": started})
     # Listening already: the estimates' encodings load on a thread while requests are served.
@@ -167,7 +170,18 @@ def _encodings(settings: Settings) -> set[str]:
     return {name for name in names if name}
 
 
+def _settle_heap() -> None:
+    """The objects made at start-up (modules, settings, Assemblies, encodings) live as long
+    as the process: keep the cyclic collector from walking them again and again. And
+    requests in flight hold thousands of young containers that die with their request,
+    which a young generation of 700 (CPython's default) made the collector walk over and
+    over: about 4% of the gateway's CPU at 32 connections under perf."""
+    gc.freeze()
+    gc.set_threshold(YOUNG_GENERATION, 10, 10)
+
+
 def _warmed(done: asyncio.Future[None]) -> None:
+    gc.freeze()  # the encodings, loaded since
     if not done.cancelled() and done.exception() is not None:
         # The first request that needs the encoding will fail with the reason; say it here first.
         log.warning("could not load the token encodings: %s", type(done.exception()).__name__)

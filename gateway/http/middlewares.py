@@ -82,7 +82,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     resource = request.match_info.route.resource
     report = request[REPORT] = CallReport(route=resource.canonical if resource else "unmatched")
     deps = deps_of(request)
-    deps.metrics.in_flight.inc()
+    deps.metrics.request_started()
     started = time.perf_counter()
     try:
         tracer = NOOP if request.path in PUBLIC_PATHS else deps.tracer  # probes and scrapes: no spans
@@ -92,7 +92,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return response
     finally:
         elapsed = time.perf_counter() - started
-        deps.metrics.in_flight.dec()
         deps.metrics.observe_request(report.route, report.status, elapsed)
         _log(request, request_id, report, elapsed)
 

@@ -13,6 +13,7 @@ import hashlib
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -45,10 +46,10 @@ def _b(value: Any) -> bytes:
 
 def digest(fields: Mapping[bytes, bytes]) -> str:
     """SHA-256 over the content fields, sorted, each as `len(key):key=len(value):value`."""
-    return hashlib.sha256(b"".join(
-        b"%d:%s=%d:%s" % (len(key), key, len(fields[key]), fields[key])
-        for key in sorted(fields) if key not in CHAIN_FIELDS
-    )).hexdigest()
+    return hashlib.sha256(b"".join([
+        b"%d:%s=%d:%s" % (len(key), key, len(value), value)
+        for key, value in sorted(fields.items()) if key not in CHAIN_FIELDS
+    ])).hexdigest()
 
 
 def link(prev: str, seq: int | str, content_digest: str, step: str) -> str:
@@ -63,18 +64,20 @@ class Entry:
     digest: str
 
     def flat(self) -> list[bytes]:
-        out: list[bytes] = []
-        for key, value in self.fields.items():
-            out.append(key)
-            out.append(value)
-        return out
+        return list(chain.from_iterable(self.fields.items()))
 
 
 def make_entry(kind: str, *, body: bytes | None = None, compress_over: int = 4096, **fields: Any) -> Entry:
     """Build an entry; `body` is stored whole, zlib-compressed when larger than `compress_over`."""
     out: dict[bytes, bytes] = {b"kind": kind.encode()}
     for key, value in fields.items():
-        if value is not None:
+        # The common types first, by exact type (a bool is not written as an int).
+        kind_of = type(value)
+        if kind_of is str:
+            out[key.encode()] = value.encode()
+        elif kind_of is int:
+            out[key.encode()] = b"%d" % value
+        elif value is not None:
             out[key.encode()] = _b(value)
     if body is not None:
         if len(body) > compress_over:

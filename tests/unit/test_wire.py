@@ -1,6 +1,7 @@
 """The hot path's round trips (gateway.state.wire) against a real redis-server: replies in
-order with error replies among them, a bounded number of connections shared by waiters,
-the deadline, and a Redis restart that broke the idle connections."""
+order with error replies among them, concurrent callers pipelined on a bounded number of
+connections each getting its own replies, a caller that gives up, the deadline, and a
+Redis restart that broke the idle connections."""
 
 from __future__ import annotations
 
@@ -44,12 +45,28 @@ async def test_replies_come_in_order_and_an_error_reply_does_not_stop_the_rest(r
     await wire.close()
 
 
-async def test_more_callers_than_connections_wait_for_one_and_all_are_answered(redis_url: str) -> None:
+async def test_concurrent_callers_share_a_few_connections_and_each_gets_its_own_replies(redis_url: str) -> None:
     wire = wire_for(redis_url, max_connections=2)
     stalled = "local t0 = redis.call('TIME') repeat local t = redis.call('TIME') until (t[2] - t0[2]) % 1000000 > 2000"
-    results = await asyncio.gather(*(wire.execute([("EVAL", stalled, 0), ("INCR", "wire:n")]) for _ in range(20)))
-    assert sorted(r[1] for r in results) == list(range(1, 21))
-    assert wire._open <= 2  # the cap held: the other 18 waited for a connection
+
+    async def caller(n: int) -> list[object]:
+        return await wire.execute([("EVAL", stalled, 0), ("SET", f"wire:own:{n}", n), ("INCR", "wire:n"), ("GET", f"wire:own:{n}")])
+
+    results = await asyncio.gather(*(caller(n) for n in range(20)))
+    assert [r[3] for r in results] == [str(n).encode() for n in range(20)]  # nobody read another's reply
+    assert sorted(r[2] for r in results) == list(range(1, 21))
+    assert len(wire._pipes) <= 2  # the cap held: the 20 were pipelined on at most two connections
+    await wire.close()
+
+
+async def test_a_caller_that_gives_up_leaves_the_replies_in_step_for_the_next(redis_url: str) -> None:
+    wire = wire_for(redis_url, max_connections=1)
+    slow = "local t0 = redis.call('TIME') repeat local t = redis.call('TIME') until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 100000 return 'slow'"
+    gives_up = asyncio.create_task(wire.execute([("EVAL", slow, 0), ("SET", "wire:late", "1")]))
+    await asyncio.sleep(0.02)
+    gives_up.cancel()
+    assert await wire.execute([("GET", "wire:nothing"), ("PING",)]) == [None, b"PONG"]
+    assert gives_up.cancelled()
     await wire.close()
 
 
@@ -58,7 +75,7 @@ async def test_a_stalled_redis_misses_the_deadline_and_its_connection_is_not_reu
     busy = "local t0 = redis.call('TIME') repeat local t = redis.call('TIME') until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 500000"
     with pytest.raises(TimeoutError):
         await wire.execute([("EVAL", busy, 0)])
-    assert wire._open == 0 and not wire._idle  # closed: its late reply must never answer someone else
+    assert not wire._pipes  # closed: its late reply must never answer someone else
     await asyncio.sleep(0.4)  # the script ends
     assert await wire.execute([("PING",)]) == [b"PONG"]
     await wire.close()
@@ -78,5 +95,5 @@ async def test_redis_down_is_a_connection_error(own_redis: RedisProcess) -> None
     own_redis.stop()
     with pytest.raises((rx.ConnectionError, OSError)):
         await wire.execute([("PING",)])
-    assert wire._open == 0
+    assert not wire._pipes
     await wire.close()
