@@ -134,6 +134,31 @@ class SSEParser:
         if self._partial:
             chunk = bytes(self._partial) + chunk
             self._partial.clear()
+        if self._data or b"\r" in chunk:
+            return self._lines(chunk)
+        # Between events, without CRs (what model APIs send): split on the blank lines, and
+        # take a one-line `data: ` event whole; anything else goes line by line.
+        blocks = chunk.split(b"\n\n")
+        tail = blocks.pop()
+        events: list[bytes] = []
+        for block in blocks:
+            if block[:6] == b"data: " and b"\n" not in block:
+                if len(block) > MAX_EVENT_BYTES:
+                    raise UpstreamError("upstream sent an oversized stream event")
+                if len(block) > 6:
+                    events.append(block[6:])
+                continue
+            for line in block.split(b"\n"):
+                self._line(line)
+            payload = self._dispatch()
+            if payload is not None:
+                events.append(payload)
+        if tail:
+            events += self._lines(tail)
+        return events
+
+    def _lines(self, chunk: bytes) -> list[bytes]:
+        """Line by line; the last, unfinished line waits in `_partial` (empty on entry)."""
         lines = chunk.split(b"\n")
         self._partial += lines.pop()
         self._check_size()

@@ -612,12 +612,18 @@ class _Conn(asyncio.Protocol):
         return rest
 
     def _chunked(self, data: bytes) -> None:
+        """Chunk data is passed on as it comes: all that `data` holds, in one piece."""
+        if self._buf:  # a framing line cut by the previous read: rejoin it (rare)
+            data = bytes(self._buf) + data
+            self._buf.clear()
+        pieces: list[bytes] = []
         pos, size = 0, len(data)
         while pos < size:
-            if self._left:  # inside a chunk's data: pass it on as it comes
-                stop = min(size, pos + self._left)
-                self._deliver(data if pos == 0 and stop == size else data[pos:stop])
-                self._left -= stop - pos
+            left = self._left
+            if left:  # inside a chunk's data
+                stop = min(size, pos + left)
+                pieces.append(data if pos == 0 and stop == size else data[pos:stop])
+                self._left = left - (stop - pos)
                 pos = stop
                 continue
             newline = data.find(b"\n", pos)
@@ -625,30 +631,33 @@ class _Conn(asyncio.Protocol):
                 self._buf += data[pos:]
                 if len(self._buf) > _MAX_LINE_BYTES:
                     raise BodyIncomplete("a chunked-framing line over the limit")
-                return
-            line = data[pos:newline]
-            if self._buf:
-                line = bytes(self._buf) + line
-                self._buf.clear()
-            pos = newline + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
+                break
+            end = newline - 1 if newline > pos and data[newline - 1] == 13 else newline  # without CR
             phase = self._chunk_phase
             if phase == _SIZE_LINE:
-                digits = line.split(b";", 1)[0].strip(b" \t")
-                if not _CHUNK_SIZE.fullmatch(digits):
-                    raise BodyIncomplete("a malformed chunk size")
-                self._left = int(digits, 16)
-                self._chunk_phase = _DATA_END if self._left else _TRAILER
+                if _CHUNK_SIZE.fullmatch(data, pos, end):
+                    left = int(data[pos:end], 16)
+                else:  # with a chunk extension (";name=value"), or broken
+                    digits = data[pos:end].split(b";", 1)[0].strip(b" \t")
+                    if not _CHUNK_SIZE.fullmatch(digits):
+                        raise BodyIncomplete("a malformed chunk size")
+                    left = int(digits, 16)
+                self._left = left
+                self._chunk_phase = _DATA_END if left else _TRAILER
             elif phase == _DATA_END:
-                if line:
+                if end != pos:
                     raise BodyIncomplete("chunk data longer than announced")
                 self._chunk_phase = _SIZE_LINE
-            elif not line:  # the blank line after the (usually absent) trailers
-                if pos < size:
+            elif end == pos:  # the blank line after the (usually absent) trailers
+                if pieces:
+                    self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                if newline + 1 < size:
                     self.keep_alive = False  # bytes nobody asked for
                 self._end_of_body()
                 return
+            pos = newline + 1
+        if pieces:
+            self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def _deliver(self, data: bytes) -> None:
         if self._decoder is not None:

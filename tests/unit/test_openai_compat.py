@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from gateway.providers.base import Endpoint
@@ -501,6 +503,30 @@ def test_sse_parser_is_indifferent_to_how_bytes_are_split() -> None:
     parser = SSEParser()
     bytewise = [p for i in range(len(raw)) for p in parser.feed(raw[i : i + 1])]
     assert whole == bytewise == [b'{"a":1}', b"l1\nl2", b"[DONE]"]
+
+
+SSE_PIECES = [
+    b'data: {"a":1}\n\n', b": keep-alive\n\n", b"event: x\ndata: l1\ndata: l2\n\n", b"data:[DONE]\n\n",
+    b"\n", b"data: \n\n", b"data: x\r\n\r\n", b"id: 3\n", b"data: y\n", b"\n\n", b"data:  z\n\n",
+    b"retry: 1\n\n", b"data: tail",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(SSE_PIECES), min_size=1, max_size=12), st.lists(st.integers(1, 200), max_size=6))
+def test_sse_parser_gives_the_same_events_however_the_stream_is_cut(pieces: list[bytes], cuts: list[int]) -> None:
+    raw = b"".join(pieces)
+
+    def events(splits: list[bytes]) -> list[bytes]:
+        parser = SSEParser()
+        found = [p for piece in splits for p in parser.feed(piece)]
+        last = parser.finish()
+        return found + ([last] if last is not None else [])
+
+    bounds = sorted({min(c, len(raw)) for c in cuts} | {0, len(raw)})
+    cut = [raw[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    bytewise = [raw[i : i + 1] for i in range(len(raw))]
+    assert events([raw]) == events(cut) == events(bytewise)
 
 
 def test_sse_parser_refuses_an_endless_line() -> None:
