@@ -49,6 +49,7 @@ _HIGH_WATER: Final = 256 * 1024
 _TIMER_SLACK_S: Final = 0.001
 _INF: Final = float("inf")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_SIZE_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
 
 
 # Request header lines, encoded and checked once (see `encode_headers`): a provider's fixed
@@ -621,11 +622,24 @@ class _Conn(asyncio.Protocol):
         while pos < size:
             left = self._left
             if left:  # inside a chunk's data
-                stop = min(size, pos + left)
+                stop = pos + left
+                if stop > size:
+                    stop = size
                 pieces.append(data if pos == 0 and stop == size else data[pos:stop])
-                self._left = left - (stop - pos)
+                left -= stop - pos
+                self._left = left
                 pos = stop
+                if not left and data[pos : pos + 2] == b"\r\n":  # the usual: its CRLF right behind
+                    self._chunk_phase = _SIZE_LINE
+                    pos += 2
                 continue
+            if self._chunk_phase == _SIZE_LINE and (sized := _SIZE_LINE_RE.match(data, pos)) is not None:
+                left = int(sized[1], 16)
+                if left:  # the usual: a size line without extensions
+                    self._left = left
+                    self._chunk_phase = _DATA_END
+                    pos = sized.end()
+                    continue
             newline = data.find(b"\n", pos)
             if newline < 0:
                 self._buf += data[pos:]

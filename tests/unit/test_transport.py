@@ -204,6 +204,24 @@ async def test_a_chunked_body_split_into_single_bytes_with_trailers(client: Clie
         assert server.connections == 1
 
 
+async def test_a_chunked_body_cut_anywhere_between_two_reads(client: Client) -> None:
+    raw = chunked(b"first", b"second;part", b"x" * 20).replace(b";ext=1", b"", 1)
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    cuts = iter(range(1, len(raw)))
+
+    async def cut(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        at = next(cuts)
+        writer.write(head + raw[:at])
+        await writer.drain()
+        await asyncio.sleep(0.002)  # two reads on the client's side, most of the time
+        writer.write(raw[at:])
+
+    async with Server(cut) as server:
+        for _ in range(len(raw) - 1):
+            assert await post(client, server.target()) == (200, b"firstsecond;part" + b"x" * 20)
+        assert server.connections == 1
+
+
 async def test_a_body_until_close_is_read_whole_and_its_connection_not_reused(client: Client) -> None:
     async def until_close(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\n\r\npart one, ")
