@@ -145,6 +145,7 @@ class Client:
 
         `headers` go out as given, after `Host` and before `Content-Length`. Use the response
         in `async with`: it goes back to the pool only if its body was read to the end.
+        Any method but HEAD (whose answer has no body, whatever its headers say).
         """
         head = b"%s %s%sContent-Length: %d\r\n\r\n" % (method, target.head, headers, len(body))
         loop = asyncio.get_running_loop()
@@ -597,6 +598,8 @@ class _Conn(asyncio.Protocol):
         if status in (204, 304):
             self._end_of_body()
         elif "chunked" in headers.get("transfer-encoding", "").lower():
+            if length is not None:
+                self.keep_alive = False  # both framings: answer this one, trust the connection no more
             self._state = _CHUNKED
             self._chunk_phase = _SIZE_LINE
             self._left = 0

@@ -247,6 +247,24 @@ async def test_connection_close_from_the_server_is_honoured(client: Client) -> N
         await eventually(lambda: server.hangups == 2)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ],
+    ids=["http-1.0", "length-and-chunked"],
+)
+async def test_answers_that_cannot_keep_the_connection_are_not_pooled(client: Client, raw: bytes) -> None:
+    async def answer_raw(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(raw)
+
+    async with Server(answer_raw) as server:
+        assert await post(client, server.target()) == (200, b"ok")
+        assert await post(client, server.target()) == (200, b"ok")
+        assert server.connections == 2
+
+
 async def test_interim_1xx_answers_are_skipped(client: Client) -> None:
     async def interim(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
