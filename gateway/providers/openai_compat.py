@@ -30,6 +30,7 @@ from gateway.providers.transport import (
     ConnectFailed,
     Disconnected,
     HeaderBlock,
+    HeaderNames,
     Response,
     Target,
     Timeouts,
@@ -63,6 +64,7 @@ PASSTHROUGH_HEADERS: Final[tuple[str, ...]] = (
 )
 # The upstream's own request id is renamed so it never shadows the gateway's x-request-id.
 UPSTREAM_REQUEST_ID_HEADER: Final = "x-upstream-request-id"
+_PASSED_ON: Final = HeaderNames(*PASSTHROUGH_HEADERS, "x-request-id")
 
 # 4xx answers that are the request's fault: passed through to the client with their status.
 _CLIENT_FAULT_STATUSES: Final = frozenset({400, 404, 409, 413, 422})
@@ -307,8 +309,13 @@ class OpenAICompatProvider:
 
     def _headers(self, fixed: HeaderBlock, request_id: str | None) -> HeaderBlock:
         """The provider's fixed headers, then this call's: its request id and trace context."""
-        extra = self._tracer.inject(_request_id_header(request_id))
-        return HeaderBlock(fixed + encode_headers(extra)) if extra else fixed
+        block = fixed
+        # Only a plain token is forwarded: it is ours, but it must not become a header injection.
+        if request_id is not None and _REQUEST_ID.fullmatch(request_id):
+            block = HeaderBlock(b"%sX-Request-Id: %s\r\n" % (block, request_id.encode()))
+        if self._tracer is not NOOP and (trace := self._tracer.inject({})):
+            block = HeaderBlock(block + encode_headers(trace))
+        return block
 
     async def _post(self, endpoint: Endpoint, body: dict[str, Any], headers: HeaderBlock) -> Response:
         """The response, once its status and headers are in: within `first_byte_s`.
@@ -401,19 +408,12 @@ class AnthropicProvider(OpenAICompatProvider):
             yield payload
 
 
-def _request_id_header(request_id: str | None) -> dict[str, str]:
-    # Only a plain token is forwarded: it is ours, but it must not become a header injection.
-    if request_id is None or not _REQUEST_ID.match(request_id):
-        return {}
-    return {"X-Request-Id": request_id}
-
-
 def _passthrough_headers(resp: Response) -> dict[str, str]:
-    found = {name: value for name in PASSTHROUGH_HEADERS if (value := resp.headers.get(name))}
-    upstream_id = resp.headers.get("x-request-id")
+    found = resp.find_headers(_PASSED_ON)
+    upstream_id = found.pop("x-request-id", None)
     if upstream_id:
         found[UPSTREAM_REQUEST_ID_HEADER] = upstream_id
-    return found
+    return {name: value for name, value in found.items() if value}
 
 
 def _transport_error(exc: TimeoutError | TransportError) -> GatewayError:

@@ -32,6 +32,7 @@ __all__ = [
     "ConnectFailed",
     "Disconnected",
     "HeaderBlock",
+    "HeaderNames",
     "Response",
     "Target",
     "Timeouts",
@@ -293,16 +294,61 @@ class Client:
                 return
 
 
-class Response:
-    """Status, headers (lower-case names) and the body as it arrives, on a borrowed connection."""
+class HeaderNames:
+    """Finds a few named headers in a response, case-insensitively, without parsing the rest.
 
-    __slots__ = ("_client", "_conn", "headers", "status")
+    A model API answers with 20 or more headers and the gateway reads a handful: one C regex
+    scan over the raw lines beats building a dict of all of them on every call.
+    """
+
+    __slots__ = ("_pattern",)
+
+    def __init__(self, *names: str) -> None:
+        alternatives = b"|".join(re.escape(name.encode("ascii")) for name in names)
+        self._pattern = re.compile(rb"\r\n(" + alternatives + rb"):[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+    def find(self, fields: bytes) -> dict[str, str]:
+        """Lower-case name -> value; a repeated header's values are joined with ", "."""
+        found: dict[str, str] = {}
+        for raw_name, raw_value in self._pattern.findall(fields):
+            name = raw_name.decode("latin-1").lower()
+            value = raw_value.decode("latin-1").rstrip(" \t")
+            found[name] = f"{found[name]}, {value}" if name in found else value
+        return found
+
+
+_FRAMING: Final = HeaderNames("connection", "content-encoding", "content-length", "transfer-encoding")
+
+
+class Response:
+    """Status, headers and the body as it arrives, on a borrowed connection."""
+
+    __slots__ = ("_client", "_conn", "_fields", "_headers", "status")
 
     def __init__(self, client: Client, conn: _Conn) -> None:
         self._client = client
         self._conn: _Conn | None = conn
         self.status = conn.status
-        self.headers = conn.headers
+        self._fields = conn.fields
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Every header, by lower-case name (repeats joined with ", "); parsed on first use."""
+        if self._headers is None:
+            headers: dict[str, str] = {}
+            for line in self._fields.decode("latin-1").split("\r\n")[1:]:
+                name, sep, value = line.partition(":")
+                if sep and name:  # a line without a name is not a header; skip it
+                    name = name.rstrip(" \t").lower()
+                    value = value.strip(" \t")
+                    headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            self._headers = headers
+        return self._headers
+
+    def find_headers(self, names: HeaderNames) -> dict[str, str]:
+        """Just `names`' headers: cheaper than `headers` when a few are wanted."""
+        return names.find(self._fields)
 
     async def __aenter__(self) -> Response:
         return self
@@ -385,7 +431,7 @@ class _Conn(asyncio.Protocol):
         self._head_done = False
         self._buf = bytearray()  # the header block, or a chunked-framing line, until complete
         self.status = 0
-        self.headers: dict[str, str] = {}
+        self.fields = b""  # the header lines, from the CRLF that ends the status line
         self.keep_alive = True
         self.body: list[bytes] = []
         self._buffered = 0
@@ -416,7 +462,7 @@ class _Conn(asyncio.Protocol):
         self._state = _HEAD
         self._head_done = False
         self.status = 0
-        self.headers = {}
+        self.fields = b""
         self.keep_alive = True
         self.complete = False
         self.error = None
@@ -519,13 +565,17 @@ class _Conn(asyncio.Protocol):
         self.last_read = self._loop.time()
         try:
             if state == _HEAD:
-                self._buf += data
-                end = self._buf.find(b"\r\n\r\n")
-                if end > MAX_HEADER_BYTES or (end < 0 and len(self._buf) > MAX_HEADER_BYTES):
+                if self._buf:  # the head came in pieces
+                    self._buf += data
+                    data = bytes(self._buf)
+                    self._buf.clear()
+                end = data.find(b"\r\n\r\n")
+                if end > MAX_HEADER_BYTES or (end < 0 and len(data) > MAX_HEADER_BYTES):
                     raise BadResponse("response headers over the limit")
                 if end < 0:
+                    self._buf += data
                     return
-                data = self._parse_head(end)
+                data = self._parse_head(data, end)
                 state = self._state
                 if not data:
                     return
@@ -555,49 +605,41 @@ class _Conn(asyncio.Protocol):
 
     # --- parsing -----------------------------------------------------------------------------
 
-    def _parse_head(self, end: int) -> bytes:
-        """Status and headers from the buffer; returns the bytes after them. Skips 1xx answers."""
+    def _parse_head(self, data: bytes, end: int) -> bytes:
+        """Status and framing from the head ending at `end`; returns what follows. Skips 1xx."""
         while True:
-            buf = self._buf
-            head = buf[:end].decode("latin-1")
-            rest = bytes(buf[end + 4 :])
-            buf.clear()
-            lines = head.split("\r\n")
-            version, _, status_text = lines[0].partition(" ")
-            code = status_text[:3]
-            if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+            line_end = data.find(b"\r\n", 0, end)
+            if line_end < 0:
+                line_end = end
+            if data[:7] != b"HTTP/1." or data[8:9] != b" " or not data[9:12].isdigit() or data[12:13] not in b" \r":
                 raise BadResponse("not an HTTP/1.x response")
-            status = int(code)
-            if 100 <= status < 200 and status != 101:
-                buf += rest  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    return b""
-                continue
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep or not name or name[-1] in " \t" or name[0] in " \t":
-                    raise BadResponse("a malformed response header")
-                name = name.lower()
-                value = value.strip(" \t")
-                headers[name] = f"{headers[name]}, {value}" if name in headers else value
-            break
+            status = int(data[9:12])
+            if status >= 200 or status == 101:
+                break
+            data = data[end + 4 :]  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self._buf += data
+                return b""
         if status == 101:
             raise BadResponse("the upstream switched protocols")
+        fields = data[line_end:end]
+        if b"\r\n " in fields or b"\r\n\t" in fields:
+            raise BadResponse("a folded response header")  # obsolete line folding (RFC 9112 5.2)
         self.status = status
-        self.headers = headers
+        self.fields = fields
         self._head_done = True
-        connection = headers.get("connection", "").lower()
-        self.keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
-        encoding = headers.get("content-encoding", "").strip().lower()
+        framing = _FRAMING.find(fields)
+        connection = framing.get("connection", "").lower()
+        self.keep_alive = "close" not in connection and (data[7:8] == b"1" or "keep-alive" in connection)
+        encoding = framing.get("content-encoding", "").lower()
         # Sent gzip or deflate though we asked for identity: decode (47: zlib or gzip header).
         self._decoder = zlib.decompressobj(47) if encoding in ("gzip", "x-gzip", "deflate") else None
         self._wake()
-        length = headers.get("content-length")
-        if status in (204, 304):
+        length = framing.get("content-length")
+        if status == 204 or status == 304:
             self._end_of_body()
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
+        elif "chunked" in framing.get("transfer-encoding", "").lower():
             if length is not None:
                 self.keep_alive = False  # both framings: answer this one, trust the connection no more
             self._state = _CHUNKED
@@ -613,7 +655,7 @@ class _Conn(asyncio.Protocol):
         else:
             self._state = _UNTIL_EOF
             self.keep_alive = False
-        return rest
+        return data[end + 4 :]
 
     def _chunked(self, data: bytes) -> None:
         """Chunk data is passed on as it comes: all that `data` holds, in one piece."""

@@ -136,9 +136,13 @@ async def test_request_id_is_forwarded_only_when_it_is_a_plain_token(
 ) -> None:
     await provider.send(Endpoint.CHAT, CHAT_BODY, request_id="req_abc-123")
     await provider.send(Endpoint.CHAT, CHAT_BODY, request_id="bad id; x=1")
-    first, second = upstream.requests
+    await provider.send(Endpoint.CHAT, CHAT_BODY, request_id="req_abc\nX-Injected: 1")
+    await provider.send(Endpoint.CHAT, CHAT_BODY, request_id="req_abc\n")
+    first, *others = upstream.requests
     assert first.headers["X-Request-Id"] == "req_abc-123"
-    assert "X-Request-Id" not in second.headers
+    for request in others:
+        assert "X-Request-Id" not in request.headers
+        assert "X-Injected" not in request.headers
 
 
 async def test_redirects_are_not_followed(
