@@ -46,6 +46,8 @@ MAX_HEADER_BYTES: Final = 64 * 1024
 _MAX_LINE_BYTES: Final = 8 * 1024
 # Body bytes buffered while nobody reads: past this, the socket stops being read.
 _HIGH_WATER: Final = 256 * 1024
+# What one read of a compressed body may decode to: JSON shrinks about 10x, a bomb 1000x.
+_MAX_DECODED_PER_READ: Final = 16 * 1024 * 1024
 # A timer that fires within this of its deadline counts as expired (loops fire a little early).
 _TIMER_SLACK_S: Final = 0.001
 _INF: Final = float("inf")
@@ -721,9 +723,11 @@ class _Conn(asyncio.Protocol):
     def _deliver(self, data: bytes) -> None:
         if self._decoder is not None:
             try:
-                data = self._decoder.decompress(data)
+                data = self._decoder.decompress(data, _MAX_DECODED_PER_READ)
             except zlib.error:
                 raise BodyIncomplete("a body that does not decode") from None
+            if self._decoder.unconsumed_tail:
+                raise BodyIncomplete("a body that decodes to too much")  # a zip bomb, not JSON
             if not data:
                 return
         self.body.append(data)

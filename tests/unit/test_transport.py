@@ -312,6 +312,17 @@ async def test_a_compressed_body_is_decoded(client: Client, encoding: str) -> No
         assert server.connections == 1
 
 
+async def test_a_compressed_body_that_decodes_to_too_much_is_refused(client: Client) -> None:
+    bomb = gzip.compress(b"\0" * 40_000_000)  # about 40 KB on the wire
+
+    async def compressed(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer(bomb, "Content-Encoding: gzip"))
+
+    async with Server(compressed) as server:
+        with pytest.raises(BodyIncomplete):
+            await post(client, server.target())
+
+
 async def test_a_body_that_does_not_decode_is_incomplete(client: Client) -> None:
     async def garbage(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(answer(b"not gzip at all", "Content-Encoding: gzip"))
