@@ -634,6 +634,15 @@ async def test_closing_the_client_closes_idle_connections(client: Client) -> Non
         assert client.open_connections == 0
 
 
+async def test_a_response_read_after_the_client_closed_is_not_pooled(client: Client) -> None:
+    async with Server(echo) as server:
+        async with await client.request(server.target(), b"{}", encode_headers({}), QUICK) as resp:
+            await client.close()
+            assert await resp.read() == b"got {}"
+        await eventually(lambda: server.hangups == 1)
+        assert client.open_connections == 0
+
+
 def test_timeouts_default_to_none() -> None:
     timeouts: Any = NO_LIMITS
     assert (timeouts.connect, timeouts.first_byte, timeouts.idle, timeouts.total) == (None,) * 4
