@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import gzip
+import socket
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -531,6 +532,29 @@ async def test_a_steady_trickle_still_ends_at_the_total_timeout(client: Client) 
             with pytest.raises(TimeoutError):
                 while await resp.read_chunk():
                     pass
+
+
+async def test_a_connect_that_hangs_is_a_timeout(client: Client) -> None:
+    # A listener that never accepts, its queue full: Linux drops the next SYN, so connecting hangs.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+                fillers.append(filler)
+            await asyncio.sleep(0.05)
+            target = Target.parse(f"http://127.0.0.1:{port}/v1/chat/completions")
+            with pytest.raises(TimeoutError):
+                await post(client, target, timeouts=Timeouts(connect=0.2))
+            assert client.open_connections == 0
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 async def test_the_pool_cap_makes_requests_wait_for_a_connection() -> None:
