@@ -377,6 +377,8 @@ class Response:
 
     async def read(self) -> bytes:
         """The whole body."""
+        if self._conn is not None:
+            self._conn.whole = True
         parts = []
         while chunk := await self.read_chunk():
             parts.append(chunk)
@@ -438,6 +440,7 @@ class _Conn(asyncio.Protocol):
         self.body: list[bytes] = []
         self._buffered = 0
         self.complete = False
+        self.whole = False  # set by `Response.read`: wake the reader at the end, not per piece
         self.error: BaseException | None = None
         self._left = 0  # body bytes (Content-Length) or chunk-data bytes still to come
         self._chunk_phase = _SIZE_LINE
@@ -468,6 +471,7 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = True
         self.complete = False
         self.error = None
+        self.whole = False
         self._first_byte_at = _INF if timeouts.first_byte is None else start + timeouts.first_byte
         self._total_at = _INF if timeouts.total is None else start + timeouts.total
         self._idle_s = _INF if timeouts.idle is None else timeouts.idle
@@ -735,6 +739,8 @@ class _Conn(asyncio.Protocol):
         if self._buffered > _HIGH_WATER and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
+        elif self.whole:
+            return  # the reader wants the whole body: no wake-up for each piece
         self._wake()
 
     def _end_of_body(self) -> None:
