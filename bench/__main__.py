@@ -88,6 +88,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "over the whole ABC run (its figures are then not representative)",
     )
     p.add_argument(
+        "--tree",
+        type=Path,
+        help="run ABC's code from this source tree (e.g. a checkout from before a change), "
+        "with this venv's dependencies",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("bench/results/latest.json"),
@@ -139,6 +145,7 @@ def options(args: argparse.Namespace, argv: list[str]) -> Options:
         command=shlex.join(["python", "-m", "bench", *argv]),
         profile=args.profile,
         profile_dir=args.out.parent,
+        tree=args.tree,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Options:
     command: str
     profile: str | None  # None, "py-spy" or "cprofile"
     profile_dir: Path
+    tree: Path | None = None  # ABC's code from this source tree (with this venv's dependencies)
 
 
 @dataclass
@@ -130,7 +132,7 @@ def _start(bench: Run, name: str) -> Target:
         target.gateway_cpus = opts.load_cpus  # the mock is the whole target here
         return target
     if name == "abc":
-        prefix = None
+        prefix = _tree_prefix(opts)
         if opts.profile == "cprofile":
             prefix = cprofile_prefix(_cprofile_path(opts))
         target = start_abc(
@@ -144,8 +146,10 @@ def _start(bench: Run, name: str) -> Target:
             workdir=bench.workdir,
             command_prefix=prefix,
         )
-        if prefix:
+        if opts.profile == "cprofile":
             target.notes.append("run under cProfile: its figures are for the profile only")
+        elif opts.tree is not None:
+            target.notes.append(f"the gateway's code from {opts.tree}")
         return target
     if name == "litellm":
         return start_litellm(
@@ -283,6 +287,14 @@ def _finish_py_spy(bench: Run, spy: Child) -> dict[str, Any]:
     return summarize_collapsed(out)
 
 
+def _tree_prefix(opts: Options) -> list[str] | None:
+    """`python -m gateway` from --tree. -P: else `-m` would put the current directory, maybe
+    another tree, first on sys.path."""
+    if opts.tree is None:
+        return None
+    return ["env", f"PYTHONPATH={opts.tree.resolve()}", sys.executable, "-P", "-m", "gateway"]
+
+
 def _cprofile_path(opts: Options) -> Path:
     opts.profile_dir.mkdir(parents=True, exist_ok=True)
     return (opts.profile_dir / "profile-abc.prof").resolve()
@@ -395,6 +407,7 @@ def _scale_run(bench: Run, workers: int, scenario: Scenario) -> dict[str, Any]:
             gateway_cpus=None,
             redis_cpus=opts.gateway_cpus,
             workdir=bench.workdir,
+            command_prefix=_tree_prefix(opts),
         )
     except TargetFailed as exc:
         print(f"!! abc with {workers} workers failed to start:\n{exc}", flush=True)
