@@ -33,7 +33,7 @@ from gateway.mcp import endpoint as mcp_endpoint
 from gateway.mcp.upstream import ToolServers
 from gateway.metrics import Metrics
 from gateway.plugins import Registry
-from gateway.providers.openai_compat import make_client_session
+from gateway.providers.openai_compat import make_upstream_client
 from gateway.providers.registry import breaker_states, build_providers
 from gateway.redis_client import close as close_redis
 from gateway.redis_client import make_redis
@@ -75,7 +75,7 @@ def create_app(
 def _resources(settings: Settings, redis_url: str, keyring: Keyring, reaper: bool, registry: Registry) -> Any:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         redis = make_redis(redis_url, settings.redis)
-        http = make_client_session()
+        http = make_upstream_client()
         metrics = Metrics()
         tracer = build_tracer(settings.otel)
         ledger = Ledger(

@@ -371,11 +371,8 @@ class Exchange:
                         self.ttft_s = time.perf_counter() - started
                     chunk = last = _chunk(payload)
                     usage_only = meter.observe(chunk)
-                    choices = chunk.get("choices")
-                    for choice in choices if isinstance(choices, list) else ():
-                        delta = choice.get("delta") if isinstance(choice, dict) else None
-                        if isinstance(delta, dict):
-                            policy.check_output(self.assembly, self.grant, policy.tool_call_names(delta))
+                    if meter.called:
+                        policy.check_output(self.assembly, self.grant, meter.called)
                     if translator is not None:
                         tokens = chat_tokens(chunk.get("usage")) or tokens
                         if self.plugin_run and not usage_only:

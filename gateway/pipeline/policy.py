@@ -23,6 +23,7 @@ from gateway.pipeline.request_fields import (
     show,
 )
 from gateway.pipeline.request_schema import check_shape
+from gateway.pipeline.usage import tool_call_names
 from gateway.providers.base import Endpoint
 
 __all__ = ["Grant", "authorize", "check_output", "tool_call_names"]
@@ -292,23 +293,3 @@ def check_output(assembly: Assembly, grant: Grant, tool_names: Iterable[str]) ->
         else:
             continue
         raise denied("output_tool_call", f"the model called tool '{show(name)}', {reason}")
-
-
-def tool_call_names(message_or_delta: dict[str, Any]) -> list[str]:
-    """Tool names in a response message or a streamed delta (`tool_calls[].function.name`
-    and legacy `function_call.name`). In streams only a call's first fragment has the name."""
-    if not isinstance(message_or_delta, dict):
-        return []  # a provider's garbage is the provider's error, found elsewhere
-    names: list[str] = []
-    calls = message_or_delta.get("tool_calls")
-    if isinstance(calls, list):
-        for call in calls:
-            function = call.get("function") if isinstance(call, dict) else None
-            name = function.get("name") if isinstance(function, dict) else None
-            if isinstance(name, str) and name:
-                names.append(name)
-    legacy = message_or_delta.get("function_call")
-    name = legacy.get("name") if isinstance(legacy, dict) else None
-    if isinstance(name, str) and name:
-        names.append(name)
-    return names

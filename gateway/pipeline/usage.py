@@ -118,6 +118,26 @@ def _tool_call_text(calls: Any, out: list[str]) -> None:
             out.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
 
 
+def tool_call_names(message_or_delta: dict[str, Any]) -> list[str]:
+    """Tool names in a response message or a streamed delta (`tool_calls[].function.name`
+    and legacy `function_call.name`). In streams only a call's first fragment has the name."""
+    if not isinstance(message_or_delta, dict):
+        return []  # a provider's garbage is the provider's error, found elsewhere
+    names: list[str] = []
+    calls = message_or_delta.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            name = function.get("name") if isinstance(function, dict) else None
+            if isinstance(name, str) and name:
+                names.append(name)
+    legacy = message_or_delta.get("function_call")
+    name = legacy.get("name") if isinstance(legacy, dict) else None
+    if isinstance(name, str) and name:
+        names.append(name)
+    return names
+
+
 @dataclass(slots=True)
 class StreamMeter:
     """Follows a stream chunk by chunk: generated text, usage, tool-call names."""
@@ -126,11 +146,14 @@ class StreamMeter:
     prompt_estimate: int
     chunks: int = 0
     usage: Usage | None = None
+    called: tuple[str, ...] = ()  # tool names called in the last chunk observed
     _text: list[str] = field(default_factory=list)
 
     def observe(self, chunk: dict[str, Any]) -> bool:
-        """Record one parsed chunk; True when it is the usage-only chunk (no choices)."""
+        """Record one parsed chunk; True when it is the usage-only chunk (no choices). The
+        tool names its deltas call are left in `called`, for the output PEP."""
         self.chunks += 1
+        self.called = ()
         usage = chunk.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
             completion = usage.get("completion_tokens")
@@ -148,7 +171,9 @@ class StreamMeter:
                 self._text.append(content)
             elif isinstance(choice.get("text"), str):
                 self._text.append(choice["text"])
-            _tool_call_text(delta.get("tool_calls"), self._text)
+            if "tool_calls" in delta or "function_call" in delta:  # most chunks carry text only
+                _tool_call_text(delta.get("tool_calls"), self._text)
+                self.called = (*self.called, *tool_call_names(delta))
         return False
 
     @property

@@ -13,9 +13,7 @@ from collections.abc import AsyncGenerator, Iterable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from gateway.errors import (
     GatewayError,
@@ -26,6 +24,19 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.providers.base import Endpoint, Reply
+from gateway.providers.transport import (
+    BodyIncomplete,
+    Client,
+    ConnectFailed,
+    Disconnected,
+    HeaderBlock,
+    HeaderNames,
+    Response,
+    Target,
+    Timeouts,
+    TransportError,
+    encode_headers,
+)
 from gateway.settings import ProviderSettings
 from gateway.tracing import NOOP, Tracer
 
@@ -34,7 +45,7 @@ __all__ = [
     "AnthropicProvider",
     "OpenAICompatProvider",
     "SSEParser",
-    "make_client_session",
+    "make_upstream_client",
     "scrub",
 ]
 
@@ -53,6 +64,7 @@ PASSTHROUGH_HEADERS: Final[tuple[str, ...]] = (
 )
 # The upstream's own request id is renamed so it never shadows the gateway's x-request-id.
 UPSTREAM_REQUEST_ID_HEADER: Final = "x-upstream-request-id"
+_PASSED_ON: Final = HeaderNames(*PASSTHROUGH_HEADERS, "x-request-id")
 
 # 4xx answers that are the request's fault: passed through to the client with their status.
 _CLIENT_FAULT_STATUSES: Final = frozenset({400, 404, 409, 413, 422})
@@ -92,17 +104,13 @@ def scrub(text: str, secrets: Iterable[str | None]) -> str:
     return _BEARER.sub("Bearer " + _REDACTED, text)
 
 
-def make_client_session(*, limit: int = 256) -> aiohttp.ClientSession:
-    """The one keep-alive session shared by every `openai` provider; the app closes it."""
-    connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300, keepalive_timeout=30)
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),  # upstream cookies must never leak between sessions
-        auto_decompress=True,
-        raise_for_status=False,
-        trust_env=False,  # HTTP(S)_PROXY from the environment must not reroute keyed traffic
-        timeout=aiohttp.ClientTimeout(total=None),  # each provider passes its own
-    )
+def make_upstream_client(*, limit: int = 256) -> Client:
+    """The one keep-alive pool shared by every `openai` provider; the app closes it.
+
+    It reads nothing from the environment (no HTTP(S)_PROXY rerouting keyed traffic), keeps
+    no cookies (nothing leaks between sessions) and follows no redirects.
+    """
+    return Client(limit=limit, keepalive_s=30.0)
 
 
 class SSEParser:
@@ -128,6 +136,31 @@ class SSEParser:
         if self._partial:
             chunk = bytes(self._partial) + chunk
             self._partial.clear()
+        if self._data or b"\r" in chunk:
+            return self._lines(chunk)
+        # Between events, without CRs (what model APIs send): split on the blank lines, and
+        # take a one-line `data: ` event whole; anything else goes line by line.
+        blocks = chunk.split(b"\n\n")
+        tail = blocks.pop()
+        events: list[bytes] = []
+        for block in blocks:
+            if block[:6] == b"data: " and b"\n" not in block:
+                if len(block) > MAX_EVENT_BYTES:
+                    raise UpstreamError("upstream sent an oversized stream event")
+                if len(block) > 6:
+                    events.append(block[6:])
+                continue
+            for line in block.split(b"\n"):
+                self._line(line)
+            payload = self._dispatch()
+            if payload is not None:
+                events.append(payload)
+        if tail:
+            events += self._lines(tail)
+        return events
+
+    def _lines(self, chunk: bytes) -> list[bytes]:
+        """Line by line; the last, unfinished line waits in `_partial` (empty on entry)."""
         lines = chunk.split(b"\n")
         self._partial += lines.pop()
         self._check_size()
@@ -174,38 +207,39 @@ class SSEParser:
 class OpenAICompatProvider:
     """Forwards checked request bodies to one OpenAI-compatible `api_base` and maps its answers."""
 
-    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession, *, tracer: Tracer = NOOP) -> None:
+    def __init__(self, settings: ProviderSettings, http: Client, *, tracer: Tracer = NOOP) -> None:
         if not settings.api_base:
             raise ValueError(f"provider {settings.name!r}: api_base is required")
         self.name = settings.name
         self._tracer = tracer  # adds `traceparent` to upstream calls when tracing
-        self._session = session
+        self._http = http
         base = settings.api_base.rstrip("/")
         # Fixed here, once: nothing in a request body is ever read to build a URL.
-        self._urls: dict[Endpoint, URL] = {ep: URL(f"{base}/{ep.value}") for ep in Endpoint}
+        self._targets: dict[Endpoint, Target] = {ep: Target.parse(f"{base}/{ep.value}") for ep in Endpoint}
         timeouts = settings.timeouts
-        self._timeout = aiohttp.ClientTimeout(
-            total=timeouts.total_s, connect=timeouts.connect_s, sock_read=timeouts.idle_s
+        self._timeouts = Timeouts(
+            connect=timeouts.connect_s, first_byte=timeouts.first_byte_s, idle=timeouts.idle_s, total=timeouts.total_s,
         )
-        self._first_byte_s = timeouts.first_byte_s
         key = settings.api_key()
         parts = urlsplit(base)
         self._secrets: tuple[str | None, ...] = (key, base, parts.netloc, parts.password)
         self.native_endpoints = frozenset({Endpoint.RESPONSES}) if settings.responses == "native" else frozenset()
-        # aiohttp's default User-Agent would tell the upstream our Python and aiohttp versions.
+        # A library's default User-Agent would tell the upstream our Python and library versions.
         common = {"User-Agent": "abc-gateway", **self._auth_headers(key)}
-        self._json_headers: dict[str, str] = {
+        self._json_headers = encode_headers({
             **common,
             "Content-Type": "application/json",
             "Accept": "application/json",
-        }
-        self._sse_headers: dict[str, str] = {
+            # Compressing a few KiB of JSON on loopback or a LAN costs both sides more than it saves.
+            "Accept-Encoding": "identity",
+        })
+        self._sse_headers = encode_headers({
             **common,
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
             # Compressed SSE can sit in a zlib buffer; tokens must flow as they come.
             "Accept-Encoding": "identity",
-        }
+        })
 
     def _auth_headers(self, key: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"} if key else {}
@@ -213,14 +247,14 @@ class OpenAICompatProvider:
     async def send(
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None
     ) -> Reply:
-        headers = self._tracer.inject(_with_request_id(self._json_headers, request_id))
+        headers = self._headers(self._json_headers, request_id)
         try:
             async with await self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:
                     raise await self._failure(resp)
                 raw = await resp.read()
                 passthrough = _passthrough_headers(resp)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, TransportError) as exc:
             raise _transport_error(exc) from None
         try:
             data = orjson.loads(raw)
@@ -234,7 +268,7 @@ class OpenAICompatProvider:
         self, endpoint: Endpoint, body: dict[str, Any], *, request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        headers = self._tracer.inject(_with_request_id(self._sse_headers, request_id))
+        headers = self._headers(self._sse_headers, request_id)
         try:
             async with await self._post(endpoint, body, headers) as resp:
                 if resp.status // 100 != 2:
@@ -244,7 +278,7 @@ class OpenAICompatProvider:
                 try:
                     parser = SSEParser()
                     done = False
-                    async for chunk in resp.content.iter_any():
+                    while chunk := await resp.read_chunk():
                         for payload in parser.feed(chunk):
                             if payload == _DONE:
                                 done = True
@@ -267,28 +301,32 @@ class OpenAICompatProvider:
                     # return it half-read to the pool; closing it is what stops the upstream.
                     resp.close()
                     raise
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, TransportError) as exc:
             raise _transport_error(exc) from None
 
     async def close(self) -> None:
-        """Nothing to do: the shared session belongs to the app, which closes it."""
+        """Nothing to do: the shared client belongs to the app, which closes it."""
 
-    async def _post(
-        self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
-        """The response, once its status and headers are in: within `first_byte_s`."""
-        async with asyncio.timeout(self._first_byte_s):
-            return await self._session.post(
-                self._urls[endpoint],
-                data=orjson.dumps(body),
-                headers=headers,
-                timeout=self._timeout,
-                # A redirect would take the key and the request somewhere other than api_base.
-                allow_redirects=False,
-            )
+    def _headers(self, fixed: HeaderBlock, request_id: str | None) -> HeaderBlock:
+        """The provider's fixed headers, then this call's: its request id and trace context."""
+        block = fixed
+        # Only a plain token is forwarded: it is ours, but it must not become a header injection.
+        if request_id is not None and _REQUEST_ID.fullmatch(request_id):
+            block = HeaderBlock(b"%sX-Request-Id: %s\r\n" % (block, request_id.encode()))
+        if self._tracer is not NOOP and (trace := self._tracer.inject({})):
+            block = HeaderBlock(block + encode_headers(trace))
+        return block
 
-    async def _failure(self, resp: aiohttp.ClientResponse) -> GatewayError:
-        raw = await _read_limited(resp, _MAX_ERROR_BODY_BYTES)
+    async def _post(self, endpoint: Endpoint, body: dict[str, Any], headers: HeaderBlock) -> Response:
+        """The response, once its status and headers are in: within `first_byte_s`.
+
+        The client follows no redirect: one would take the key and the request somewhere
+        other than api_base.
+        """
+        return await self._http.request(self._targets[endpoint], orjson.dumps(body), headers, self._timeouts)
+
+    async def _failure(self, resp: Response) -> GatewayError:
+        raw = await resp.read_limited(_MAX_ERROR_BODY_BYTES)
         status = resp.status
         if status in _CLIENT_FAULT_STATUSES:
             message, param, code = _parse_error(raw)
@@ -340,8 +378,8 @@ class AnthropicProvider(OpenAICompatProvider):
 
     speaks_chat = False
 
-    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession, *, tracer: Tracer = NOOP) -> None:
-        super().__init__(settings, session, tracer=tracer)
+    def __init__(self, settings: ProviderSettings, http: Client, *, tracer: Tracer = NOOP) -> None:
+        super().__init__(settings, http, tracer=tracer)
         self.native_endpoints = frozenset({Endpoint.MESSAGES})
 
     def _auth_headers(self, key: str | None) -> dict[str, str]:
@@ -370,30 +408,23 @@ class AnthropicProvider(OpenAICompatProvider):
             yield payload
 
 
-def _with_request_id(headers: dict[str, str], request_id: str | None) -> dict[str, str]:
-    # Only a plain token is forwarded: it is ours, but it must not become a header injection.
-    if request_id is None or not _REQUEST_ID.match(request_id):
-        return headers
-    return {**headers, "X-Request-Id": request_id}
-
-
-def _passthrough_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
-    found = {name: value for name in PASSTHROUGH_HEADERS if (value := resp.headers.get(name))}
-    upstream_id = resp.headers.get("x-request-id")
+def _passthrough_headers(resp: Response) -> dict[str, str]:
+    found = resp.find_headers(_PASSED_ON)
+    upstream_id = found.pop("x-request-id", None)
     if upstream_id:
         found[UPSTREAM_REQUEST_ID_HEADER] = upstream_id
-    return found
+    return {name: value for name, value in found.items() if value}
 
 
-def _transport_error(exc: TimeoutError | aiohttp.ClientError) -> GatewayError:
-    """Map aiohttp/asyncio failures; their text names the upstream host, so none of it is kept."""
-    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+def _transport_error(exc: TimeoutError | TransportError) -> GatewayError:
+    """Map transport failures; none of their text is kept (it could name the upstream host)."""
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout("upstream timed out")
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    if isinstance(exc, BodyIncomplete):
         return UpstreamError("upstream stream ended early")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed):
         return UpstreamUnavailable("upstream unreachable")
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+    if isinstance(exc, Disconnected):
         return UpstreamUnavailable("upstream connection failed")
     return UpstreamError("upstream connection failed")
 
@@ -407,28 +438,18 @@ def _retry_after(value: str | None) -> float | None:
     return seconds if seconds is not None and seconds >= 0 else None
 
 
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < limit:
-        chunk = await resp.content.read(limit - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
-
-
-async def _drain(resp: aiohttp.ClientResponse) -> None:
+async def _drain(resp: Response) -> None:
     """Read what follows [DONE] (normally just the chunked body's end) to keep the connection."""
-    if resp.content.at_eof():
+    if resp.at_eof():
         return
     try:
         async with asyncio.timeout(_DRAIN_AFTER_DONE_S):
             seen = 0
-            while not resp.content.at_eof() and seen < _MAX_ERROR_BODY_BYTES:
-                seen += len(await resp.content.readany())
-    except (TimeoutError, aiohttp.ClientError):
+            while not resp.at_eof() and seen < _MAX_ERROR_BODY_BYTES:
+                seen += len(await resp.read_chunk())
+    except (TimeoutError, TransportError):
         pass
-    if not resp.content.at_eof():
+    if not resp.at_eof():
         resp.close()
 
 

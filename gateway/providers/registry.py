@@ -5,18 +5,17 @@ A provider with retries or a breaker configured is wrapped in a `ResilientProvid
 
 from __future__ import annotations
 
-import aiohttp
-
 from gateway.providers.base import Provider
 from gateway.providers.mock import MockProvider
 from gateway.providers.openai_compat import AnthropicProvider, OpenAICompatProvider
 from gateway.providers.resilience import Observe, ResilientProvider
+from gateway.providers.transport import Client
 from gateway.settings import ProviderSettings, Settings
 from gateway.tracing import NOOP, Tracer
 
 
 def build_providers(
-    settings: Settings, http: aiohttp.ClientSession, *, observe: Observe | None = None, tracer: Tracer = NOOP,
+    settings: Settings, http: Client, *, observe: Observe | None = None, tracer: Tracer = NOOP,
 ) -> dict[str, Provider]:
     providers: dict[str, Provider] = {}
     for spec in settings.providers:
@@ -27,7 +26,7 @@ def build_providers(
     return providers
 
 
-def _build(spec: ProviderSettings, http: aiohttp.ClientSession, tracer: Tracer) -> Provider:
+def _build(spec: ProviderSettings, http: Client, tracer: Tracer) -> Provider:
     if spec.kind == "mock":
         return MockProvider(spec, slow_delay_s=spec.slow_delay_s)
     if spec.kind == "openai":

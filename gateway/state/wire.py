@@ -167,10 +167,6 @@ class _Pipe(asyncio.Protocol):
         timer = loop.call_at(deadline, self._expire, waiting)
         try:
             return await waiting.future
-        except rx.ConnectionError:
-            if loop.time() >= deadline:
-                raise TimeoutError("Redis did not answer in time") from None
-            raise
         finally:
             timer.cancel()
 
@@ -207,7 +203,9 @@ class _Pipe(asyncio.Protocol):
 
     def _expire(self, exchange: _Exchange) -> None:
         if not exchange.future.done():
-            self.abort(rx.ConnectionError("Redis did not answer in time"))
+            # Everyone behind it waits on the same stalled server, and may have been run
+            # already: a timeout for all (never retried), not a broken connection.
+            self.abort(TimeoutError("Redis did not answer in time"))
 
     def _fail(self, error: Exception) -> None:
         self._transport = self._writer = None

@@ -14,7 +14,7 @@ GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
 # import its own rank or lower. Modules matching no prefix are only checked for cycles.
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("gateway.errors", "gateway.money", "gateway.redis_keys", "gateway.settings", "gateway.tokenizer",
-         "gateway.providers.base", "gateway.assembly.model", "gateway.capability")),
+         "gateway.providers.base", "gateway.providers.transport", "gateway.assembly.model", "gateway.capability")),
     (1, ("gateway.state",)),
     (2, ("gateway.pipeline.policy", "gateway.pipeline.usage", "gateway.pipeline.request_fields", "gateway.plugins",
          "gateway.pipeline.fallbacks", "gateway.pipeline.deployments",

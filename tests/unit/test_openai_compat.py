@@ -7,18 +7,20 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from gateway.providers.base import Endpoint
 from gateway.providers.openai_compat import (
     OpenAICompatProvider,
     SSEParser,
-    make_client_session,
+    make_upstream_client,
     scrub,
 )
+from gateway.providers.transport import Client
 from gateway.settings import ProviderSettings
 from tests.fakes.upstream import FakeUpstream
 
@@ -45,14 +47,14 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    s = make_client_session()
+async def session() -> AsyncIterator[Client]:
+    s = make_upstream_client()
     yield s
     await s.close()
 
 
 @pytest.fixture
-def make_provider(session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> MakeProvider:
+def make_provider(session: Client, monkeypatch: pytest.MonkeyPatch) -> MakeProvider:
     monkeypatch.setenv(KEY_ENV, KEY)
 
     def make(api_base: str, **overrides: Any) -> OpenAICompatProvider:
@@ -134,9 +136,13 @@ async def test_request_id_is_forwarded_only_when_it_is_a_plain_token(
 ) -> None:
     await provider.send(Endpoint.CHAT, CHAT_BODY, request_id="req_abc-123")
     await provider.send(Endpoint.CHAT, CHAT_BODY, request_id="bad id; x=1")
-    first, second = upstream.requests
+    await provider.send(Endpoint.CHAT, CHAT_BODY, request_id="req_abc\nX-Injected: 1")
+    await provider.send(Endpoint.CHAT, CHAT_BODY, request_id="req_abc\n")
+    first, *others = upstream.requests
     assert first.headers["X-Request-Id"] == "req_abc-123"
-    assert "X-Request-Id" not in second.headers
+    for request in others:
+        assert "X-Request-Id" not in request.headers
+        assert "X-Injected" not in request.headers
 
 
 async def test_redirects_are_not_followed(
@@ -503,6 +509,30 @@ def test_sse_parser_is_indifferent_to_how_bytes_are_split() -> None:
     assert whole == bytewise == [b'{"a":1}', b"l1\nl2", b"[DONE]"]
 
 
+SSE_PIECES = [
+    b'data: {"a":1}\n\n', b": keep-alive\n\n", b"event: x\ndata: l1\ndata: l2\n\n", b"data:[DONE]\n\n",
+    b"\n", b"data: \n\n", b"data: x\r\n\r\n", b"id: 3\n", b"data: y\n", b"\n\n", b"data:  z\n\n",
+    b"retry: 1\n\n", b"data: tail",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(SSE_PIECES), min_size=1, max_size=12), st.lists(st.integers(1, 200), max_size=6))
+def test_sse_parser_gives_the_same_events_however_the_stream_is_cut(pieces: list[bytes], cuts: list[int]) -> None:
+    raw = b"".join(pieces)
+
+    def events(splits: list[bytes]) -> list[bytes]:
+        parser = SSEParser()
+        found = [p for piece in splits for p in parser.feed(piece)]
+        last = parser.finish()
+        return found + ([last] if last is not None else [])
+
+    bounds = sorted({min(c, len(raw)) for c in cuts} | {0, len(raw)})
+    cut = [raw[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    bytewise = [raw[i : i + 1] for i in range(len(raw))]
+    assert events([raw]) == events(cut) == events(bytewise)
+
+
 def test_sse_parser_refuses_an_endless_line() -> None:
     parser = SSEParser()
     with pytest.raises(UpstreamError, match="oversized"):
@@ -510,8 +540,15 @@ def test_sse_parser_refuses_an_endless_line() -> None:
             parser.feed(b"x" * 1_000_000)
 
 
-async def test_client_session_ignores_environment_proxies_and_cookies(
-    session: aiohttp.ClientSession,
+async def test_upstream_client_ignores_environment_proxies_and_keeps_no_cookies(
+    upstream: FakeUpstream, provider: OpenAICompatProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert session.trust_env is False
-    assert isinstance(session.cookie_jar, aiohttp.DummyCookieJar)
+    async with FakeUpstream() as proxy:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.setenv(name, proxy.base_url)
+        upstream.respond_with(json={"ok": True}, headers={"Set-Cookie": "session=abc; Path=/"})
+        await provider.send(Endpoint.CHAT, CHAT_BODY)
+        await provider.send(Endpoint.CHAT, CHAT_BODY)
+        assert proxy.requests == []
+    assert len(upstream.requests) == 2
+    assert "Cookie" not in upstream.requests[1].headers

@@ -26,6 +26,7 @@ from gateway.errors import (
 )
 from gateway.pipeline.policy import Grant, authorize, check_output, tool_call_names
 from gateway.pipeline.request_fields import redact_overrides
+from gateway.pipeline.usage import StreamMeter
 from gateway.providers.base import Endpoint
 
 PRICE = FrozenPrice(input_nanos_per_mtok=150_000, output_nanos_per_mtok=600_000, source="settings")
@@ -495,6 +496,23 @@ def test_tool_call_names_of_stream_deltas() -> None:
     assert tool_call_names(later) == []
     assert tool_call_names({"function_call": {"arguments": "{}"}}) == []
     assert tool_call_names({"content": "x", "tool_calls": None}) == []
+
+
+def test_a_stream_meter_names_the_tools_each_chunk_calls_for_the_output_pep() -> None:
+    meter = StreamMeter(model=None, prompt_estimate=0)  # type: ignore[arg-type]  # observe() never reads it
+    def chunk(**delta: Any) -> dict[str, Any]:
+        return {"choices": [{"index": 0, "delta": delta}]}
+
+    meter.observe(chunk(content="Looking it up"))
+    assert meter.called == ()
+    meter.observe(chunk(tool_calls=[{"index": 0, "function": {"name": "lookup_order", "arguments": ""}}]))
+    assert meter.called == ("lookup_order",)
+    meter.observe(chunk(tool_calls=[{"index": 0, "function": {"arguments": '{"order_id": 1}'}}]))
+    assert meter.called == ()  # only a call's first fragment has the name
+    meter.observe({"choices": [{"delta": {"function_call": {"name": "legacy", "arguments": ""}}},
+                               {"delta": {"tool_calls": [{"function": {"name": "refund"}}]}}]})  # fmt: skip
+    assert meter.called == ("legacy", "refund")
+    assert meter.text == 'Looking it uplookup_order{"order_id": 1}refund'  # what is counted if usage never comes
 
 
 def test_check_output_allows_offered_vcs_tools() -> None:

@@ -81,6 +81,20 @@ async def test_a_stalled_redis_misses_the_deadline_and_its_connection_is_not_reu
     await wire.close()
 
 
+async def test_those_behind_a_stalled_exchange_time_out_too_and_are_never_sent_twice(redis_url: str) -> None:
+    wire = wire_for(redis_url, max_connections=1, timeout_s=0.2)
+    busy = "local t0 = redis.call('TIME') repeat local t = redis.call('TIME') until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 500000"
+    stalled = asyncio.create_task(wire.execute([("EVAL", busy, 0)]))
+    await asyncio.sleep(0)
+    behind = asyncio.create_task(wire.execute([("INCR", "wire:behind")]))
+    for task in (stalled, behind):
+        with pytest.raises(TimeoutError):
+            await task
+    await asyncio.sleep(0.5)  # the script ends; what was written behind it ran once, or not at all
+    assert await wire.execute([("GET", "wire:behind")]) in ([b"1"], [None])
+    await wire.close()
+
+
 async def test_after_a_redis_restart_the_broken_idle_connections_are_replaced(own_redis: RedisProcess) -> None:
     wire = wire_for(own_redis.url)
     await asyncio.gather(*(wire.execute([("PING",)]) for _ in range(3)))  # idle connections to the old process
