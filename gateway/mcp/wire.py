@@ -16,11 +16,10 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 import orjson
-import yarl
 
 from gateway.errors import UpstreamError
+from gateway.providers import transport
 from gateway.providers.base import Reply
 
 __all__ = ["SessionLost", "ToolPost"]
@@ -30,6 +29,9 @@ _VERSION_HEADER = "mcp-protocol-version"
 # What may follow an SSE answer before its stream ends, and for how long.
 _FINISH_BYTES = 65536
 _FINISH_S = 5.0
+_FRAMING = transport.HeaderNames("content-type", "content-length")
+# No timers of the client's own: ToolServer bounds each call with the server's timeout.
+_NO_TIMEOUTS = transport.Timeouts()
 
 
 class SessionLost(Exception):
@@ -41,11 +43,12 @@ class ToolPost:
 
     def __init__(self, name: str, url: str, max_bytes: int) -> None:
         self.name = name
-        self._url = yarl.URL(url)  # parsed once, not on every POST
+        self._target = transport.Target.parse(url)  # parsed once, not on every POST
         self._headers: dict[str, str] = {}
+        self._block = transport.encode_headers({})
         self._max_bytes = max_bytes
         self._ids = itertools.count(1)
-        self._http: aiohttp.ClientSession | None = None
+        self._http: transport.Client | None = None
         self._finishing: set[asyncio.Task[None]] = set()
 
     def on_session(self, credentials: Mapping[str, str], session_id: str | None, protocol_version: str | None) -> None:
@@ -57,6 +60,7 @@ class ToolPost:
         if protocol_version:
             headers[_VERSION_HEADER] = protocol_version
         self._headers = headers
+        self._block = transport.encode_headers(headers)  # encoded once per session
 
     async def call(self, tool: str, arguments: Mapping[str, Any]) -> Reply:
         """tools/call: the CallToolResult, its JSON as the server sent it."""
@@ -73,11 +77,8 @@ class ToolPost:
         if params is not None:
             message["params"] = params
         if self._http is None:
-            # No cookies and no timers of its own: ToolServer bounds each call with its timeout.
-            self._http = aiohttp.ClientSession(
-                cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None),
-            )
-        response = await self._http.post(self._url, data=orjson.dumps(message), headers=self._headers, allow_redirects=False)
+            self._http = transport.Client()
+        response = await self._http.request(self._target, orjson.dumps(message), self._block, _NO_TIMEOUTS)
         try:
             if response.status == 404 and _SESSION_HEADER in self._headers:
                 raise SessionLost
@@ -88,9 +89,9 @@ class ToolPost:
             response.release()
             raise UpstreamError(f"tool server {self.name!r} answered {method} with something not JSON") from None
         except BaseException:
-            response.release()  # as `async with` would: the connection is kept only if it was read to the end
+            response.release()  # the connection is kept only if it was read to the end
             raise
-        if response.content.is_eof():
+        if response.at_eof():
             response.release()
         else:
             self._finish_later(response)
@@ -105,17 +106,19 @@ class ToolPost:
             raise UpstreamError(f"tool server {self.name!r} sent a malformed {method} result")
         return result
 
-    async def _read(self, response: aiohttp.ClientResponse, rid: str) -> dict[str, Any] | None:
+    async def _read(self, response: transport.Response, rid: str) -> dict[str, Any] | None:
         """The JSON-RPC response to `rid`. An SSE answer is read up to the event carrying it:
         the stream's end follows at once, and waiting for it would cost the call a wake-up."""
         # An SSE answer may carry notifications before the result: room for them too.
         cap = 2 * self._max_bytes + 65536
-        if response.content_length is not None and response.content_length > cap:
+        framing = response.find_headers(_FRAMING)
+        length = framing.get("content-length", "")
+        if length.isdigit() and int(length) > cap:
             raise UpstreamError(f"the answer of tool server {self.name!r} is larger than {cap} bytes")
-        events = response.content_type == "text/event-stream"
+        events = framing.get("content-type", "").lower().startswith("text/event-stream")
         parts: list[bytes] = []
         size = 0
-        while part := await response.content.readany():
+        while part := await response.read_chunk():
             size += len(part)
             if size > cap:
                 raise UpstreamError(f"the answer of tool server {self.name!r} is larger than {cap} bytes")
@@ -127,18 +130,18 @@ class ToolPost:
                     return answer
         return _answer(b"".join(parts), rid, events)
 
-    def _finish_later(self, response: aiohttp.ClientResponse) -> None:
+    def _finish_later(self, response: transport.Response) -> None:
         task = asyncio.ensure_future(self._finish(response))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    async def _finish(self, response: aiohttp.ClientResponse) -> None:
+    async def _finish(self, response: transport.Response) -> None:
         """Read an answered SSE stream to its end, so its connection serves the next call; a
         stream that goes on past the answer (bytes or time), or breaks, is closed instead."""
         try:
             async with asyncio.timeout(_FINISH_S):
                 size = 0
-                while size <= _FINISH_BYTES and (part := await response.content.readany()):
+                while size <= _FINISH_BYTES and (part := await response.read_chunk()):
                     size += len(part)
         except Exception:  # noqa: BLE001  # timed out or broken: release() below closes it
             pass
