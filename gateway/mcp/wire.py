@@ -4,9 +4,10 @@ the SDK's client opened.
 The SDK's client stack (anyio streams, a task per request, pydantic models both ways) costs
 more than the rest of a gateway call, so the hot requests skip it: the SDK still connects,
 negotiates (initialize) and hears notifications; this POSTs on the same session, with its
-`Mcp-Session-Id` and negotiated protocol version, and reads the answer whether it comes
-as JSON or as an SSE stream (taken as soon as its event is in; the stream's end is read
-after, off the call's path, so the connection is kept for the next call).
+`Mcp-Session-Id` and negotiated protocol version (on gateway.providers.transport, the
+providers' lean HTTP/1.1 client), and reads the answer whether it comes as JSON or as an
+SSE stream (taken as soon as its event is in; the stream's end is read after, off the
+call's path, so the connection is kept for the next call).
 """
 
 from __future__ import annotations
