@@ -10,7 +10,9 @@ Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0] [--profile s
      .venv/bin/python -m bench.mcp_tools --instructions [--calls 200] [--tree DIR]
 (--profile: py-spy samples the gateway during the whole measurement; the top functions
 are printed, the raw stacks kept in the file. --tree: the gateway's code from another
-source tree, e.g. a checkout from before a change, with this venv's dependencies.
+source tree, e.g. a checkout from before a change, with this venv's dependencies; given
+twice, both trees' gateways run (each with its Redis and MCP server) and are measured in
+turn, block by block, so a busy machine weighs on both alike.
 --json-upstream: the MCP server answers with JSON bodies instead of SSE streams; the
 SDK's client then keeps its connection to it, where an SSE answer costs the direct path
 a new TCP connection per call.
@@ -33,7 +35,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +50,7 @@ from bench.procs import cpu_ms, free_port, sys_cpu_ms
 from bench.profiling import py_spy_argv, py_spy_executable, summarize_collapsed
 from bench.targets import REPO_ROOT, gateway_executable, tool_env
 
-BLOCK = 250
+BLOCK = 50  # calls per block; the paths take turns block by block
 
 
 @contextmanager
@@ -108,32 +111,57 @@ async def model_reference(base: str, token: str, calls: int, gateway_pid: int) -
     }
 
 
-async def measure(direct_url: str, gateway_url: str, token: str, calls: int, gateway_pid: int) -> dict[str, Any]:
-    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
+@dataclass
+class Through:
+    """One gateway measured: its /mcp URL, the session's token, its pid; what it took."""
+
+    label: str
+    url: str
+    token: str
+    pid: int
+    latencies: list[float] = field(default_factory=list)
+    cpu_ms: float = 0.0
+    kernel_ms: float = 0.0
+
+
+async def measure(direct_url: str, gateways: list[Through], calls: int) -> dict[str, Any]:
+    """Blocks of calls in turn: direct, then through each gateway (two gateways: two trees
+    compared on the same machine, block by block)."""
     direct_s: list[float] = []
-    through_s: list[float] = []
-    gateway_cpu_ms = gateway_sys_ms = 0.0
-    async with Client(direct_url, mode="legacy", cache=None) as direct, \
-            Client(streamable_http_client(gateway_url, http_client=http), mode="legacy", cache=None) as through:
+    async with AsyncExitStack() as opened:
+        direct = await opened.enter_async_context(Client(direct_url, mode="legacy", cache=None))
+        clients = []
+        for gw in gateways:
+            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {gw.token}"}, timeout=30)
+            clients.append(await opened.enter_async_context(
+                Client(streamable_http_client(gw.url, http_client=http), mode="legacy", cache=None),
+            ))
         await timed_calls(direct, "echo", 50)  # warm-up: connections, caches, JIT-less Python paths
-        await timed_calls(through, "bench__echo", 50)
+        for client in clients:
+            await timed_calls(client, "bench__echo", 50)
         for _ in range(max(1, calls // BLOCK)):
             direct_s += await timed_calls(direct, "echo", BLOCK)
-            before, before_sys = cpu_ms(gateway_pid) or 0.0, sys_cpu_ms(gateway_pid) or 0.0
-            through_s += await timed_calls(through, "bench__echo", BLOCK)
-            gateway_cpu_ms += (cpu_ms(gateway_pid) or 0.0) - before
-            gateway_sys_ms += (sys_cpu_ms(gateway_pid) or 0.0) - before_sys
-    return {
-        "calls": len(through_s),
+            for gw, client in zip(gateways, clients, strict=True):
+                before, before_sys = cpu_ms(gw.pid) or 0.0, sys_cpu_ms(gw.pid) or 0.0
+                gw.latencies += await timed_calls(client, "bench__echo", BLOCK)
+                gw.cpu_ms += (cpu_ms(gw.pid) or 0.0) - before
+                gw.kernel_ms += (sys_cpu_ms(gw.pid) or 0.0) - before_sys
+    result: dict[str, Any] = {
+        "calls": len(direct_s),
         "direct_p50_ms": percentile(direct_s, 0.5) * 1e3,
         "direct_p99_ms": percentile(direct_s, 0.99) * 1e3,
-        "gateway_p50_ms": percentile(through_s, 0.5) * 1e3,
-        "gateway_p99_ms": percentile(through_s, 0.99) * 1e3,
-        "overhead_p50_ms": (percentile(through_s, 0.5) - percentile(direct_s, 0.5)) * 1e3,
-        "overhead_mean_ms": (statistics.fmean(through_s) - statistics.fmean(direct_s)) * 1e3,
-        "gateway_cpu_ms_per_call": gateway_cpu_ms / len(through_s),
-        "gateway_cpu_ms_per_call_kernel": gateway_sys_ms / len(through_s),
     }
+    for gw in gateways:
+        through_s, at = gw.latencies, "" if len(gateways) == 1 else f"@{gw.label}"
+        result |= {
+            f"gateway_p50_ms{at}": percentile(through_s, 0.5) * 1e3,
+            f"gateway_p99_ms{at}": percentile(through_s, 0.99) * 1e3,
+            f"overhead_p50_ms{at}": (percentile(through_s, 0.5) - percentile(direct_s, 0.5)) * 1e3,
+            f"overhead_mean_ms{at}": (statistics.fmean(through_s) - statistics.fmean(direct_s)) * 1e3,
+            f"gateway_cpu_ms_per_call{at}": gw.cpu_ms / len(through_s),
+            f"gateway_cpu_ms_per_call_kernel{at}": gw.kernel_ms / len(through_s),
+        }
+    return result
 
 
 @contextmanager
@@ -166,7 +194,10 @@ def main() -> int:
         "default 1, or 3600 with --instructions, where a second holds only a few calls)",
     )
     parser.add_argument("--profile", type=Path, help="py-spy the gateway while measuring; raw stacks to this file")
-    parser.add_argument("--tree", type=Path, help="run the gateway package of this source tree")
+    parser.add_argument(
+        "--tree", type=Path, action="append",
+        help="run the gateway package of this source tree; twice: both trees' gateways, measured in turn",
+    )
     parser.add_argument(
         "--instructions", action="store_true",
         help="count the gateway's user-space instructions per tools/call under callgrind instead of timing",
@@ -177,12 +208,23 @@ def main() -> int:
     if args.instructions:
         if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
             sys.exit("--instructions needs valgrind (apt-get install valgrind)")
-        result = count_instructions(args.tree, args.calls, ttl, args.json_upstream)
+        if args.tree and len(args.tree) > 1:
+            sys.exit("--instructions takes one --tree: run it once per tree")
+        result = count_instructions(args.tree[0] if args.tree else None, args.calls, ttl, args.json_upstream)
     else:
-        with stack(args.tree, ttl, json_upstream=args.json_upstream) as (mcp_url, base, token, gateway):
-            with profiled(args.profile, gateway.pid):
-                result = asyncio.run(measure(mcp_url, base + "/mcp", token, args.calls, gateway.pid))
-            result |= asyncio.run(model_reference(base, token, min(args.calls, 500), gateway.pid))
+        trees: list[Path | None] = list(args.tree or [None])
+        with ExitStack() as running:
+            stacks = [running.enter_context(stack(tree, ttl, json_upstream=args.json_upstream)) for tree in trees]
+            gateways = [
+                Through(f"{i}:{(tree or Path('.')).resolve().name}", base + "/mcp", token, gateway.pid)
+                for i, (tree, (_, base, token, gateway)) in enumerate(zip(trees, stacks, strict=True))
+            ]
+            with profiled(args.profile, gateways[0].pid):
+                result = asyncio.run(measure(stacks[0][0], gateways, args.calls))
+            for gw, (_, base, token, _) in zip(gateways, stacks, strict=True):
+                at = "" if len(gateways) == 1 else f"@{gw.label}"
+                reference = asyncio.run(model_reference(base, token, min(args.calls, 500), gw.pid))
+                result |= {key + at: value for key, value in reference.items()}
     result["definitions_ttl_s"] = ttl
     result["upstream_answers"] = "json" if args.json_upstream else "sse"
     width = max(len(k) for k in result)
