@@ -112,7 +112,15 @@ def plain_check(schema: Any, top: bool = True) -> Check | None:
         return _always
     if len(checks) == 1:
         return checks[0]
-    return lambda v: all(c(v) for c in checks)
+    every = tuple(checks)
+
+    def all_of(v: Any) -> bool:  # loops, not all(generator): this runs on every call
+        for check in every:
+            if not check(v):
+                return False
+        return True
+
+    return all_of
 
 
 def _always(value: Any) -> bool:
@@ -135,12 +143,28 @@ def _keyword(key: str, arg: Any, schema: dict[str, Any]) -> Check | None:
             if check is None:
                 return None
             props.append((name, check))
-        return lambda v: type(v) is not dict or all(name not in v or c(v[name]) for name, c in props)
+        known_props = tuple(props)
+
+        def properties(v: Any) -> bool:
+            if type(v) is dict:
+                for name, check in known_props:
+                    if name in v and not check(v[name]):
+                        return False
+            return True
+
+        return properties
     if key == "required":
         if not isinstance(arg, list) or not all(isinstance(n, str) for n in arg):
             return None
         needed = tuple(arg)
-        return lambda v: type(v) is not dict or all(n in v for n in needed)
+        def required(v: Any) -> bool:
+            if type(v) is dict:
+                for name in needed:
+                    if name not in v:
+                        return False
+            return True
+
+        return required
     if key == "additionalProperties":
         known = schema.get("properties", {})
         if not isinstance(known, dict) or "patternProperties" in schema:
