@@ -3,9 +3,10 @@
 The whole JSON-RPC layer is here, on aiohttp. The auth middleware has already checked the
 VCS token (else HTTP 401, before any JSON-RPC). A request is answered with one JSON body
 (the transport lets the server choose; the gateway never has anything to send before its
-one answer), or one SSE `message` event for a client that accepts `text/event-stream`
-only. Not SSE by default: a client such as the SDK's closes an SSE response as soon as it
-has the answer, before the body's end, so each call would cost a new TCP connection.
+one answer), or one SSE `message` event for a client that prefers `text/event-stream`
+(lists it before JSON, or does not take JSON). The SDK's client lists JSON first; it also
+closes an SSE response as soon as it has the answer, before the body's end, so answering
+it in SSE would cost a new TCP connection per call.
 Notifications and responses get 202. Versions: the initialize handshake's (the SDK's
 client falls back to it when `server/discover` is not found). The MCP session is the ABC
 session: `Mcp-Session-Id` is the session id, so every replica knows it without shared
@@ -144,18 +145,24 @@ def _error(rid: Any, code: int, message: str, data: dict[str, Any] | None = None
 def _answer(request: web.Request, payload: dict[str, Any], *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     body = orjson.dumps(payload)
     headers = {"x-abc-session": claims_of(request).session_id, **(headers or {})}
-    if status == 200 and _only_events(request.headers.get("Accept", "")):
+    if status == 200 and _prefers_events(request.headers.get("Accept", "")):
         # One event, then the stream ends: the response is complete, nothing is held open.
         return web.Response(body=b"event: message\ndata: " + body + b"\n\n", content_type="text/event-stream", headers=headers)
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
-def _only_events(accept: str) -> bool:
-    """Whether the client takes SSE and not JSON (nor `application/*` or `*/*`)."""
+def _prefers_events(accept: str) -> bool:
+    """Whether the client lists `text/event-stream` before any range that takes JSON
+    (`application/json`, `application/*`, `*/*`), or takes SSE and not JSON."""
     if "text/event-stream" not in accept:
         return False
-    ranges = {part.partition(";")[0].strip().lower() for part in accept.split(",")}
-    return "text/event-stream" in ranges and ranges.isdisjoint(("application/json", "application/*", "*/*"))
+    for part in accept.split(","):
+        media = part.partition(";")[0].strip().lower()
+        if media == "text/event-stream":
+            return True
+        if media in ("application/json", "application/*", "*/*"):
+            return False
+    return False
 
 
 async def not_allowed(request: web.Request) -> web.Response:

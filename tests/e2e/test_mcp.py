@@ -398,7 +398,7 @@ def test_a_bad_token_is_http_401_before_any_json_rpc(mgw: Gateway) -> None:
         assert "jsonrpc" not in response.json()
 
 
-def test_answers_are_one_json_body_on_a_kept_connection_unless_the_client_takes_only_sse(mgw: Gateway) -> None:
+def test_answers_are_one_json_body_on_a_kept_connection_unless_the_client_prefers_sse(mgw: Gateway) -> None:
     token = mgw.token(plan())
     body = {"jsonrpc": "2.0", "id": 7, "method": "tools/list"}
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
@@ -412,6 +412,8 @@ def test_answers_are_one_json_body_on_a_kept_connection_unless_the_client_takes_
     assert only_events.headers["content-type"].startswith("text/event-stream")
     event, data = only_events.text.rstrip("\n").split("\n")
     assert event == "event: message" and json.loads(data.removeprefix("data: "))["result"] == first.json()["result"]
+    sse_first = httpx.post(mgw.base_url + "/mcp", json=body, headers={**headers, "Accept": "text/event-stream, application/json"})
+    assert sse_first.headers["content-type"].startswith("text/event-stream")
 
 
 def test_resources_and_prompts_are_not_served(mgw: Gateway) -> None:
