@@ -53,6 +53,7 @@ _TIMER_SLACK_S: Final = 0.001
 _INF: Final = float("inf")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _SIZE_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})[ \r]")
 
 
 # Request header lines, encoded and checked once (see `encode_headers`): a provider's fixed
@@ -319,7 +320,10 @@ class HeaderNames:
         return found
 
 
-_FRAMING: Final = HeaderNames("connection", "content-encoding", "content-length", "transfer-encoding")
+# The headers that frame a response, as raw (name, value) pairs.
+_FRAMING: Final = re.compile(
+    rb"\r\n(connection|content-encoding|content-length|transfer-encoding):[ \t]*([^\r\n]*)", re.IGNORECASE
+)
 
 
 class Response:
@@ -614,12 +618,10 @@ class _Conn(asyncio.Protocol):
     def _parse_head(self, data: bytes, end: int) -> bytes:
         """Status and framing from the head ending at `end`; returns what follows. Skips 1xx."""
         while True:
-            line_end = data.find(b"\r\n", 0, end)
-            if line_end < 0:
-                line_end = end
-            if data[:7] != b"HTTP/1." or data[8:9] != b" " or not data[9:12].isdigit() or data[12:13] not in b" \r":
+            status_line = _STATUS_LINE.match(data)
+            if status_line is None:
                 raise BadResponse("not an HTTP/1.x response")
-            status = int(data[9:12])
+            status = int(status_line[2])
             if status >= 200 or status == 101:
                 break
             data = data[end + 4 :]  # an interim answer (100 Continue, 103 Early Hints): the real one follows
@@ -629,23 +631,35 @@ class _Conn(asyncio.Protocol):
                 return b""
         if status == 101:
             raise BadResponse("the upstream switched protocols")
-        fields = data[line_end:end]
+        line_end = data.find(b"\r\n", 0, end)
+        fields = data[line_end:end] if line_end >= 0 else b""
         if b"\r\n " in fields or b"\r\n\t" in fields:
             raise BadResponse("a folded response header")  # obsolete line folding (RFC 9112 5.2)
         self.status = status
         self.fields = fields
         self._head_done = True
-        framing = _FRAMING.find(fields)
-        connection = framing.get("connection", "").lower()
-        self.keep_alive = "close" not in connection and (data[7:8] == b"1" or "keep-alive" in connection)
-        encoding = framing.get("content-encoding", "").lower()
+        length: bytes | None = None
+        keep_alive = status_line[1] == b"1"  # HTTP/1.1 keeps the connection by default
+        chunked = False
+        encoded = False
+        for name, value in _FRAMING.findall(fields):
+            name = name.lower()
+            if name == b"content-length":
+                length = value.rstrip(b" \t") if length is None else b"-"  # two lengths: refused below
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                value = value.lower()
+                keep_alive = b"close" not in value and (keep_alive or b"keep-alive" in value)
+            else:  # content-encoding
+                encoded = value.strip(b" \t").lower() in (b"gzip", b"x-gzip", b"deflate")
+        self.keep_alive = keep_alive
         # Sent gzip or deflate though we asked for identity: decode (47: zlib or gzip header).
-        self._decoder = zlib.decompressobj(47) if encoding in ("gzip", "x-gzip", "deflate") else None
+        self._decoder = zlib.decompressobj(47) if encoded else None
         self._wake()
-        length = framing.get("content-length")
         if status == 204 or status == 304:
             self._end_of_body()
-        elif "chunked" in framing.get("transfer-encoding", "").lower():
+        elif chunked:
             if length is not None:
                 self.keep_alive = False  # both framings: answer this one, trust the connection no more
             self._state = _CHUNKED

@@ -266,6 +266,16 @@ async def test_answers_that_cannot_keep_the_connection_are_not_pooled(client: Cl
         assert server.connections == 2
 
 
+async def test_an_http_1_0_answer_that_asks_for_keep_alive_is_pooled(client: Client) -> None:
+    async def keep(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nCONTENT-LENGTH: 2\r\n\r\nok")
+
+    async with Server(keep) as server:
+        assert await post(client, server.target()) == (200, b"ok")
+        assert await post(client, server.target()) == (200, b"ok")
+        assert server.connections == 1
+
+
 async def test_interim_1xx_answers_are_skipped(client: Client) -> None:
     async def interim(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -460,8 +470,10 @@ async def test_a_body_cut_short_is_incomplete(client: Client) -> None:
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
         b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\ncontent-length: 3\r\n\r\nabc",
+        b"HTTP/2 200\r\n\r\n",
     ],
-    ids=["not-http", "headers-too-large", "folded-header", "negative-length"],
+    ids=["not-http", "headers-too-large", "folded-header", "negative-length", "two-lengths", "http-2"],
 )
 async def test_a_malformed_head_is_a_bad_response(client: Client, raw: bytes) -> None:
     async def bad(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
