@@ -61,6 +61,7 @@ def per_request(tree: Path, kind: str, requests: int) -> float:
             # -P: without it `-m` puts the current directory first on sys.path, and a bench run
             # from inside a tree would measure that tree's `gateway` for every tree.
             workdir=work, command_prefix=["env", f"PYTHONPATH={tree}", *valgrind, sys.executable, "-P", "-m", "gateway"],
+            redis_timeout_ms=30_000,  # valgrind is slow: a missed Redis deadline is a 503, not a figure
         )
         assert target.gateway is not None
         send = _sender(target, kind)

@@ -192,10 +192,12 @@ def start_abc(
     redis_cpus: str | None,
     workdir: Path,
     command_prefix: list[str] | None = None,
+    redis_timeout_ms: int | None = None,
 ) -> Target:
     """redis-server, then the gateway, then a compiled plan and a session token.
 
-    command_prefix replaces the `abc-gateway` executable (to run it under a profiler).
+    command_prefix replaces the `abc-gateway` executable (to run it under a profiler);
+    redis_timeout_ms, the gateway's deadline on Redis (under valgrind, 50 times slower).
     """
     exe = gateway_executable()
     if not exe.exists():
@@ -218,6 +220,7 @@ def start_abc(
             mock_port=mock_port,
             workers=workers,
             workdir=workdir,
+            redis_timeout_ms=redis_timeout_ms,
         )
         _open_session(target, admin_token)
     except BaseException:
@@ -235,13 +238,17 @@ def _start_gateway(
     mock_port: int,
     workers: int,
     workdir: Path,
+    redis_timeout_ms: int | None,
 ) -> str:
     """Start the gateway, record its start-up and idle RSS; returns its admin token."""
     flag = serve_accepts_workers(str(gateway_executable()))
     settings_path = workdir / f"{target.name}-gateway.yaml"
     # Without a --workers flag, the settings file is the only way to ask for more.
     yaml_workers = workers if (not flag and workers != 1) else None
-    settings_path.write_text(yaml.safe_dump(gateway_settings(mock_port, yaml_workers)))
+    settings = gateway_settings(mock_port, yaml_workers)
+    if redis_timeout_ms is not None:
+        settings["redis"] = {"timeout_ms": redis_timeout_ms}
+    settings_path.write_text(yaml.safe_dump(settings))
     port = free_port()
     argv = [*command, "serve", "--config", str(settings_path), "--host", "127.0.0.1"]
     argv += ["--port", str(port)]
