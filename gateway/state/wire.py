@@ -86,10 +86,7 @@ class Wire:
         """A connection for one exchange, and whether it was open before: an idle one, else
         a new one while the cap allows, else the one with the fewest exchanges in flight."""
         while True:
-            best: _Pipe | None = None
-            for pipe in self._pipes:
-                if best is None or len(pipe.waiting) < len(best.waiting):
-                    best = pipe
+            best = min(self._pipes, key=lambda pipe: len(pipe.waiting), default=None)
             may_open = len(self._pipes) + self._opening < self._max
             if best is not None and not (best.waiting and may_open):
                 return best, True
