@@ -6,7 +6,7 @@ sequential calls with the SDK's client: in alternating blocks, directly and thro
 Reports the latency of each path (p50, p99), the p50 overhead, and the gateway process's
 CPU time per call (utime + stime from /proc, over the gateway's blocks only).
 
-Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0] [--profile stacks.txt] [--tree DIR] [--json-upstream]
+Run: .venv/bin/python -m bench.mcp_tools [--calls 2000] [--ttl 1.0] [--profile stacks.txt] [--tree DIR] [--json-upstream] [--floor]
      .venv/bin/python -m bench.mcp_tools --instructions [--calls 200] [--tree DIR]
 (--profile: py-spy samples the gateway during the whole measurement; the top functions
 are printed, the raw stacks kept in the file. --tree: the gateway's code from another
@@ -16,6 +16,9 @@ turn, block by block, so a busy machine weighs on both alike.
 --json-upstream: the MCP server answers with JSON bodies instead of SSE streams; the
 SDK's client then keeps its connection to it, where an SSE answer costs the direct path
 a new TCP connection per call.
+--floor: bench/mcp_floor.py (the same I/O as a tools/call, none of the governance)
+is measured in turn with the gateway, on its own Redis: what is left of the gateway's
+figures above the floor's is what governing costs.
 --instructions: no timing; the gateway runs under callgrind and the user-space
 instructions per tools/call and per chat completion are printed: a count that stays
 within ~1% on a busy machine, where CPU time moves by 30%.)
@@ -117,8 +120,9 @@ class Through:
 
     label: str
     url: str
-    token: str
+    token: str | None  # None: no Authorization (the floor)
     pid: int
+    tool: str = "bench__echo"
     latencies: list[float] = field(default_factory=list)
     cpu_ms: float = 0.0
     kernel_ms: float = 0.0
@@ -132,18 +136,18 @@ async def measure(direct_url: str, gateways: list[Through], calls: int) -> dict[
         direct = await opened.enter_async_context(Client(direct_url, mode="legacy", cache=None))
         clients = []
         for gw in gateways:
-            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {gw.token}"}, timeout=30)
+            http = httpx2.AsyncClient(headers={} if gw.token is None else {"Authorization": f"Bearer {gw.token}"}, timeout=30)
             clients.append(await opened.enter_async_context(
                 Client(streamable_http_client(gw.url, http_client=http), mode="legacy", cache=None),
             ))
         await timed_calls(direct, "echo", 50)  # warm-up: connections, caches, JIT-less Python paths
-        for client in clients:
-            await timed_calls(client, "bench__echo", 50)
+        for gw, client in zip(gateways, clients, strict=True):
+            await timed_calls(client, gw.tool, 50)
         for _ in range(max(1, calls // BLOCK)):
             direct_s += await timed_calls(direct, "echo", BLOCK)
             for gw, client in zip(gateways, clients, strict=True):
                 before, before_sys = cpu_ms(gw.pid) or 0.0, sys_cpu_ms(gw.pid) or 0.0
-                gw.latencies += await timed_calls(client, "bench__echo", BLOCK)
+                gw.latencies += await timed_calls(client, gw.tool, BLOCK)
                 gw.cpu_ms += (cpu_ms(gw.pid) or 0.0) - before
                 gw.kernel_ms += (sys_cpu_ms(gw.pid) or 0.0) - before_sys
     result: dict[str, Any] = {
@@ -152,7 +156,7 @@ async def measure(direct_url: str, gateways: list[Through], calls: int) -> dict[
         "direct_p99_ms": percentile(direct_s, 0.99) * 1e3,
     }
     for gw in gateways:
-        through_s, at = gw.latencies, "" if len(gateways) == 1 else f"@{gw.label}"
+        through_s, at = gw.latencies, "" if gw.label == "gateway" else f"@{gw.label}"
         result |= {
             f"gateway_p50_ms{at}": percentile(through_s, 0.5) * 1e3,
             f"gateway_p99_ms{at}": percentile(through_s, 0.99) * 1e3,
@@ -203,6 +207,7 @@ def main() -> int:
         help="count the gateway's user-space instructions per tools/call under callgrind instead of timing",
     )
     parser.add_argument("--json-upstream", action="store_true", help="the MCP server answers JSON, not SSE")
+    parser.add_argument("--floor", action="store_true", help="also measure bench/mcp_floor.py: the same I/O, no governance")
     args = parser.parse_args()
     ttl = args.ttl if args.ttl is not None else (3600.0 if args.instructions else 1.0)
     if args.instructions:
@@ -216,13 +221,15 @@ def main() -> int:
         with ExitStack() as running:
             stacks = [running.enter_context(stack(tree, ttl, json_upstream=args.json_upstream)) for tree in trees]
             gateways = [
-                Through(f"{i}:{(tree or Path('.')).resolve().name}", base + "/mcp", token, gateway.pid)
+                Through("gateway" if len(trees) == 1 else f"{i}:{(tree or Path('.')).resolve().name}", base + "/mcp", token, gateway.pid)
                 for i, (tree, (_, base, token, gateway)) in enumerate(zip(trees, stacks, strict=True))
             ]
+            if args.floor:
+                gateways.append(running.enter_context(floor(stacks[0][0])))
             with profiled(args.profile, gateways[0].pid):
                 result = asyncio.run(measure(stacks[0][0], gateways, args.calls))
-            for gw, (_, base, token, _) in zip(gateways, stacks, strict=True):
-                at = "" if len(gateways) == 1 else f"@{gw.label}"
+            for gw, (_, base, token, _) in zip(gateways, stacks, strict=False):  # the floor serves no chat
+                at = "" if gw.label == "gateway" else f"@{gw.label}"
                 reference = asyncio.run(model_reference(base, token, min(args.calls, 500), gw.pid))
                 result |= {key + at: value for key, value in reference.items()}
     result["definitions_ttl_s"] = ttl
@@ -272,6 +279,18 @@ def stack(
         compiled = httpx.post(base + "/admin/v1/plans/compile", json=plan, headers=headers, timeout=600).raise_for_status().json()
         opened = httpx.post(base + "/admin/v1/sessions", json={"assembly_id": compiled["assembly_id"]}, headers=headers, timeout=600)
         yield mcp_url, base, opened.raise_for_status().json()["token"], gateway
+
+
+@contextmanager
+def floor(mcp_url: str) -> Iterator[Through]:
+    """bench/mcp_floor.py on a Redis of its own, in front of the same MCP server."""
+    work = Path(tempfile.mkdtemp(prefix="abc-bench-mcp-floor-"))
+    redis_port, port = free_port(), free_port()
+    env = tool_env()
+    redis_argv = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(work)]
+    floor_argv = [sys.executable, "-P", "-m", "bench.mcp_floor", "--port", str(port), "--redis-port", str(redis_port), "--upstream", mcp_url]
+    with child(redis_argv, env), child(floor_argv, env, f"http://127.0.0.1:{port}/") as process:
+        yield Through("floor", f"http://127.0.0.1:{port}/mcp", None, process.pid, tool="echo")
 
 
 def count_instructions(tree: Path | None, calls: int, ttl: float, json_upstream: bool = False) -> dict[str, Any]:

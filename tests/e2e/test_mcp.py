@@ -24,7 +24,9 @@ from mcp.shared.exceptions import MCPError
 
 from gateway.capability import Keyring
 from gateway.settings import Settings, ToolServerSettings
+from tests.chromium import CHROMIUM, Chromium
 from tests.conftest import (
+    ADMIN_TOKEN,
     BOTH_REDIS,
     Gateway,
     assert_no_server_errors,
@@ -33,6 +35,7 @@ from tests.conftest import (
 )
 from tests.fakes.mcp_proc import McpServerProcess
 from tests.fakes.mcp_server import WEATHER
+from tests.http.test_dashboard import fill_token_and_load
 from tests.metrics_support import counter
 
 T = TypeVar("T")
@@ -471,6 +474,38 @@ def test_a_live_replay_calls_the_tools_again_and_costs_show_tool_spend(mgw: Gate
     assert {r["key"]: r["cost_usd"] for r in by_server["rows"]} == {"shop": "0.040000000"}
     by_model = mgw.admin.get("/admin/v1/costs", params={"group_by": "model"}).json()
     assert {"mcp:shop__get_order", "mcp:shop__echo", "gpt-4o-mini"} <= {r["key"] for r in by_model["rows"]}
+
+
+TOOL_ROWS = """[...document.querySelectorAll('#tools tbody tr')].map((tr) =>
+  [tr.dataset.server, tr.dataset.tool, tr.querySelector('.usd').textContent])"""
+
+
+def test_the_dashboard_shows_tool_spend_by_server_and_tool(mgw: Gateway, shop: McpServerProcess, tmp_path: Path) -> None:
+    opened = mgw.open_session(plan(mcp=[{"server": "shop", "tools": ["get_order", "echo"], "price_per_call_usd": PRICE}]))
+
+    async def session(client: Client) -> None:
+        for order in ("A-1", "A-2"):
+            await client.call_tool("shop__get_order", {"order_id": order})
+        await client.call_tool("shop__echo", {"text": "fail"})  # the tool's own failure: charged too
+
+    with_client(mgw, opened["token"], session)
+    _chat(mgw, opened["token"])  # model spend is not tool spend
+
+    panels = mgw.admin.get("/admin/v1/dashboard").json()
+    assert sorted((t["server"], t["tool"], t["cost_usd"]) for t in panels["tools"]) == [
+        ("shop", "echo", "0.010000000"), ("shop", "get_order", "0.020000000"),
+    ]
+    if not CHROMIUM.exists():
+        return  # the API is checked; the page's drawing of it is tests/http/test_dashboard_panels.py's
+
+    async def drawn() -> Any:
+        async with Chromium(tmp_path) as page:
+            await page.navigate(mgw.base_url + "/admin/dashboard")
+            await fill_token_and_load(page, ADMIN_TOKEN)
+            await page.wait_for("document.getElementById('status').dataset.state === 'loaded'")
+            return await page.evaluate(TOOL_ROWS)
+
+    assert sorted(map(tuple, asyncio.run(drawn()))) == [("shop", "echo", "0.010000000"), ("shop", "get_order", "0.020000000")]
 
 
 def test_a_model_may_be_offered_the_sessions_mcp_tools_as_functions(mgw: Gateway) -> None:
