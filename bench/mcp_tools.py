@@ -164,7 +164,16 @@ async def measure(direct_url: str, gateways: list[Through], calls: int) -> dict[
             f"overhead_mean_ms{at}": (statistics.fmean(through_s) - statistics.fmean(direct_s)) * 1e3,
             f"gateway_cpu_ms_per_call{at}": gw.cpu_ms / len(through_s),
             f"gateway_cpu_ms_per_call_kernel{at}": gw.kernel_ms / len(through_s),
+            f"ratio_p50_to_direct{at}": percentile(through_s, 0.5) / percentile(direct_s, 0.5),
         }
+    floor = next((gw for gw in gateways if gw.label == "floor"), None)
+    if floor is not None:
+        # What governing costs: the gateway's figures over the floor's, in the same run.
+        for gw in gateways:
+            if gw is not floor:
+                at = "" if gw.label == "gateway" else f"@{gw.label}"
+                result[f"ratio_cpu_to_floor{at}"] = gw.cpu_ms / floor.cpu_ms if floor.cpu_ms else float("nan")
+                result[f"ratio_p50_to_floor{at}"] = percentile(gw.latencies, 0.5) / percentile(floor.latencies, 0.5)
     return result
 
 

@@ -235,6 +235,46 @@ def test_max_calls_is_enforced_per_entry_and_session(mgw: Gateway, shop: McpServ
     assert shop.calls() == {"get_order": 1, "weather": 1}
 
 
+def test_concurrent_calls_through_two_replicas_never_pass_max_calls_or_the_budget(
+    mgw: Gateway, shop: McpServerProcess, redis_url: str, keyring: Keyring,
+) -> None:
+    other = start_gateway(_settings(shop), redis_url, keyring)  # a second replica, the same Redis
+    try:
+        capped = mgw.open_session(plan(mcp=[{"server": "shop", "tools": ["get_order"], "price_per_call_usd": PRICE, "max_calls": 5}]))
+        priced = mgw.open_session(plan(mcp=[{"server": "shop", "tools": ["weather"], "price_per_call_usd": PRICE}]), budget_usd=0.035)
+
+        async def one(gw: Gateway, token: str, name: str, arguments: dict[str, Any]) -> str:
+            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            async with Client(streamable_http_client(gw.base_url + "/mcp", http_client=http)) as client:
+                try:
+                    await client.call_tool(name, arguments)
+                    return "ok"
+                except MCPError as refused:
+                    return refused.error.data["code"] if refused.error.data else "no code"
+
+        async def burst() -> list[str]:
+            calls = [
+                one(gw, opened["token"], name, arguments)
+                for gw in (mgw, other) for _ in range(8)
+                for opened, name, arguments in ((capped, "shop__get_order", {"order_id": "A-1"}), (priced, "shop__weather", {"city": "Oslo"}))
+            ]
+            return await asyncio.gather(*calls)
+
+        outcomes = asyncio.run(burst())
+        assert sorted(set(outcomes)) == ["budget_exceeded", "ok"], outcomes
+        assert shop.calls() == {"get_order": 5, "weather": 3}  # max_calls 5; $0.035 at $0.01 a call
+        assert outcomes.count("ok") == 8
+        for opened, calls in ((capped, 5), (priced, 3)):
+            shown = mgw.session(opened["session_id"])
+            assert (shown["spent_nanos"], shown["reserved_nanos"]) == (calls * 10_000_000, 0)
+            entries = mgw.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal").json()["entries"]
+            assert sum(1 for e in entries if e["kind"] == "response") == calls
+            assert mgw.admin.post(f"/admin/v1/sessions/{opened['session_id']}/replay", json={"mode": "verify"}).json()["integrity"] == "ok"
+        assert_no_server_errors(other)
+    finally:
+        other.close()
+
+
 def test_an_exhausted_budget_refuses_the_call_before_the_server(mgw: Gateway, shop: McpServerProcess) -> None:
     opened = mgw.open_session(plan(), budget_usd=0.015)
 
