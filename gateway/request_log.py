@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import sys
 import time
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class CallReport:
 
 
 _REPORT_FIELDS = tuple(f.name for f in dataclasses.fields(CallReport))
+_report_values = operator.attrgetter(*_REPORT_FIELDS)  # every field in one C call
 _second: list[Any] = [-1, ""]  # the last whole second formatted, and its text: strftime is the slow part
 
 
@@ -122,8 +124,7 @@ class RequestLog:
         if level < self.threshold:
             return
         line: dict[str, Any] = {"ts": _timestamp(time.time()), "level": _NAMES[level], "msg": "request", "request_id": request_id}
-        for name in _REPORT_FIELDS:  # not dataclasses.asdict: it deep-copies, and cost 20x this
-            line[name] = getattr(report, name)
+        line.update(zip(_REPORT_FIELDS, _report_values(report)))  # not dataclasses.asdict: it deep-copies
         line["model"] = _clip(line["model"])
         line["served_by"] = _clip(line["served_by"])
         self.stream.write(render(line, self.format).decode())

@@ -49,7 +49,9 @@ class ToolServer:
         self._hashes: dict[str, str] = {}
         self._listed_at = 0.0
         self._session_id: str | None = None  # the SDK's streamable HTTP session, as the server named it
-        self._post = None if settings.url is None else ToolPost(settings.name, settings.url, settings.max_result_bytes)
+        self._post = None if settings.url is None else ToolPost(
+            settings.name, settings.url, settings.max_result_bytes, settings.timeout_s,
+        )
         # The last tools/list pages read, by cursor: with a short definitions_ttl_s the same
         # answer comes back on most calls, and reading it (the SDK's model, hashes) costs more
         # than the request.
@@ -102,9 +104,9 @@ class ToolServer:
         is a result; the server refusing or failing to answer is an UpstreamError."""
         client = await self._connected()
         try:  # the hot path: _guard's work without its generator
+            if self._post is not None:
+                return await self._post.call(tool, arguments)  # bounded by timeout_s itself
             async with asyncio.timeout(self.settings.timeout_s):
-                if self._post is not None:
-                    return await self._post.call(tool, arguments)
                 return await self._sdk_call(client, tool, arguments)
         except Exception as exc:
             raise await self._failure(exc, "tools/call") from None

@@ -31,8 +31,6 @@ _VERSION_HEADER = "mcp-protocol-version"
 _FINISH_BYTES = 65536
 _FINISH_S = 5.0
 _FRAMING = transport.HeaderNames("content-type", "content-length")
-# No timers of the client's own: ToolServer bounds each call with the server's timeout.
-_NO_TIMEOUTS = transport.Timeouts()
 
 
 class SessionLost(Exception):
@@ -40,14 +38,17 @@ class SessionLost(Exception):
 
 
 class ToolPost:
-    """POSTs tools/call to one server on one SDK-opened session; `max_bytes` bounds an answer."""
+    """POSTs tools/call to one server on one SDK-opened session; `max_bytes` bounds an answer,
+    `timeout_s` each request (connecting included) until its answer is read: TimeoutError."""
 
-    def __init__(self, name: str, url: str, max_bytes: int) -> None:
+    def __init__(self, name: str, url: str, max_bytes: int, timeout_s: float) -> None:
         self.name = name
         self._target = transport.Target.parse(url)  # parsed once, not on every POST
         self._headers: dict[str, str] = {}
         self._block = transport.encode_headers({})
         self._max_bytes = max_bytes
+        # The transport's own deadline: one timer per connection, no asyncio.timeout per call.
+        self._timeouts = transport.Timeouts(connect=timeout_s, total=timeout_s)
         self._ids = itertools.count(1)
         self._http: transport.Client | None = None
         self._finishing: set[asyncio.Task[None]] = set()
@@ -79,7 +80,7 @@ class ToolPost:
             message["params"] = params
         if self._http is None:
             self._http = transport.Client()
-        response = await self._http.request(self._target, orjson.dumps(message), self._block, _NO_TIMEOUTS)
+        response = await self._http.request(self._target, orjson.dumps(message), self._block, self._timeouts)
         try:
             if response.status == 404 and _SESSION_HEADER in self._headers:
                 raise SessionLost

@@ -387,6 +387,37 @@ def test_an_unreachable_server_is_a_clear_error_and_releases_the_reservation(
         down.close()
 
 
+def test_a_tool_that_does_not_answer_in_time_is_a_timeout_charged_nothing(
+    shop: McpServerProcess, redis_url: str, keyring: Keyring,
+) -> None:
+    shop.control("reset")
+    settings = make_settings(tool_servers=[ToolServerSettings(name="shop", url=shop.url, timeout_s=1)])
+    gw = start_gateway(settings, redis_url, keyring)
+    try:
+        opened = gw.open_session(plan(mcp=[{"server": "shop", "tools": ["echo"], "price_per_call_usd": PRICE}]))
+
+        async def work(client: Client) -> tuple[MCPError, Any]:
+            with pytest.raises(MCPError) as hung:
+                await client.call_tool("shop__echo", {"text": "hang"})
+            return hung.value, await client.call_tool("shop__echo", {"text": "after"})
+
+        started = time.monotonic()
+        hung, after = with_client(gw, opened["token"], work)
+        assert time.monotonic() - started < 10  # the hang lasts 30 s: the gateway gave up at 1 s
+        assert hung.error.data is not None and hung.error.data["code"] == "upstream_timeout"
+        assert "tool server 'shop'" in hung.error.message and "127.0.0.1" not in hung.error.message
+        assert after.is_error is False  # the server's next answer is read, on a new connection
+        shown = gw.session(opened["session_id"])
+        assert (shown["spent_nanos"], shown["reserved_nanos"]) == (10_000_000, 0)  # the answered call only
+        entries = gw.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal").json()["entries"]
+        assert [(e["kind"], e.get("code"), e.get("cost_nanos")) for e in entries if e["kind"] in ("error", "response")] == [
+            ("error", "upstream_timeout", 0), ("response", None, 10_000_000),
+        ]
+        assert_no_server_errors(gw)
+    finally:
+        gw.close()
+
+
 def test_a_restarted_server_is_reached_on_a_new_session_and_no_call_is_left_reserved(redis_url: str, keyring: Keyring) -> None:
     server = McpServerProcess().start()
     gw = start_gateway(_settings(server), redis_url, keyring)

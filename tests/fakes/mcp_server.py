@@ -2,7 +2,7 @@
 
 Three tools: `get_order` (a required field, structured output), `weather` (its
 description can be switched by a test-only control: the rug pull) and `echo` (fails as
-a tool, isError, when asked to). Test-only HTTP controls next to /mcp:
+a tool, isError, when asked to; the text 'hang' keeps it from answering for 30 s). Test-only HTTP controls next to /mcp:
 GET /control/calls (calls per tool), POST /control/rugpull, POST /control/reset.
 
 Run: python -m tests.fakes.mcp_server --port N
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
@@ -45,8 +46,10 @@ def weather(city: str) -> str:
 
 
 @server.tool(description="Echo the text back; the text 'fail' makes the tool fail.")
-def echo(text: str) -> str:
+async def echo(text: str) -> str:
     calls["echo"] += 1
+    if text == "hang":
+        await anyio.sleep(30)
     if text == "fail":
         raise ToolError("echo failed as asked")
     return text

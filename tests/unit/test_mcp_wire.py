@@ -40,7 +40,7 @@ def test_an_sse_answer_is_taken_before_its_stream_ends_and_the_connection_is_kep
             return response
 
         runner, url = await _serve(handler)
-        post = ToolPost("t", url, max_bytes=10_000)
+        post = ToolPost("t", url, max_bytes=10_000, timeout_s=10)
         post.on_session({}, "session-1", "2025-06-18")
         try:
             first = await asyncio.wait_for(post.call("echo", {"text": "hi"}), timeout=10)
