@@ -12,9 +12,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import ConfigError
+from gateway.mcp import origins
 from gateway.price_map import litellm_kind
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
@@ -161,6 +170,21 @@ class ServerSettings(_Frozen):
     retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 1
     # Metrics are unauthenticated unless a token is configured (ABC_METRICS_TOKEN).
     metrics_enabled: bool = True
+    # Browser origins ("https://app.example.com", "null") whose pages may call /mcp besides
+    # loopback ones; a request from any other Origin is refused (DNS rebinding, see
+    # gateway.mcp.origins). Requests without an Origin (SDKs, agents) are not affected.
+    mcp_allowed_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("mcp_allowed_origins")
+    @classmethod
+    def _origins(cls, listed: list[str]) -> list[str]:
+        normalized = []
+        for origin in listed:
+            shown = origins.normalize(origin)
+            if shown is None:
+                raise ValueError(f"not an origin (scheme://host[:port], or null): {origin!r}")
+            normalized.append(shown)
+        return normalized
 
 
 class RedisSettings(_Frozen):

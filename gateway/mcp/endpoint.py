@@ -10,7 +10,8 @@ it in SSE would cost a new TCP connection per call.
 Notifications and responses get 202. Versions: the initialize handshake's (the SDK's
 client falls back to it when `server/discover` is not found). The MCP session is the ABC
 session: `Mcp-Session-Id` is the session id, so every replica knows it without shared
-state. No server-initiated stream (GET is 405) and no resources, prompts, sampling or
+state. A browser page's request is refused (403) unless its Origin may call /mcp
+(gateway.mcp.origins: DNS rebinding). No server-initiated stream (GET is 405) and no resources, prompts, sampling or
 completion: those are denied.
 """
 
@@ -22,10 +23,11 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import CapabilityDenied, GatewayError, InvalidRequest
 from gateway.http.keys import REQUEST_ID, claims_of, deps_of, report_of
+from gateway.mcp import origins
 from gateway.money import nanos_to_usd_str
-from gateway.pipeline.exchange import Call, exchange, require_live_session
+from gateway.pipeline.exchange import Call, exchange, journal_refusal, require_live_session
 from gateway.providers.base import Endpoint
 
 __all__ = ["add_routes"]
@@ -47,6 +49,9 @@ class RpcError(Exception):
 
 async def post_mcp(request: web.Request) -> web.StreamResponse:
     claims = claims_of(request)
+    origin = request.headers.get("Origin")
+    if origin is not None and not origins.allowed(origin, deps_of(request).settings.server.mcp_allowed_origins):
+        return await _refuse_origin(request)
     session = request.headers.get(SESSION_HEADER)
     if session is not None and session != claims.session_id:
         return _answer(request, _error(None, INVALID_REQUEST, "unknown MCP session"), status=404)
@@ -75,6 +80,17 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
             raise  # a dead session is HTTP 401, like a bad token
         payload = _refusal(rid, exc)
     return _answer(request, payload, headers=headers)
+
+
+async def _refuse_origin(request: web.Request) -> web.Response:
+    """403 for a browser page of an origin not allowed (see gateway.mcp.origins), journaled as
+    a denial in the token's session: nothing was reserved or sent."""
+    refused = CapabilityDenied("this Origin may not call /mcp (server.mcp_allowed_origins)", code="origin_not_allowed")
+    answer = await journal_refusal(deps_of(request), claims_of(request), request[REQUEST_ID], refused)
+    if answer is not refused:
+        raise answer  # the session is dead: 401, as for a bad token
+    data = {"code": refused.code, "status": refused.status, "type": refused.type}
+    return _answer(request, _error(None, INVALID_REQUEST, refused.message, data), status=403)
 
 
 async def _dispatch(request: web.Request, method: str, params: Any, headers: dict[str, str]) -> Any:

@@ -472,6 +472,40 @@ def test_a_bad_token_is_http_401_before_any_json_rpc(mgw: Gateway) -> None:
         assert "jsonrpc" not in response.json()
 
 
+def test_a_browser_page_of_a_foreign_origin_is_refused_403_and_journaled(
+    shop: McpServerProcess, redis_url: str, keyring: Keyring,
+) -> None:
+    shop.control("reset")
+    settings = make_settings(tool_servers=[ToolServerSettings(name="shop", url=shop.url)])
+    settings = settings.model_copy(update={"server": settings.server.model_copy(update={"mcp_allowed_origins": ["https://app.example.com"]})})
+    gw = start_gateway(settings, redis_url, keyring)
+    try:
+        opened = gw.open_session(plan())
+        call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "shop__weather", "arguments": {"city": "Oslo"}}}
+
+        def post(origin: str | None) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {opened['token']}", "Accept": "application/json"}
+            return httpx.post(gw.base_url + "/mcp", json=call, headers=headers if origin is None else {**headers, "Origin": origin})
+
+        # A page of a rebound name (its requests reach 127.0.0.1, its Origin still names it).
+        for origin in ("http://evil.example", "http://localhost.evil.example:8080", "null", "https://app.example.com.evil.example"):
+            refused = post(origin)
+            assert refused.status_code == 403, (origin, refused.text)
+            assert refused.json()["error"]["data"]["code"] == "origin_not_allowed" and refused.json()["id"] is None
+        assert shop.calls() == {}
+        # No Origin (an SDK, an agent), a loopback page, and the listed origin are served.
+        for origin in (None, "http://localhost:6274", "http://127.0.0.1:3000", "https://APP.example.com:443"):
+            served = post(origin)
+            assert served.status_code == 200 and "result" in served.json(), (origin, served.text)
+        assert shop.calls() == {"weather": 4}
+        entries = gw.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal").json()["entries"]
+        assert [e["code"] for e in entries if e["kind"] == "denial"] == ["origin_not_allowed"] * 4
+        assert gw.session(opened["session_id"])["spent_nanos"] == 4 * 10_000_000
+        assert_no_server_errors(gw)
+    finally:
+        gw.close()
+
+
 def test_answers_are_one_json_body_on_a_kept_connection_unless_the_client_prefers_sse(mgw: Gateway) -> None:
     token = mgw.token(plan())
     body = {"jsonrpc": "2.0", "id": 7, "method": "tools/list"}
