@@ -38,6 +38,11 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers or settings.server.workers
     keyring = keyring_for(settings)
+    unset = settings.unset_credentials()
+    if unset:
+        logging.getLogger("gateway.server").warning(
+            "credentials not set: these upstream calls go out without them", extra={"fields": {"unset": unset}},
+        )
     redis_url, embedded = redis_url_for(settings)
     started = startup_fields(settings, config=config, redis_url=redis_url, embedded=embedded is not None, host=host, port=port, workers=workers)
     try:

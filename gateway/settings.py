@@ -327,6 +327,20 @@ class Settings(_Frozen):
     def tool_server(self, name: str) -> ToolServerSettings | None:
         return next((t for t in self.tool_servers if t.name == name), None)
 
+    def unset_credentials(self) -> list[str]:
+        """Where a credential's environment variable is named but unset or empty, e.g.
+        "providers.openai.api_key_env=OPENAI_API_KEY": those calls would go out without it.
+        Names only, never values."""
+        unset = [
+            f"providers.{p.name}.api_key_env={p.api_key_env}" for p in self.providers
+            if p.api_key_env and not os.environ.get(p.api_key_env)
+        ]
+        unset += [
+            f"tool_servers.{t.name}.headers_env.{header}={env}" for t in self.tool_servers
+            for header, env in t.headers_env.items() if not os.environ.get(env)
+        ]
+        return unset
+
     def model(self, name: str) -> ModelSettings | None:
         wanted = name.strip().lower()
         for m in self.models:

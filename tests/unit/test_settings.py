@@ -244,3 +244,17 @@ def test_cluster_mode_comes_from_the_file_or_abc_redis_cluster_and_needs_a_node(
 def test_index_shards_and_replica_acks_are_bounded(path: str, value: int) -> None:
     with pytest.raises(ConfigError, match=path):
         settings_from_dict(_with(path, value))
+
+
+def test_credentials_named_but_unset_are_listed_by_where_they_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = copy.deepcopy(BASE)
+    data["tool_servers"] = [{"name": "shop", "url": "http://127.0.0.1:7000/mcp", "headers_env": {"Authorization": "SHOP_AUTH", "X-Team": "SHOP_TEAM"}}]
+    monkeypatch.delenv("LOCAL_API_KEY", raising=False)
+    monkeypatch.setenv("SHOP_AUTH", "Bearer s3cret")
+    monkeypatch.setenv("SHOP_TEAM", "")  # empty is unset: the header would be dropped
+    unset = settings_from_dict(data, source="gw.yaml").unset_credentials()
+    assert unset == ["providers.local.api_key_env=LOCAL_API_KEY", "tool_servers.shop.headers_env.X-Team=SHOP_TEAM"]
+    assert "s3cret" not in repr(unset)
+    monkeypatch.setenv("LOCAL_API_KEY", "sk-x")
+    monkeypatch.setenv("SHOP_TEAM", "blue")
+    assert settings_from_dict(data, source="gw.yaml").unset_credentials() == []
