@@ -7,7 +7,10 @@ one answer), or one SSE `message` event for a client that prefers `text/event-st
 (lists it before JSON, or does not take JSON). The SDK's client lists JSON first; it also
 closes an SSE response as soon as it has the answer, before the body's end, so answering
 it in SSE would cost a new TCP connection per call.
-Notifications and responses get 202. Versions: the initialize handshake's (the SDK's
+Notifications and responses get 202; a `notifications/cancelled` naming a tools/call in
+flight on this replica stops it: the call settles as cancelled (charged nothing, the
+server's answer never came), the upstream POST is dropped and the cancellation passed on
+to the server, and the cancelled POST is answered with a `request_cancelled` error. Versions: the initialize handshake's (the SDK's
 client falls back to it when `server/discover` is not found). The MCP session is the ABC
 session: `Mcp-Session-Id` is the session id, so every replica knows it without shared
 state. A browser page's request is refused (403) unless its Origin may call /mcp
@@ -17,6 +20,7 @@ completion: those are denied.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -31,6 +35,11 @@ from gateway.pipeline.exchange import Call, exchange, journal_refusal, require_l
 from gateway.providers.base import Endpoint
 
 __all__ = ["add_routes"]
+
+# tools/call handlers in flight on this replica, by (session, JSON-RPC id), for the client's
+# `notifications/cancelled`; _CANCELLED marks one it has cancelled.
+_CANCELLED = object()
+IN_FLIGHT = web.AppKey("mcp_in_flight", dict[tuple[str, bytes], object])
 
 PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 SESSION_HEADER = "Mcp-Session-Id"
@@ -67,19 +76,51 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         return _answer(request, _error(None, INVALID_REQUEST, "one JSON-RPC 2.0 message per POST"), status=400)
     if "method" not in message or "id" not in message:
+        if message.get("method") == "notifications/cancelled":
+            _cancel(request, claims.session_id, message.get("params"))
         return web.Response(status=202)  # a notification or a response: nothing to answer
     rid = message["id"]
     headers: dict[str, str] = {}
+    inflight = request.app[IN_FLIGHT]
+    key = (claims.session_id, _rid_key(rid))
+    task = asyncio.current_task()
+    if task is not None and message["method"] == "tools/call":
+        inflight[key] = task
     try:
         result = await _dispatch(request, str(message["method"]), message.get("params"), headers)
         payload: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "result": result}
+    except asyncio.CancelledError:
+        if task is None or inflight.get(key) is not _CANCELLED:
+            raise  # the gateway's own cancellation (shutdown): not the client's to answer
+        task.uncancel()
+        payload = _error(rid, REFUSED, "request cancelled by the client", {"code": "request_cancelled"})
     except RpcError as exc:
         payload = _error(rid, exc.code, exc.message, exc.data)
     except GatewayError as exc:
         if exc.status == 401:
             raise  # a dead session is HTTP 401, like a bad token
         payload = _refusal(rid, exc)
+    finally:
+        if inflight.get(key) in (task, _CANCELLED):
+            del inflight[key]
     return _answer(request, payload, headers=headers)
+
+
+def _rid_key(rid: Any) -> bytes:
+    """A JSON-RPC id as a dict key: 1 and "1" are different ids."""
+    return orjson.dumps(rid)
+
+
+def _cancel(request: web.Request, session_id: str, params: Any) -> None:
+    """Stop this session's tools/call named by a `notifications/cancelled`, if it runs here."""
+    if not isinstance(params, dict) or "requestId" not in params:
+        return
+    inflight = request.app[IN_FLIGHT]
+    key = (session_id, _rid_key(params["requestId"]))
+    task = inflight.get(key)
+    if isinstance(task, asyncio.Task) and not task.done():
+        inflight[key] = _CANCELLED  # tells the call's handler the cancellation was the client's
+        task.cancel()
 
 
 async def _refuse_origin(request: web.Request) -> web.Response:
@@ -187,6 +228,7 @@ async def not_allowed(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[IN_FLIGHT] = {}
     app.router.add_post("/mcp", post_mcp)
     app.router.add_get("/mcp", not_allowed)
     app.router.add_delete("/mcp", not_allowed)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -80,7 +80,11 @@ class ToolPost:
             message["params"] = params
         if self._http is None:
             self._http = transport.Client()
-        response = await self._http.request(self._target, orjson.dumps(message), self._block, self._timeouts)
+        try:
+            response = await self._http.request(self._target, orjson.dumps(message), self._block, self._timeouts)
+        except asyncio.CancelledError:
+            self._in_background(self._cancelled(rid))
+            raise
         try:
             if response.status == 404 and _SESSION_HEADER in self._headers:
                 raise SessionLost
@@ -90,6 +94,10 @@ class ToolPost:
         except orjson.JSONDecodeError:
             response.release()
             raise UpstreamError(f"tool server {self.name!r} answered {method} with something not JSON") from None
+        except asyncio.CancelledError:
+            response.release()
+            self._in_background(self._cancelled(rid))
+            raise
         except BaseException:
             response.release()  # the connection is kept only if it was read to the end
             raise
@@ -133,9 +141,25 @@ class ToolPost:
         return _answer(b"".join(parts), rid, events)
 
     def _finish_later(self, response: transport.Response) -> None:
-        task = asyncio.ensure_future(self._finish(response))
+        self._in_background(self._finish(response))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
+
+    async def _cancelled(self, rid: str) -> None:
+        """Tell the server that request `rid` was cancelled (its client gave up on it): the
+        server may stop the work. Best effort: a failure here changes nothing."""
+        notice = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": rid, "reason": "cancelled by the client"}}
+        try:
+            assert self._http is not None
+            async with asyncio.timeout(_FINISH_S):
+                response = await self._http.request(self._target, orjson.dumps(notice), self._block, self._timeouts)
+                await response.read()
+                response.release()
+        except Exception:  # noqa: BLE001  # best effort, as the protocol says of cancellation
+            pass
 
     async def _finish(self, response: transport.Response) -> None:
         """Read an answered SSE stream to its end, so its connection serves the next call; a

@@ -418,6 +418,54 @@ def test_a_tool_that_does_not_answer_in_time_is_a_timeout_charged_nothing(
         gw.close()
 
 
+def test_a_call_its_client_cancels_is_stopped_passed_on_upstream_and_charged_nothing(mgw: Gateway, shop: McpServerProcess) -> None:
+    opened = mgw.open_session(plan(mcp=[{"server": "shop", "tools": ["echo"], "price_per_call_usd": PRICE}]))
+
+    async def work(client: Client) -> tuple[BaseException, Any]:
+        # The SDK's client gives up after 1 s and sends notifications/cancelled for the call.
+        with pytest.raises(Exception) as gave_up:  # noqa: PT011  # whatever the SDK raises on its timeout
+            await client.call_tool("shop__echo", {"text": "hang"}, read_timeout_seconds=1)
+        return gave_up.value, await client.call_tool("shop__echo", {"text": "after"})
+
+    started = time.monotonic()
+    _, after = with_client(mgw, opened["token"], work)
+    assert time.monotonic() - started < 10 and after.is_error is False
+    deadline = time.monotonic() + 10
+    while shop.calls().get("echo_cancelled") != 1:  # the server heard of it too, and stopped
+        assert time.monotonic() < deadline, shop.calls()
+        time.sleep(0.05)
+    shown = mgw.session(opened["session_id"])
+    assert (shown["spent_nanos"], shown["reserved_nanos"]) == (10_000_000, 0)  # the answered call only
+    entries = mgw.admin.get(f"/admin/v1/sessions/{opened['session_id']}/journal").json()["entries"]
+    assert [(e["kind"], e.get("code"), e.get("cost_nanos")) for e in entries if e["kind"] in ("error", "response")] == [
+        ("error", "cancelled", 0), ("response", None, 10_000_000),
+    ]
+
+
+def test_a_cancelled_post_is_answered_with_request_cancelled(mgw: Gateway, shop: McpServerProcess) -> None:
+    opened = mgw.open_session(plan(mcp=[{"server": "shop", "tools": ["echo"], "price_per_call_usd": PRICE}]))
+    headers = {"Authorization": f"Bearer {opened['token']}", "Accept": "application/json"}
+    hang = {"jsonrpc": "2.0", "id": "call-1", "method": "tools/call", "params": {"name": "shop__echo", "arguments": {"text": "hang"}}}
+
+    async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=mgw.base_url, headers=headers, timeout=30) as http:
+            pending = asyncio.ensure_future(http.post("/mcp", json=hang))
+            while shop.calls().get("echo", 0) < 1:  # the call reached the server
+                await asyncio.sleep(0.05)
+            other = await http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}})
+            cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "call-1"}}
+            notified = await http.post("/mcp", json=cancel)
+            return other, notified, await pending
+
+    other, notified, answered = asyncio.run(run())
+    assert (other.status_code, notified.status_code) == (202, 202)  # id 1 is not "call-1": nothing else stopped
+    body = answered.json()
+    assert answered.status_code == 200 and body["id"] == "call-1"
+    assert body["error"]["data"]["code"] == "request_cancelled"
+    assert mgw.session(opened["session_id"])["reserved_nanos"] == 0
+    assert_no_server_errors(mgw)
+
+
 def test_a_restarted_server_is_reached_on_a_new_session_and_no_call_is_left_reserved(redis_url: str, keyring: Keyring) -> None:
     server = McpServerProcess().start()
     gw = start_gateway(_settings(server), redis_url, keyring)

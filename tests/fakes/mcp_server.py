@@ -2,7 +2,8 @@
 
 Three tools: `get_order` (a required field, structured output), `weather` (its
 description can be switched by a test-only control: the rug pull) and `echo` (fails as
-a tool, isError, when asked to; the text 'hang' keeps it from answering for 30 s). Test-only HTTP controls next to /mcp:
+a tool, isError, when asked to; the text 'hang' keeps it from answering for 30 s, and a cancellation of that call
+is counted as `echo_cancelled`). Test-only HTTP controls next to /mcp:
 GET /control/calls (calls per tool), POST /control/rugpull, POST /control/reset.
 
 Run: python -m tests.fakes.mcp_server --port N
@@ -49,7 +50,11 @@ def weather(city: str) -> str:
 async def echo(text: str) -> str:
     calls["echo"] += 1
     if text == "hang":
-        await anyio.sleep(30)
+        try:
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            calls["echo_cancelled"] += 1  # the client's notifications/cancelled reached us
+            raise
     if text == "fail":
         raise ToolError("echo failed as asked")
     return text
