@@ -38,6 +38,11 @@ _imported: list[Any] = []  # litellm, once imported and configured (by whichever
 def _import_litellm() -> Any:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("LITELLM_TELEMETRY", "False")
+    # httpx's own transport, not litellm's aiohttp one (read as litellm is imported: some
+    # clients are made then): litellm caches its clients for the process and never closes
+    # them, and an aiohttp session left open leaves a pending task and an "Unclosed
+    # connector" behind when its loop ends.
+    os.environ.setdefault("DISABLE_AIOHTTP_TRANSPORT", "True")
     import litellm
 
     litellm.telemetry = False
