@@ -7,27 +7,29 @@ one answer), or one SSE `message` event for a client that prefers `text/event-st
 (lists it before JSON, or does not take JSON). The SDK's client lists JSON first; it also
 closes an SSE response as soon as it has the answer, before the body's end, so answering
 it in SSE would cost a new TCP connection per call.
-Notifications and responses get 202; a `notifications/cancelled` naming a tools/call in
-flight on this replica stops it: the call settles as cancelled (charged nothing, the
-server's answer never came), the upstream POST is dropped and the cancellation passed on
-to the server, and the cancelled POST is answered with a `request_cancelled` error. Versions: the initialize handshake's (the SDK's
-client falls back to it when `server/discover` is not found). The MCP session is the ABC
-session: `Mcp-Session-Id` is the session id, so every replica knows it without shared
-state. A browser page's request is refused (403) unless its Origin may call /mcp
-(gateway.mcp.origins: DNS rebinding). No server-initiated stream (GET is 405) and no resources, prompts, sampling or
-completion: those are denied.
+Notifications and responses get 202. A `notifications/cancelled` naming a tools/call
+that runs on this replica stops it if its server has not answered yet: the upstream
+POST is dropped and the cancellation passed on to the server, the call settles as
+`cancelled` (charged nothing), and its POST is answered with that refusal. Versions:
+the initialize handshake's (the SDK's client falls back to it when `server/discover` is
+not found). The MCP session is the ABC session: `Mcp-Session-Id` is the session id, so
+every replica knows it without shared state. A browser page's request is refused (403)
+unless its Origin may call /mcp (gateway.mcp.origins: DNS rebinding). No
+server-initiated stream (GET is 405) and no resources, prompts, sampling or completion:
+those are denied.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.errors import CapabilityDenied, GatewayError, InvalidRequest
+from gateway.errors import CapabilityDenied, GatewayError, InvalidRequest, RequestCancelled
 from gateway.http.keys import REQUEST_ID, claims_of, deps_of, report_of
 from gateway.mcp import origins
 from gateway.money import nanos_to_usd_str
@@ -36,10 +38,20 @@ from gateway.providers.base import Endpoint
 
 __all__ = ["add_routes"]
 
-# tools/call handlers in flight on this replica, by (session, JSON-RPC id), for the client's
-# `notifications/cancelled`; _CANCELLED marks one it has cancelled.
-_CANCELLED = object()
-IN_FLIGHT = web.AppKey("mcp_in_flight", dict[tuple[str, bytes], object])
+ADMITTING, SENDING, ANSWERED = range(3)
+
+
+@dataclass(slots=True)
+class _Running:
+    """A tools/call in flight on this replica, for its client's `notifications/cancelled`."""
+
+    task: asyncio.Task[Any]
+    phase: int = ADMITTING  # SENDING: waits for the server, the one phase a cancellation interrupts
+    cancelled: bool = False  # by the client (else a CancelledError is the gateway's own: shutdown)
+
+
+# By (session, JSON-RPC id).
+IN_FLIGHT = web.AppKey("mcp_in_flight", dict[tuple[str, bytes], _Running])
 
 PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 SESSION_HEADER = "Mcp-Session-Id"
@@ -47,6 +59,7 @@ VERSION_HEADER = "MCP-Protocol-Version"
 
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
 REFUSED = -32000  # server-defined: a gateway refusal; data.code says which
+CANCELLED_BY_CLIENT = "request cancelled by the client"
 _NOT_SERVED = ("resources/", "prompts/", "sampling/", "completion/", "logging/", "roots/", "elicitation/", "tasks/")
 
 
@@ -81,19 +94,18 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
         return web.Response(status=202)  # a notification or a response: nothing to answer
     rid = message["id"]
     headers: dict[str, str] = {}
-    inflight = request.app[IN_FLIGHT]
-    key = (claims.session_id, _rid_key(rid))
+    inflight, key, running = request.app[IN_FLIGHT], (claims.session_id, _rid_key(rid)), None
     task = asyncio.current_task()
     if task is not None and message["method"] == "tools/call":
-        inflight[key] = task
+        running = inflight[key] = _Running(task)
     try:
-        result = await _dispatch(request, str(message["method"]), message.get("params"), headers)
+        result = await _dispatch(request, str(message["method"]), message.get("params"), headers, running)
         payload: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "result": result}
     except asyncio.CancelledError:
-        if task is None or inflight.get(key) is not _CANCELLED:
+        if running is None or not running.cancelled:
             raise  # the gateway's own cancellation (shutdown): not the client's to answer
-        task.uncancel()
-        payload = _error(rid, REFUSED, "request cancelled by the client", {"code": "request_cancelled"})
+        running.task.uncancel()
+        payload = _refusal(rid, RequestCancelled(CANCELLED_BY_CLIENT))
     except RpcError as exc:
         payload = _error(rid, exc.code, exc.message, exc.data)
     except GatewayError as exc:
@@ -101,7 +113,7 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
             raise  # a dead session is HTTP 401, like a bad token
         payload = _refusal(rid, exc)
     finally:
-        if inflight.get(key) in (task, _CANCELLED):
+        if running is not None and inflight.get(key) is running:
             del inflight[key]
     return _answer(request, payload, headers=headers)
 
@@ -112,15 +124,17 @@ def _rid_key(rid: Any) -> bytes:
 
 
 def _cancel(request: web.Request, session_id: str, params: Any) -> None:
-    """Stop this session's tools/call named by a `notifications/cancelled`, if it runs here."""
+    """Stop this session's tools/call named by a `notifications/cancelled`, if it runs here:
+    at once while it waits for its server; before it is sent while it is being admitted;
+    not once the server answered (the answer is being settled and goes out)."""
     if not isinstance(params, dict) or "requestId" not in params:
         return
-    inflight = request.app[IN_FLIGHT]
-    key = (session_id, _rid_key(params["requestId"]))
-    task = inflight.get(key)
-    if isinstance(task, asyncio.Task) and not task.done():
-        inflight[key] = _CANCELLED  # tells the call's handler the cancellation was the client's
-        task.cancel()
+    running = request.app[IN_FLIGHT].get((session_id, _rid_key(params["requestId"])))
+    if running is None or running.phase == ANSWERED or running.cancelled:
+        return
+    running.cancelled = True
+    if running.phase == SENDING:
+        running.task.cancel()
 
 
 async def _refuse_origin(request: web.Request) -> web.Response:
@@ -134,13 +148,21 @@ async def _refuse_origin(request: web.Request) -> web.Response:
     return _answer(request, _error(None, INVALID_REQUEST, refused.message, data), status=403)
 
 
-async def _dispatch(request: web.Request, method: str, params: Any, headers: dict[str, str]) -> Any:
+async def _dispatch(
+    request: web.Request, method: str, params: Any, headers: dict[str, str], running: _Running | None = None,
+) -> Any:
     deps, claims = deps_of(request), claims_of(request)
     if method == "tools/call":
         # The one lifecycle, with the tool's pieces (gateway.mcp.policy, gateway.mcp.provider).
         call = Call(request[REQUEST_ID], Endpoint.TOOLS_CALL, _call_params(params), claims, report=report_of(request))
         async with exchange(deps, call) as ex:
+            if running is not None:
+                if running.cancelled:  # while it was admitted: never sent
+                    raise RequestCancelled(CANCELLED_BY_CLIENT)
+                running.phase = SENDING
             body = await ex.send()
+            if running is not None:
+                running.phase = ANSWERED
         assert ex.settled is not None
         headers["x-abc-cost-usd"] = nanos_to_usd_str(ex.settled.cost_nanos)
         if ex.settled.budget_left_nanos >= 0:

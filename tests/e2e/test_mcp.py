@@ -442,7 +442,7 @@ def test_a_call_its_client_cancels_is_stopped_passed_on_upstream_and_charged_not
     ]
 
 
-def test_a_cancelled_post_is_answered_with_request_cancelled(mgw: Gateway, shop: McpServerProcess) -> None:
+def test_a_cancelled_post_is_answered_with_its_refusal(mgw: Gateway, shop: McpServerProcess) -> None:
     opened = mgw.open_session(plan(mcp=[{"server": "shop", "tools": ["echo"], "price_per_call_usd": PRICE}]))
     headers = {"Authorization": f"Bearer {opened['token']}", "Accept": "application/json"}
     hang = {"jsonrpc": "2.0", "id": "call-1", "method": "tools/call", "params": {"name": "shop__echo", "arguments": {"text": "hang"}}}
@@ -461,7 +461,7 @@ def test_a_cancelled_post_is_answered_with_request_cancelled(mgw: Gateway, shop:
     assert (other.status_code, notified.status_code) == (202, 202)  # id 1 is not "call-1": nothing else stopped
     body = answered.json()
     assert answered.status_code == 200 and body["id"] == "call-1"
-    assert body["error"]["data"]["code"] == "request_cancelled"
+    assert body["error"]["data"]["code"] == "cancelled" and body["error"]["message"] == "request cancelled by the client"
     assert mgw.session(opened["session_id"])["reserved_nanos"] == 0
     assert_no_server_errors(mgw)
 
