@@ -26,7 +26,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.providers.base import Endpoint, Reply
-from gateway.providers.openai_compat import scrub
+from gateway.providers.openai_compat import RETRYABLE_STATUSES, scrub
 from gateway.settings import ProviderSettings
 
 log = logging.getLogger("gateway.providers.litellm")
@@ -103,7 +103,7 @@ class LiteLLMProvider:
             return InvalidRequest(message, status=status)
         if status == 429:
             return UpstreamRateLimited("upstream rate limit")
-        if status in (500, 502, 503, 504) or type(exc).__name__ in ("APIConnectionError", "ServiceUnavailableError"):
+        if status in RETRYABLE_STATUSES or type(exc).__name__ in ("APIConnectionError", "ServiceUnavailableError"):
             return UpstreamUnavailable(f"upstream error (status {status or 'unknown'})")
         return UpstreamError(f"upstream error (status {status or 'unknown'})")
 

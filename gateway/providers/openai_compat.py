@@ -68,8 +68,9 @@ _PASSED_ON: Final = HeaderNames(*PASSTHROUGH_HEADERS, "x-request-id")
 
 # 4xx answers that are the request's fault: passed through to the client with their status.
 _CLIENT_FAULT_STATUSES: Final = frozenset({400, 404, 409, 413, 422})
-# Failures another attempt may cure (see gateway.providers.resilience).
-_RETRYABLE_STATUSES: Final = frozenset({500, 502, 503, 504})
+# Failures another attempt may cure (see gateway.providers.resilience); 529 is Anthropic's
+# "overloaded", a 503 by another number.
+RETRYABLE_STATUSES: Final = frozenset({500, 502, 503, 504, 529})
 _MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 _MAX_MESSAGE_CHARS: Final = 2000
 # A single SSE event bigger than this is a broken or hostile upstream, not a token.
@@ -350,7 +351,7 @@ class OpenAICompatProvider:
                 "the upstream provider is rate limiting the gateway; retry later", retry_after_s=retry_after,
             )
         log.warning("provider %s: upstream failed (status %d)", self.name, status)
-        if status in _RETRYABLE_STATUSES:
+        if status in RETRYABLE_STATUSES:
             return UpstreamUnavailable(f"upstream error (status {status})", retry_after_s=retry_after)
         return UpstreamError(f"upstream error (status {status})")
 

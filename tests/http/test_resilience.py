@@ -40,9 +40,10 @@ async def _chat(gw: Gateway, token: str) -> httpx.Response:
         return await client.post(gw.openai_base + "/chat/completions", headers=bearer(token), json={"model": "flaky-chat", "messages": HELLO})
 
 
-async def test_a_failing_upstream_is_retried_and_charged_once(flaky: tuple[FakeUpstream, Gateway]) -> None:
+@pytest.mark.parametrize("status", [503, 529])  # 529: Anthropic's "overloaded"
+async def test_a_failing_upstream_is_retried_and_charged_once(flaky: tuple[FakeUpstream, Gateway], status: int) -> None:
     fake, gw = flaky
-    fake.respond_with(status=503, json={})
+    fake.respond_with(status=status, json={})
     opened = gw.open_session(PLAN)
     response = await _chat(gw, opened["token"])
     assert response.status_code == 200, response.text
