@@ -45,13 +45,13 @@ ADMITTING, SENDING, ANSWERED = range(3)
 class _Running:
     """A tools/call in flight on this replica, for its client's `notifications/cancelled`."""
 
+    key: tuple[str, bytes]  # (session, JSON-RPC id)
     task: asyncio.Task[Any]
     phase: int = ADMITTING  # SENDING: waits for the server, the one phase a cancellation interrupts
     cancelled: bool = False  # by the client (else a CancelledError is the gateway's own: shutdown)
 
 
-# By (session, JSON-RPC id).
-IN_FLIGHT = web.AppKey("mcp_in_flight", dict[tuple[str, bytes], _Running])
+IN_FLIGHT = web.AppKey("mcp_in_flight", dict[tuple[str, bytes], _Running])  # by their key
 
 PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 SESSION_HEADER = "Mcp-Session-Id"
@@ -94,10 +94,7 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
         return web.Response(status=202)  # a notification or a response: nothing to answer
     rid = message["id"]
     headers: dict[str, str] = {}
-    inflight, key, running = request.app[IN_FLIGHT], (claims.session_id, _rid_key(rid)), None
-    task = asyncio.current_task()
-    if task is not None and message["method"] == "tools/call":
-        running = inflight[key] = _Running(task)
+    running = _track(request, claims.session_id, rid) if message["method"] == "tools/call" else None
     try:
         result = await _dispatch(request, str(message["method"]), message.get("params"), headers, running)
         payload: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "result": result}
@@ -113,9 +110,18 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
             raise  # a dead session is HTTP 401, like a bad token
         payload = _refusal(rid, exc)
     finally:
-        if running is not None and inflight.get(key) is running:
-            del inflight[key]
+        if running is not None and request.app[IN_FLIGHT].get(running.key) is running:
+            del request.app[IN_FLIGHT][running.key]
     return _answer(request, payload, headers=headers)
+
+
+def _track(request: web.Request, session_id: str, rid: Any) -> _Running | None:
+    task = asyncio.current_task()
+    if task is None:
+        return None
+    running = _Running((session_id, _rid_key(rid)), task)
+    request.app[IN_FLIGHT][running.key] = running
+    return running
 
 
 def _rid_key(rid: Any) -> bytes:
