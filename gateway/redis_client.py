@@ -15,6 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 from gateway.settings import RedisSettings
@@ -80,6 +81,29 @@ def hiredis_packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
             if isinstance(args[0], str) and " " in args[0]:
                 args = (*args[0].split(), *args[1:])  # "SCRIPT LOAD" is two arguments
             return [hiredis.pack_command(args)]
+
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            try:
+                await super().send_packed_command(command, check_health)
+            except AttributeError as exc:
+                raise await self._torn(exc) from exc
+
+        async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().read_response(*args, **kwargs)
+            except AttributeError as exc:
+                raise await self._torn(exc) from exc
+
+        async def _torn(self, exc: AttributeError) -> Exception:
+            """redis-py races on a connection shared by a pipeline's tasks: one disconnects it
+            (a node failing over) while another connects or writes, which then finds its
+            reader or writer gone (`'NoneType' object has no attribute 'writelines'`). That
+            is a lost connection, and is said as one, so the call fails closed (503) or is
+            retried, never a 500. Any other AttributeError is a bug, and stays one."""
+            if self._writer is not None and self._reader is not None:
+                return exc
+            await self.disconnect(nowait=True)
+            return RedisConnectionError("Redis connection lost while in use")
 
     return HiredisPacking
 
