@@ -23,8 +23,30 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 def normalize(origin: str) -> str | None:
     """`scheme://host[:port]` in lower case with the scheme's default port left out; "null"
     as it is; None for anything that is not an origin (a path, user info, another scheme)."""
+    parsed = _parse(origin)
+    return None if parsed is None else parsed[0]
+
+
+def allowed(origin: str, listed: Collection[str]) -> bool:
+    """Whether a request carrying `Origin: origin` may use /mcp; `listed` holds normalized origins."""
+    parsed = _parse(origin)
+    if parsed is None:
+        return False
+    shown, host = parsed
+    if shown in listed:
+        return True
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or "null" (an opaque origin, allowed only when listed)
+
+
+def _parse(origin: str) -> tuple[str, str] | None:
+    """(the origin normalized, its host); ("null", "") for an opaque origin; None for what is not one."""
     if origin == "null":
-        return origin
+        return origin, ""
     try:
         parts = urlsplit(origin.strip())
         port = parts.port
@@ -33,24 +55,5 @@ def normalize(origin: str) -> str | None:
     scheme, host = parts.scheme.lower(), (parts.hostname or "")
     if scheme not in _DEFAULT_PORTS or not host or parts.path or parts.query or parts.fragment or parts.username:
         return None
-    if ":" in host:
-        host = f"[{host}]"  # IPv6, as an origin writes it
-    return f"{scheme}://{host}" + ("" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}")
-
-
-def allowed(origin: str, listed: Collection[str]) -> bool:
-    """Whether a request carrying `Origin: origin` may use /mcp; `listed` holds normalized origins."""
-    shown = normalize(origin)
-    if shown is None:
-        return False
-    if shown in listed:
-        return True
-    if shown == "null":
-        return False
-    host = urlsplit(shown).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    shown = f"[{host}]" if ":" in host else host  # IPv6, as an origin writes it
+    return f"{scheme}://{shown}" + ("" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}"), host

@@ -78,33 +78,11 @@ class ToolPost:
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
         if params is not None:
             message["params"] = params
-        if self._http is None:
-            self._http = transport.Client()
         try:
-            response = await self._http.request(self._target, orjson.dumps(message), self._block, self._timeouts)
-        except asyncio.CancelledError:
+            answer = await self._exchange(method, message, rid)
+        except asyncio.CancelledError:  # its client gave up on the call: tell the server too
             self._in_background(self._cancelled(rid))
             raise
-        try:
-            if response.status == 404 and _SESSION_HEADER in self._headers:
-                raise SessionLost
-            if response.status != 200:
-                raise UpstreamError(f"tool server {self.name!r} answered {method} with HTTP {response.status}")
-            answer = await self._read(response, rid)
-        except orjson.JSONDecodeError:
-            response.release()
-            raise UpstreamError(f"tool server {self.name!r} answered {method} with something not JSON") from None
-        except asyncio.CancelledError:
-            response.release()
-            self._in_background(self._cancelled(rid))
-            raise
-        except BaseException:
-            response.release()  # the connection is kept only if it was read to the end
-            raise
-        if response.at_eof():
-            response.release()
-        else:
-            self._finish_later(response)
         if answer is None:
             raise UpstreamError(f"tool server {self.name!r} sent no answer to {method}")
         error = answer.get("error")
@@ -115,6 +93,29 @@ class ToolPost:
         if not isinstance(result, dict):
             raise UpstreamError(f"tool server {self.name!r} sent a malformed {method} result")
         return result
+
+    async def _exchange(self, method: str, message: dict[str, Any], rid: str) -> dict[str, Any] | None:
+        """POST `message`; the JSON-RPC response to it, if the answer holds one."""
+        if self._http is None:
+            self._http = transport.Client()
+        response = await self._http.request(self._target, orjson.dumps(message), self._block, self._timeouts)
+        try:
+            if response.status == 404 and _SESSION_HEADER in self._headers:
+                raise SessionLost
+            if response.status != 200:
+                raise UpstreamError(f"tool server {self.name!r} answered {method} with HTTP {response.status}")
+            answer = await self._read(response, rid)
+        except orjson.JSONDecodeError:
+            response.release()
+            raise UpstreamError(f"tool server {self.name!r} answered {method} with something not JSON") from None
+        except BaseException:
+            response.release()  # the connection is kept only if it was read to the end
+            raise
+        if response.at_eof():
+            response.release()
+        else:
+            self._finish_later(response)
+        return answer
 
     async def _read(self, response: transport.Response, rid: str) -> dict[str, Any] | None:
         """The JSON-RPC response to `rid`. An SSE answer is read up to the event carrying it:
